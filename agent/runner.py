@@ -1,0 +1,307 @@
+"""The async episode runner: one coroutine per episode, bounded concurrency, G rollouts per task.
+
+An episode alternates policy turns and tool calls until the policy answers or a budget runs
+out. Everything the policy saw is recorded as token ids (`Turn.prompt_ids`, `completion_ids`,
+`observation_ids`), so the concatenation over turns is the exact training context.
+
+Failures are data: a malformed call, an unknown tool, bad arguments, a tool that raises or
+hangs become observations the agent sees; a policy failure or a runner bug ends that episode
+with a typed `StopReason` and its error text. Nothing escapes `run_episode` except
+cancellation, so one episode never cancels its siblings. The runner holds no global state: a
+runner is a value built from a policy, a renderer, tools and a config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from turnrl.agent.chat import ChatML
+from turnrl.agent.parse import parse_completion
+from turnrl.agent.policy import Policy, SamplingParams
+from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn
+from turnrl.tools.base import Tool
+
+MIN_TURN_TOKENS = 8
+"""A turn with fewer context tokens left than this cannot say anything useful."""
+
+
+class Budget(BaseModel):
+    """Per-episode limits. A limit that is reached ends the episode with its `StopReason`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_turns: int = Field(4, ge=1)
+    """Policy turns per episode."""
+    max_tool_calls: int = Field(8, ge=0)
+    """Tool calls per episode; a call beyond it is not run and the episode stops."""
+    max_context_tokens: int = Field(4096, ge=64)
+    """Prompt plus completions plus observations, in tokens (at most the model's window)."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Tokens sampled per turn."""
+    max_cost: dict[str, float] = Field(default_factory=dict)
+    """Upper bound per cost kind (e.g. `{"time_s": 60}`); reaching one ends the episode."""
+    wall_clock_s: float = Field(600.0, gt=0)
+    """Wall-clock seconds per episode, policy queueing included."""
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """What one episode is about."""
+
+    episode_id: str
+    group_id: str
+    task_id: str
+    instructions: str
+    """System instructions (the tool schemas are added by the renderer)."""
+    question: str
+    """The user message."""
+    seed: int | None = None
+    """Sampling seed; turn t uses `seed + t` so turns do not repeat one another's draws."""
+    step: int = 0
+    """Training step (-1 for evaluation)."""
+
+
+class EpisodeRunner:
+    """Runs episodes of one policy with one set of tools under one budget."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        renderer: ChatML,
+        tools: Sequence[Tool],
+        budget: Budget,
+        sampling: SamplingParams,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.renderer = renderer
+        self.tools = {t.spec.name: t for t in tools}
+        self.budget = budget
+        self.sampling = replace(
+            sampling,
+            stop_token_ids=(*sampling.stop_token_ids, renderer.end_of_turn_id()),
+        )
+        self._eot_id = renderer.end_of_turn_id()
+        self._schemas = [t.spec.json_schema() for t in tools]
+        self._clock = clock
+
+    async def run_many(self, specs: Sequence[EpisodeSpec], concurrency: int) -> list[Episode]:
+        """Run `specs` with at most `concurrency` episodes in flight; results in input order."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(spec: EpisodeSpec) -> Episode:
+            async with gate:
+                return await self.run_episode(spec)
+
+        return list(await asyncio.gather(*(one(s) for s in specs)))
+
+    async def run_episode(self, spec: EpisodeSpec) -> Episode:
+        """Run one episode to its end. Never raises, except on cancellation."""
+        state = _State(spec=spec, start=self._clock())
+        try:
+            async with asyncio.timeout(self.budget.wall_clock_s):
+                await self._loop(state)
+        except TimeoutError:
+            state.stop(StopReason.TIMEOUT, "wall-clock budget exhausted")
+        except Exception as e:  # the boundary: one episode's bug must not end the run
+            state.stop(StopReason.ERROR, "".join(traceback.format_exception(e)))
+        return state.episode(self._clock())
+
+    async def _loop(self, s: _State) -> None:
+        b = self.budget
+        context = self.renderer.initial(s.spec.instructions, self._schemas, s.spec.question)
+        pending_prompt = list(context)
+        while s.stop_reason is None:
+            index = len(s.turns)
+            if index >= b.max_turns:
+                s.stop(StopReason.MAX_TURNS)
+                break
+            room = b.max_context_tokens - len(context)
+            if room < MIN_TURN_TOKENS:
+                s.stop(StopReason.CONTEXT_FULL)
+                break
+            params = replace(
+                self.sampling,
+                max_tokens=min(b.max_new_tokens, room),
+                seed=None if s.spec.seed is None else s.spec.seed + index,
+            )
+            t0 = self._clock()
+            try:
+                completion = await self.policy.generate(context, params)
+            except Exception as e:
+                s.stop(StopReason.POLICY_ERROR, f"{type(e).__name__}: {e}")
+                break
+            generate_s = self._clock() - t0
+            ids = list(completion.token_ids)
+            if len(completion.logprobs) != len(ids):
+                s.stop(StopReason.POLICY_ERROR, "policy returned misaligned ids and logprobs")
+                break
+            text = self.renderer.tokenizer.decode(ids)
+            parsed = parse_completion(text, index)
+            if parsed.answer is None and len(context) + len(ids) >= b.max_context_tokens:
+                # Cut off mid-thought: nothing after this would be seen by the policy.
+                parsed = replace(parsed, tool_calls=[])
+                s.stop(StopReason.CONTEXT_FULL)
+
+            t1 = self._clock()
+            results = await self._run_calls(s, parsed.tool_calls)
+            tools_s = self._clock() - t1
+
+            observation: list[int] = []
+            if parsed.answer is not None:
+                s.stop(StopReason.ANSWERED)
+                s.answer = parsed.answer
+            elif s.stop_reason is None:
+                notes = [r.text for r in results]
+                if not parsed.tool_calls:
+                    notes.append(f"Error: {parsed.format_error}")
+                closed = bool(ids) and ids[-1] == self._eot_id
+                observation = self.renderer.observation(notes, completion_closed=closed)
+                if len(context) + len(ids) + len(observation) > b.max_context_tokens:
+                    # The reply would not fit: no policy call would ever see it.
+                    observation = []
+                    s.stop(StopReason.CONTEXT_FULL)
+            context += ids + observation
+            s.turns.append(
+                Turn(
+                    index=index,
+                    prompt_ids=pending_prompt,
+                    completion_ids=ids,
+                    completion_logprobs=list(completion.logprobs),
+                    observation_ids=observation,
+                    text=text,
+                    finish_reason=completion.finish_reason,
+                    tool_calls=parsed.tool_calls,
+                    tool_results=results,
+                    answer=parsed.answer,
+                    format_error=parsed.format_error,
+                    cost_so_far=dict(s.cost),
+                    tokens_left=b.max_context_tokens - len(context),
+                    policy_version=completion.policy_version,
+                    generate_s=generate_s,
+                    tools_s=tools_s,
+                )
+            )
+            pending_prompt = []
+
+    async def _run_calls(self, s: _State, calls: Sequence[ToolCall]) -> list[ToolResult]:
+        """Run a turn's calls in order (tools may be stateful); every call gets a result."""
+        results: list[ToolResult] = []
+        for call in calls:
+            if s.stop_reason is not None:
+                results.append(_error(call, "budget", "not run: the episode's budget ran out"))
+                continue
+            if s.n_calls >= self.budget.max_tool_calls:
+                results.append(_error(call, "budget", "tool-call budget exhausted"))
+                s.stop(StopReason.MAX_TOOL_CALLS)
+                continue
+            s.n_calls += 1
+            result = await self._run_call(call)
+            for kind, amount in result.cost.items():
+                s.cost[kind] = s.cost.get(kind, 0.0) + amount
+            results.append(result)
+            over = [k for k, lim in self.budget.max_cost.items() if s.cost.get(k, 0.0) >= lim]
+            if over:
+                s.stop(StopReason.BUDGET_EXHAUSTED, f"cost budget reached: {', '.join(over)}")
+        return results
+
+    async def _run_call(self, call: ToolCall) -> ToolResult:
+        if call.parse_error is not None or call.name is None:
+            return _error(call, "parse", f"Error: could not parse tool call: {call.parse_error}")
+        tool = self.tools.get(call.name)
+        if tool is None:
+            known = ", ".join(sorted(self.tools)) or "none"
+            return _error(
+                call, "unknown_tool", f"Error: unknown tool {call.name!r}; tools: {known}"
+            )
+        spec = tool.spec
+        try:
+            args = spec.args_model.model_validate(call.arguments or {})
+        except ValidationError as e:
+            return _error(call, "invalid_arguments", _validation_text(call.name, e))
+        t0 = self._clock()
+        try:
+            async with asyncio.timeout(spec.timeout_s):
+                out = await tool(args)
+        except TimeoutError:
+            latency = self._clock() - t0
+            return _error(
+                call,
+                "timeout",
+                f"Error: {call.name} timed out after {spec.timeout_s:g} s",
+                latency,
+                spec.cost.cost(latency),
+            )
+        except Exception as e:  # a tool bug is the agent's observation, not the run's crash
+            latency = self._clock() - t0
+            return _error(
+                call,
+                "tool_error",
+                f"Error: {call.name} failed: {type(e).__name__}: {e}",
+                latency,
+                spec.cost.cost(latency),
+            )
+        latency = self._clock() - t0
+        return ToolResult(
+            call_id=call.id,
+            text=out.text,
+            truncated=out.truncated,
+            latency_s=latency,
+            cost=spec.cost.cost(latency, out.extra_cost),
+        )
+
+
+def _error(
+    call: ToolCall,
+    kind: str,
+    text: str,
+    latency_s: float = 0.0,
+    cost: dict[str, float] | None = None,
+) -> ToolResult:
+    return ToolResult(call_id=call.id, text=text, error=kind, latency_s=latency_s, cost=cost or {})
+
+
+def _validation_text(tool: str, e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "arguments"
+        parts.append(f"{where}: {err['msg']}")
+    return f"Error: invalid arguments for {tool}: " + "; ".join(parts)
+
+
+class _State:
+    """Mutable bookkeeping of one running episode (frozen records are built at the end)."""
+
+    def __init__(self, spec: EpisodeSpec, start: float) -> None:
+        self.spec = spec
+        self.start = start
+        self.turns: list[Turn] = []
+        self.cost: dict[str, float] = {}
+        self.n_calls = 0
+        self.answer: str | None = None
+        self.stop_reason: StopReason | None = None
+        self.error: str | None = None
+
+    def stop(self, reason: StopReason, error: str | None = None) -> None:
+        if self.stop_reason is None:
+            self.stop_reason, self.error = reason, error
+
+    def episode(self, now: float) -> Episode:
+        return Episode(
+            episode_id=self.spec.episode_id,
+            task_id=self.spec.task_id,
+            group_id=self.spec.group_id,
+            turns=self.turns,
+            stop_reason=self.stop_reason or StopReason.ERROR,
+            answer=self.answer,
+            error=self.error,
+            cost=dict(self.cost),
+            wall_s=now - self.start,
+            step=self.spec.step,
+        )

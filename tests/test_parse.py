@@ -1,0 +1,109 @@
+"""Tool-call parsing: well-formed calls, every malformed shape, and a fuzz test."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from turnrl.agent.parse import MAX_CALL_CHARS, parse_completion
+
+
+def test_single_call_keeps_raw_text() -> None:
+    raw = ' {"name": "search", "arguments": {"query": "capital of France", "k": 3}} '
+    p = parse_completion(f"Let me look.<tool_call>{raw}</tool_call>", 0)
+    assert p.format_error is None and p.answer is None
+    (call,) = p.tool_calls
+    assert call.id == "t0c0" and call.name == "search"
+    assert call.raw == raw
+    assert call.arguments == {"query": "capital of France", "k": 3}
+
+
+def test_several_calls_in_one_turn() -> None:
+    text = (
+        '<tool_call>{"name": "a", "arguments": {}}</tool_call>\n'
+        '<tool_call>{"name": "b", "arguments": "{\\"x\\": 1}"}</tool_call>'
+    )
+    p = parse_completion(text, 2)
+    assert [c.name for c in p.tool_calls] == ["a", "b"]
+    assert [c.id for c in p.tool_calls] == ["t2c0", "t2c1"]
+    assert p.tool_calls[1].arguments == {"x": 1}
+    assert p.format_error is None
+
+
+def test_answer() -> None:
+    p = parse_completion("I know. <answer> Paris </answer><|im_end|>", 1)
+    assert p.answer == "Paris" and p.tool_calls == [] and p.format_error is None
+
+
+def test_malformed_calls_become_errors_not_exceptions() -> None:
+    cases = {
+        "<tool_call>{not json}</tool_call>": "invalid JSON",
+        "<tool_call>[1, 2]</tool_call>": "JSON object",
+        '<tool_call>{"arguments": {}}</tool_call>': '"name"',
+        '<tool_call>{"name": "a", "arguments": [1]}</tool_call>': "must be a JSON object",
+        '<tool_call>{"name": "a", "arguments": "{bad"}</tool_call>': "not JSON",
+    }
+    for text, fragment in cases.items():
+        p = parse_completion(text, 0)
+        (call,) = p.tool_calls
+        assert call.parse_error is not None and fragment in call.parse_error, text
+        assert p.format_error is not None and fragment in p.format_error
+
+
+def test_unterminated_tags_and_void_turns_are_format_errors() -> None:
+    assert "unterminated <tool_call>" in (
+        parse_completion('<tool_call>{"name"', 0).format_error or ""
+    )
+    p = parse_completion("<answer>Par", 0)
+    assert p.answer is None and "unterminated <answer>" in (p.format_error or "")
+    assert "no <tool_call> and no <answer>" in (parse_completion("hmm", 0).format_error or "")
+    assert "without a matching" in (parse_completion("x</tool_call>", 0).format_error or "")
+
+
+def test_answer_with_calls_answers_and_flags() -> None:
+    p = parse_completion('<tool_call>{"name": "a"}</tool_call><answer>x</answer>', 0)
+    assert p.answer == "x" and p.tool_calls == []
+    assert "same turn" in (p.format_error or "")
+
+
+def test_huge_arguments_are_refused_unparsed() -> None:
+    huge = '{"name": "a", "arguments": {"q": "' + "x" * (MAX_CALL_CHARS + 10) + '"}}'
+    (call,) = parse_completion(f"<tool_call>{huge}</tool_call>", 0).tool_calls
+    assert call.arguments is None and "limit" in (call.parse_error or "")
+    assert len(call.raw) == MAX_CALL_CHARS
+
+
+def test_deeply_nested_json_does_not_escape() -> None:
+    deep = "[" * 5000 + "]" * 5000
+    p = parse_completion(f'<tool_call>{{"name": "a", "arguments": {deep}}}</tool_call>', 0)
+    assert p.format_error is not None
+
+
+_pieces = st.sampled_from(
+    [
+        "<tool_call>",
+        "</tool_call>",
+        "<answer>",
+        "</answer>",
+        '{"name": "search", ',
+        '"arguments": {"query": "x"}}',
+        "{",
+        "}",
+        '"',
+        "\\",
+        "\x00",
+        "\ufffd",
+        "[",
+        "]",
+        "null",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(_pieces, st.text(max_size=20)), max_size=30))
+def test_fuzz_no_input_escapes(parts: list[str]) -> None:
+    text = "".join(parts)
+    p = parse_completion(text, 0)
+    # Every outcome is one of: an answer, calls, or a format error explaining why neither.
+    assert p.answer is not None or p.tool_calls or p.format_error
+    for c in p.tool_calls:
+        assert (c.arguments is None) == (c.parse_error is not None) or c.name is None

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 
 class Tokenizer(Protocol):
-    """The two operations rendering needs (a transformers tokenizer satisfies it through
-    `HFTokenizer`)."""
+    """The operations rendering needs (`HFTokenizer` adapts a transformers tokenizer)."""
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text`, with special-token strings mapped to their ids, no BOS/EOS added."""
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        """Ids of `text`, no BOS/EOS added. Special-token strings (`<|im_end|>`) in `text`
+        stay plain text unless `parse_special`: a tool result or a question must not be able
+        to forge a role marker."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -36,16 +36,24 @@ class Tokenizer(Protocol):
 
 
 class HFTokenizer:
-    """Adapts a transformers tokenizer to `Tokenizer`."""
+    """Adapts a transformers (fast) tokenizer to `Tokenizer`, through its Rust backend: the
+    Python wrapper costs more than the encoding on short observations."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self._tok = tokenizer
+        from tokenizers import Tokenizer as RustTokenizer
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False))
+        self._special = tokenizer.backend_tokenizer
+        # A second backend that encodes special-token strings as text; two instances because
+        # the flag is per instance and the policy thread may decode concurrently.
+        self._plain = RustTokenizer.from_str(self._special.to_str())
+        self._plain.encode_special_tokens = True
+
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        backend = self._special if parse_special else self._plain
+        return list(backend.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return str(self._tok.decode(list(ids), skip_special_tokens=False))
+        return str(self._special.decode(list(ids), skip_special_tokens=False))
 
 
 CALL_SYNTAX = """\
@@ -56,19 +64,28 @@ You may make several calls in one message. Their results come back inside \
 <answer></answer> tags, e.g. <answer>Paris</answer>, and nothing after it."""
 
 
-@dataclass(frozen=True)
 class ChatML:
-    """ChatML renderer over a tokenizer."""
+    """ChatML renderer over a tokenizer. Special tokens are placed as ids, and every text
+    segment between them is encoded as plain text, which is how a fast tokenizer splits a full
+    render anyway (added tokens first, then each segment alone): so the pieces equal a full
+    render of the same messages, while content can never inject a role marker."""
 
-    tokenizer: Tokenizer
-    end_of_turn: str = "<|im_end|>"
-    """The string of the id that ends a message; the policy stops on it."""
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.start_id = self._special("<|im_start|>")
+        self.end_id = self._special("<|im_end|>")
+        self._newline = tokenizer.encode("\n")
+        self._assistant = [self.start_id, *tokenizer.encode("assistant\n")]
+
+    def _special(self, marker: str) -> int:
+        ids = self.tokenizer.encode(marker, parse_special=True)
+        if len(ids) != 1:
+            raise ValueError(f"{marker!r} is not a single token for this tokenizer")
+        return ids[0]
 
     def end_of_turn_id(self) -> int:
-        ids = self.tokenizer.encode(self.end_of_turn)
-        if len(ids) != 1:
-            raise ValueError(f"{self.end_of_turn!r} is not a single token for this tokenizer")
-        return ids[0]
+        """The id that ends a message; the policy stops on it."""
+        return self.end_id
 
     def system_text(self, instructions: str, tools: Sequence[dict[str, Any]]) -> str:
         if not tools:
@@ -76,19 +93,23 @@ class ChatML:
         schemas = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
         return f"{instructions}\n\n# Tools\n{CALL_SYNTAX}\n\nAvailable tools:\n{schemas}"
 
+    def message(self, role: str, content: str) -> list[int]:
+        """`<|im_start|>{role}\n{content}<|im_end|>\n` as ids."""
+        body = self.tokenizer.encode(f"{role}\n{content}")
+        return [self.start_id, *body, self.end_id, *self._newline]
+
     def initial(self, instructions: str, tools: Sequence[dict[str, Any]], user: str) -> list[int]:
         """Ids of the system and user messages followed by the assistant header."""
-        text = (
-            f"<|im_start|>system\n{self.system_text(instructions, tools)}{self.end_of_turn}\n"
-            f"<|im_start|>user\n{user}{self.end_of_turn}\n<|im_start|>assistant\n"
-        )
-        return self.tokenizer.encode(text)
+        return [
+            *self.message("system", self.system_text(instructions, tools)),
+            *self.message("user", user),
+            *self._assistant,
+        ]
 
     def observation(self, results: Sequence[str], completion_closed: bool) -> list[int]:
         """Ids appended after a completion: close the assistant message if the sample did not,
         then the tool responses (or a note to the agent) as a user message, then the next
         assistant header."""
         body = "\n".join(f"<tool_response>\n{r}\n</tool_response>" for r in results)
-        close = "" if completion_closed else self.end_of_turn
-        text = f"{close}\n<|im_start|>user\n{body}{self.end_of_turn}\n<|im_start|>assistant\n"
-        return self.tokenizer.encode(text)
+        close = [] if completion_closed else [self.end_id]
+        return [*close, *self._newline, *self.message("user", body), *self._assistant]

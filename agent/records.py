@@ -106,6 +106,9 @@ class Turn(Record):
     None for a well-formed turn."""
     rewards: dict[str, float] = Field(default_factory=dict)
     """Per-turn reward components by name, never pre-summed (filled in by `rl.rewards`)."""
+    advantage: float | None = None
+    """The advantage the learner broadcast to this turn's completion tokens; None until an
+    estimator assigned one (and for evaluation episodes)."""
     cost_so_far: dict[str, float] = Field(default_factory=dict)
     """Episode cost vector after this turn's tool calls."""
     tokens_left: int = 0

@@ -91,13 +91,22 @@ class EpisodeRunner:
         self._schemas = [t.spec.json_schema() for t in tools]
         self._clock = clock
 
-    async def run_many(self, specs: Sequence[EpisodeSpec], concurrency: int) -> list[Episode]:
-        """Run `specs` with at most `concurrency` episodes in flight; results in input order."""
+    async def run_many(
+        self,
+        specs: Sequence[EpisodeSpec],
+        concurrency: int,
+        on_episode: Callable[[Episode], None] | None = None,
+    ) -> list[Episode]:
+        """Run `specs` with at most `concurrency` episodes in flight; results in input order.
+        `on_episode` sees each episode as it ends (progress bars, streaming to the store)."""
         gate = asyncio.Semaphore(concurrency)
 
         async def one(spec: EpisodeSpec) -> Episode:
             async with gate:
-                return await self.run_episode(spec)
+                episode = await self.run_episode(spec)
+            if on_episode is not None:
+                on_episode(episode)
+            return episode
 
         return list(await asyncio.gather(*(one(s) for s in specs)))
 

@@ -43,7 +43,11 @@ class ScriptedPolicy:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         reply = self.script(prompt_ids)
-        ids = self.tokenizer.encode(reply) if isinstance(reply, str) else list(reply)
+        ids = (
+            self.tokenizer.encode(reply, parse_special=True)
+            if isinstance(reply, str)
+            else list(reply)
+        )
         finish: str = "length"
         for i, tok in enumerate(ids):
             if tok in params.stop_token_ids:

@@ -1,0 +1,548 @@
+"""`HFPolicy`: an in-process transformers policy that batches concurrent episodes.
+
+Many episodes call `generate` from one event loop. Requests submitted in the same loop
+iteration are handed to the worker together; one worker thread owns the model and keeps a
+running batch with a KV cache (continuous batching):
+
+- between decode steps it admits waiting requests (up to `max_batch_size` rows): they are
+  left-padded, prefilled together in one forward pass, and their cache is merged into the
+  running batch's cache (the shorter side left-padded with masked columns);
+- each decode step feeds every row's last sampled id with the row's own position id and the
+  batch's padding mask, so a row's numbers do not depend on its neighbours (a left-padded row
+  samples what it would sample alone, up to float rounding);
+- each row samples with its own `SamplingParams` and its own `torch.Generator`; finished rows
+  leave the batch at once (their cache rows are dropped, and padding columns no row needs any
+  more are trimmed);
+- results return to the caller's loop with `call_soon_threadsafe`.
+
+Logprobs follow `turnrl.agent.policy`: log_softmax(logits / temperature) of the sampled id
+before top-p truncation; temperature 0 (greedy) scores under the raw logits.
+
+Weights: the learner changes the shared model in place inside
+`async with policy.updating_weights(version)`. Rows in flight finish under the old weights,
+queued requests wait and start under the new ones, so every completion comes from exactly one
+`policy_version`. One event loop drives a policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
+
+from turnrl.agent.model import end_of_turn_id
+from turnrl.agent.policy import Completion, PolicyError, SamplingParams
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Completion]
+    submitted: float
+    cancelled: bool = False
+    """Set from the loop when the caller stops waiting; the worker then drops the row."""
+
+
+@dataclass(eq=False)
+class _Pause:
+    loop: asyncio.AbstractEventLoop
+    paused: asyncio.Future[None]
+    resume: threading.Event
+
+
+@dataclass(eq=False)
+class _Row:
+    request: _Request
+    generator: torch.Generator | None
+    version: int
+    admitted: float
+    batch_size: int
+    prefill_s: float = 0.0
+    prefilled: float = 0.0
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: FinishReason | None = None
+
+
+_WAKE = object()
+
+
+class HFPolicy:
+    """A `Policy` backed by a transformers causal LM in this process."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_batch_size: int = 16,
+        end_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+        policy_version: int = 0,
+    ) -> None:
+        """`end_token_ids` end every request (kept in the output) on top of its own
+        `stop_token_ids`; None means the tokenizer's end-of-turn and end-of-sequence ids, and
+        `()` lets rows run to `max_tokens` (benchmarks). `seed` seeds the per-request seeds of
+        requests that bring none."""
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.policy_version = policy_version
+        """Version of the weights; stamped on each completion at admission."""
+        if end_token_ids is None:
+            ends = {end_of_turn_id(tokenizer)}
+            if isinstance(tokenizer.eos_token_id, int):
+                ends.add(tokenizer.eos_token_id)
+            end_token_ids = sorted(ends)
+        self.end_token_ids = frozenset(end_token_ids)
+        self.n_prefills = 0
+        """Prefill forward passes run so far (one per admitted group of requests)."""
+        self.n_decode_steps = 0
+        """Batched decode forward passes run so far."""
+
+        config = model.config
+        self._vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self._max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        pad = getattr(config, "pad_token_id", None)
+        self._pad_id = pad if isinstance(pad, int) else 0
+        self._seeds = random.Random(seed)
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._outbox: list[_Request] = []
+        self._closing = threading.Event()
+        self._closed = False
+
+        # Worker-thread state: the running batch, aligned row by row.
+        self._waiting: deque[_Request] = deque()
+        self._pause: _Pause | None = None
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask_B_T = torch.zeros(0, 0, dtype=torch.long)
+        self._pos_B = torch.zeros(0, dtype=torch.long)
+        self._last_B = torch.zeros(0, dtype=torch.long)
+
+        self._thread = threading.Thread(target=self._serve, name="turnrl-hf-policy", daemon=True)
+        self._thread.start()
+
+    # -- event-loop side ------------------------------------------------------------------
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
+        if self._closed:
+            raise PolicyError("the policy is closed")
+        prompt = list(prompt_ids)
+        self._validate(prompt, params)
+        loop = asyncio.get_running_loop()
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        request = _Request(prompt, params, seed, loop, loop.create_future(), time.perf_counter())
+        if not self._outbox:
+            # Everything submitted during this loop iteration goes to the worker as one group,
+            # so concurrent episodes share their prefill.
+            loop.call_soon(self._flush)
+        self._outbox.append(request)
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            request.cancelled = True
+            raise
+
+    def set_version(self, version: int) -> None:
+        """Stamp later completions with `version`. Call only while nothing is generating
+        (`updating_weights` does it for you)."""
+        self.policy_version = version
+
+    @asynccontextmanager
+    async def updating_weights(self, version: int | None = None) -> AsyncIterator[None]:
+        """Hold generation while the body changes the model's weights in place.
+
+        Waits for the rows in flight to finish (requests submitted meanwhile queue up), then
+        runs the body; on a clean exit `version` (when given) becomes the policy version.
+        """
+        loop = asyncio.get_running_loop()
+        pause = _Pause(loop, loop.create_future(), threading.Event())
+        self._flush()
+        self._queue.put(pause)
+        try:
+            await pause.paused
+            yield
+            if version is not None:
+                self.set_version(version)
+        finally:
+            pause.resume.set()
+
+    def close(self) -> None:
+        """Stop the worker; requests still pending fail with `PolicyError`. Idempotent. Blocks
+        for at most the forward pass in progress (`async with` waits off the loop instead)."""
+        self._signal_close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    async def __aenter__(self) -> HFPolicy:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._signal_close()
+        await asyncio.to_thread(self._thread.join)
+
+    def _signal_close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._flush()
+        self._closing.set()
+        self._queue.put(_WAKE)
+
+    def _flush(self) -> None:
+        if self._outbox:
+            self._queue.put(self._outbox)
+            self._outbox = []
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self._vocab_size:
+            raise ValueError(f"prompt ids must lie in [0, {self._vocab_size})")
+        if params.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < params.top_p <= 1:
+            raise ValueError("top_p must lie in (0, 1]")
+        if params.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        total = len(prompt) + params.max_tokens
+        if self._max_positions is not None and total > self._max_positions:
+            raise ValueError(
+                f"prompt ({len(prompt)} ids) + max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {self._max_positions} positions"
+            )
+
+    # -- worker thread --------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        with torch.inference_mode():
+            while not self._closing.is_set():
+                idle = not self._rows and not self._waiting and self._pause is None
+                self._pull(block=idle)
+                if self._closing.is_set():
+                    break
+                if self._pause is not None:
+                    if not self._rows:
+                        self._hold(self._pause)
+                        self._pause = None
+                        continue
+                elif self._waiting and len(self._rows) < self.max_batch_size:
+                    self._admit()
+                if self._rows:
+                    self._step()
+            self._shutdown()
+
+    def _pull(self, block: bool) -> None:
+        """Move queued requests to `_waiting`, stopping at a pause marker."""
+        while self._pause is None:
+            try:
+                item = self._queue.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if isinstance(item, list):
+                self._waiting.extend(item)
+            elif isinstance(item, _Pause):
+                self._pause = item
+
+    def _hold(self, pause: _Pause) -> None:
+        _settle(pause.loop, pause.paused, None)
+        while not pause.resume.wait(0.1):
+            if self._closing.is_set():
+                return
+
+    def _admit(self) -> None:
+        group: list[_Request] = []
+        while self._waiting and len(self._rows) + len(group) < self.max_batch_size:
+            request = self._waiting.popleft()
+            if not request.cancelled:
+                group.append(request)
+        if not group:
+            return
+        try:
+            self._prefill(group)
+        except Exception as exc:
+            for request in group:
+                _fail(request, exc)
+
+    def _prefill(self, group: list[_Request]) -> None:
+        start = time.perf_counter()
+        lengths = [len(r.prompt_ids) for r in group]
+        width = max(lengths)
+        ids = [[self._pad_id] * (width - n) + r.prompt_ids for r, n in zip(group, lengths)]
+        mask = [[0] * (width - n) + [1] * n for n in lengths]
+        ids_N_P = torch.tensor(ids, dtype=torch.long)
+        mask_N_P = torch.tensor(mask, dtype=torch.long)
+        pos_N_P = (mask_N_P.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=ids_N_P,
+            attention_mask=mask_N_P,
+            position_ids=pos_N_P,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.n_prefills += 1
+        batch_size = len(self._rows) + len(group)
+        rows = [
+            _Row(
+                request=r,
+                generator=_generator(r),
+                version=self.policy_version,
+                admitted=start,
+                batch_size=batch_size,
+            )
+            for r in group
+        ]
+        tokens_N = self._sample(out.logits[:, -1, :], rows)
+        done = time.perf_counter()
+        for row in rows:
+            row.prefill_s = done - start
+            row.prefilled = done
+        self._join(out.past_key_values, mask_N_P, torch.tensor(lengths), tokens_N)
+        self._rows.extend(rows)
+        self._retire()
+
+    def _step(self) -> None:
+        try:
+            n = len(self._rows)
+            mask_B_T = torch.cat([self._mask_B_T, torch.ones(n, 1, dtype=torch.long)], dim=1)
+            out = self.model(
+                input_ids=self._last_B[:, None],
+                attention_mask=mask_B_T,
+                position_ids=self._pos_B[:, None],
+                past_key_values=self._cache,
+                use_cache=True,
+            )
+            self.n_decode_steps += 1
+            self._mask_B_T = mask_B_T
+            self._pos_B = self._pos_B + 1
+            self._last_B = self._sample(out.logits[:, -1, :], self._rows)
+            self._retire()
+        except Exception as exc:
+            rows, self._rows = self._rows, []
+            self._reset_batch()
+            for row in rows:
+                _fail(row.request, exc)
+
+    def _sample(self, logits_B_V: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """Pick one id per row, append it and its logprob to the row, and return the ids."""
+        logits_B_V = logits_B_V.float()
+        temps = [r.request.params.temperature for r in rows]
+        tokens_B = logits_B_V.argmax(dim=-1)
+        if all(t == 0 for t in temps):
+            logp_B_V = torch.log_softmax(logits_B_V, dim=-1)
+        else:
+            scale_B = torch.tensor([t if t > 0 else 1.0 for t in temps])
+            logp_B_V = torch.log_softmax(logits_B_V / scale_B[:, None], dim=-1)
+            drawn = [i for i, t in enumerate(temps) if t > 0]
+            scores_S_V = logp_B_V[drawn]
+            top_p_S = torch.tensor([rows[i].request.params.top_p for i in drawn])
+            if bool((top_p_S < 1).any()):
+                scores_S_V = _nucleus(scores_S_V, top_p_S)
+            # Gumbel-max: argmax(logp + G) with G = -log(E), E ~ Exp(1), samples from softmax;
+            # each row draws its noise from its own generator, so its draws do not depend on
+            # which other rows share the batch.
+            noise_S_V = torch.empty_like(scores_S_V)
+            for j, i in enumerate(drawn):
+                noise_S_V[j].exponential_(generator=rows[i].generator)
+            noise_S_V.clamp_(min=torch.finfo(noise_S_V.dtype).tiny)
+            tokens_B[drawn] = (scores_S_V - noise_S_V.log()).argmax(dim=-1)
+        chosen_B = logp_B_V.gather(1, tokens_B[:, None])[:, 0]
+        for row, token, logprob in zip(rows, tokens_B.tolist(), chosen_B.tolist()):
+            row.ids.append(token)
+            row.logprobs.append(logprob)
+            row.finish = self._finish(row)
+        return tokens_B
+
+    def _finish(self, row: _Row) -> FinishReason | None:
+        params = row.request.params
+        token = row.ids[-1]
+        if token in self.end_token_ids or token in params.stop_token_ids:
+            return "stop"
+        # The whole completion is decoded because a token can complete a stop string and carry
+        # text past it, and decoding depends on neighbouring ids (multi-byte characters).
+        if params.stop:
+            text = self.tokenizer.decode(row.ids)
+            if any(s in text for s in params.stop):
+                return "stop"
+        if len(row.ids) >= params.max_tokens:
+            return "length"
+        return None
+
+    def _join(
+        self,
+        cache: DynamicCache,
+        mask_N_P: torch.Tensor,
+        pos_N: torch.Tensor,
+        last_N: torch.Tensor,
+    ) -> None:
+        """Merge a freshly prefilled group into the running batch (left-padding the shorter)."""
+        if self._cache is None or not self._rows:
+            self._cache, self._mask_B_T, self._pos_B, self._last_B = cache, mask_N_P, pos_N, last_N
+            return
+        old, new = self._mask_B_T.shape[1], mask_N_P.shape[1]
+        width = max(old, new)
+        pairs = list(zip(self._cache.layers, cache.layers, strict=True))
+        for layer in (x for pair in pairs for x in pair):
+            if not isinstance(layer, DynamicLayer):
+                raise TypeError(f"cannot merge cache layers of type {type(layer).__name__}")
+        for mine, theirs in pairs:
+            mine.keys = torch.cat(
+                [_pad_left(mine.keys, width - old), _pad_left(theirs.keys, width - new)]
+            )
+            mine.values = torch.cat(
+                [_pad_left(mine.values, width - old), _pad_left(theirs.values, width - new)]
+            )
+        self._mask_B_T = torch.cat(
+            [F.pad(self._mask_B_T, (width - old, 0)), F.pad(mask_N_P, (width - new, 0))]
+        )
+        self._pos_B = torch.cat([self._pos_B, pos_N])
+        self._last_B = torch.cat([self._last_B, last_N])
+
+    def _retire(self) -> None:
+        """Deliver finished rows and drop them (and cancelled ones) from the batch."""
+        keep: list[int] = []
+        now = time.perf_counter()
+        for i, row in enumerate(self._rows):
+            if row.request.cancelled:
+                continue
+            if row.finish is None:
+                keep.append(i)
+                continue
+            request = row.request
+            completion = Completion(
+                token_ids=tuple(row.ids),
+                logprobs=tuple(row.logprobs),
+                finish_reason=row.finish,
+                policy_version=row.version,
+                metrics={
+                    "queue_s": row.admitted - request.submitted,
+                    "prefill_s": row.prefill_s,
+                    "decode_s": now - row.prefilled,
+                    "batch_size": float(row.batch_size),
+                },
+            )
+            _settle(request.loop, request.future, completion)
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
+            self._reset_batch()
+            return
+        index = torch.tensor(keep)
+        mask_B_T = self._mask_B_T[index]
+        # Columns that only finished rows used are padding for everyone left: trim them.
+        first = int(mask_B_T.any(dim=0).long().argmax())
+        assert self._cache is not None
+        for layer in self._cache.layers:
+            if isinstance(layer, DynamicLayer):
+                layer.keys = layer.keys[index, :, first:]
+                layer.values = layer.values[index, :, first:]
+        self._mask_B_T = mask_B_T[:, first:]
+        self._pos_B = self._pos_B[index]
+        self._last_B = self._last_B[index]
+
+    def _reset_batch(self) -> None:
+        self._cache = None
+        self._mask_B_T = torch.zeros(0, 0, dtype=torch.long)
+        self._pos_B = torch.zeros(0, dtype=torch.long)
+        self._last_B = torch.zeros(0, dtype=torch.long)
+
+    def _shutdown(self) -> None:
+        closed = PolicyError("the policy is closed")
+        for row in self._rows:
+            _fail(row.request, closed)
+        self._rows = []
+        self._reset_batch()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, list):
+                self._waiting.extend(item)
+            elif isinstance(item, _Pause):
+                _settle(item.loop, item.paused, None, PolicyError(*closed.args))
+        while self._waiting:
+            _fail(self._waiting.popleft(), closed)
+        if self._pause is not None:
+            _settle(self._pause.loop, self._pause.paused, None, PolicyError(*closed.args))
+
+
+def _generator(request: _Request) -> torch.Generator | None:
+    if request.params.temperature == 0:
+        return None
+    return torch.Generator().manual_seed(request.seed)
+
+
+def _nucleus(logp_S_V: torch.Tensor, top_p_S: torch.Tensor) -> torch.Tensor:
+    """Set to -inf the ids outside each row's top-p nucleus (the most likely id always stays)."""
+    sorted_S_V, order_S_V = logp_S_V.sort(dim=-1, descending=True)
+    probs_S_V = sorted_S_V.exp()
+    # An id is dropped when the mass strictly before it already reaches top_p.
+    before_S_V = probs_S_V.cumsum(dim=-1) - probs_S_V
+    drop_S_V = before_S_V >= top_p_S[:, None]
+    drop_S_V[:, 0] = False
+    drop_in_place_S_V = torch.zeros_like(drop_S_V).scatter(1, order_S_V, drop_S_V)
+    return logp_S_V.masked_fill(drop_in_place_S_V, float("-inf"))
+
+
+def _pad_left(x_B_H_T_D: torch.Tensor, n: int) -> torch.Tensor:
+    return F.pad(x_B_H_T_D, (0, 0, n, 0)) if n else x_B_H_T_D
+
+
+def _fail(request: _Request, exc: BaseException) -> None:
+    # A fresh error per request: one exception object raised in many tasks would share (and
+    # grow) one traceback.
+    if isinstance(exc, PolicyError):
+        error = PolicyError(*exc.args)
+    else:
+        error = PolicyError(f"generation failed: {exc!r}")
+        error.__cause__ = exc
+    _settle(request.loop, request.future, None, error)
+
+
+def _settle(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    result: Any,
+    error: BaseException | None = None,
+) -> None:
+    def settle() -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the caller's loop is closed: nobody is waiting any more
+        pass

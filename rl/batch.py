@@ -1,0 +1,212 @@
+"""Training tensors built from stored episodes, without re-tokenizing anything.
+
+An episode's row is the concatenation over its turns of `prompt_ids + completion_ids +
+observation_ids` — exactly `Episode.token_ids()`, the context the policy saw. Every per-token
+tensor is aligned to `input_ids_B_T` (*token-aligned*, not target-aligned): position `t` holds
+facts about the token `input_ids_B_T[b, t]`:
+
+- `loss_mask_B_T` is True exactly on the positions of sampled (`completion_ids`) tokens; prompt,
+  observation and padding positions are False and are never trained (STYLE §3).
+- `old_logprobs_B_T` holds each sampled token's rollout logprob (`Turn.completion_logprobs`).
+- `advantages_B_T` holds the advantage of the turn the token belongs to: one float per turn is
+  broadcast to that turn's sampled tokens (GRPO gives every turn the episode's value; step-level
+  estimators give each turn its own). Masked-out positions hold 0.
+
+The shift: a causal LM's logits at position `t` predict token `t + 1`, so the logprob of token
+`t` is read from the logits at `t - 1`. A consumer therefore pairs hidden states `[:, :-1]` with
+`loss_mask_B_T[:, 1:]` and targets `input_ids_B_T[:, 1:]`. Position 0 has no context and can
+never be trained; an episode whose first token is a sampled one is rejected.
+
+Rows are right-padded with `pad_id`. With causal attention no real token attends to a later
+pad, so the learner needs no attention mask: padded logits are garbage that the mask drops.
+
+Micro-batches for gradient accumulation are planned by a token budget on the *padded* size
+(rows x longest row): rows are sorted by length so a micro-batch holds similar lengths and
+wastes little on padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import TypeVar
+
+import torch
+
+from turnrl.agent.records import Episode
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Right-padded training tensors for a group of episodes (see the module docstring)."""
+
+    input_ids_B_T: torch.Tensor
+    """int64: each row is one episode's `token_ids()`, then `pad_id` up to the longest row."""
+    loss_mask_B_T: torch.Tensor
+    """bool: True exactly where `input_ids_B_T` holds an id the policy sampled."""
+    old_logprobs_B_T: torch.Tensor
+    """float32: rollout logprob of each sampled id; 0 where the mask is False."""
+    advantages_B_T: torch.Tensor
+    """float32: the advantage of the sampled id's turn; 0 where the mask is False."""
+    turn_index_B_T: torch.Tensor
+    """int64: which turn of the episode the position belongs to; -1 on padding."""
+    lengths_B: torch.Tensor
+    """int64: number of real (unpadded) tokens in each row."""
+    episode_index_B: torch.Tensor
+    """int64: index of each row's episode in the sequence the batch was built from, so that
+    every trained id can be traced back to the turn that sampled it."""
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of trained (masked-in) tokens."""
+        return int(self.loss_mask_B_T.sum())
+
+    @property
+    def n_padded(self) -> int:
+        """Rows x columns: what a forward pass over the batch computes."""
+        return int(self.input_ids_B_T.numel())
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        """The same batch with every tensor on `device`."""
+        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def _check(episode: Episode, advantages: Sequence[float]) -> None:
+    if len(advantages) != len(episode.turns):
+        raise ValueError(
+            f"episode {episode.episode_id}: {len(advantages)} advantages for "
+            f"{len(episode.turns)} turns (one advantage per turn is required)"
+        )
+    for turn in episode.turns:
+        if len(turn.completion_logprobs) != len(turn.completion_ids):
+            raise ValueError(
+                f"episode {episode.episode_id} turn {turn.index}: "
+                f"{len(turn.completion_logprobs)} logprobs for "
+                f"{len(turn.completion_ids)} completion ids"
+            )
+
+
+def _pad(rows: list[list[_T]], value: _T, width: int) -> list[list[_T]]:
+    return [r + [value] * (width - len(r)) for r in rows]
+
+
+def build_token_batch(
+    episodes: Sequence[Episode],
+    advantages: Sequence[Sequence[float]],
+    *,
+    pad_id: int = 0,
+    episode_indices: Sequence[int] | None = None,
+) -> TokenBatch:
+    """Lay `episodes` out as right-padded rows, one per episode, in the order given.
+
+    `advantages[i][j]` is the advantage of turn `j` of `episodes[i]`. `episode_indices`
+    labels the rows (default `0..len(episodes)-1`); `micro_batches` passes the positions in
+    the caller's full list.
+    """
+    if len(advantages) != len(episodes):
+        raise ValueError(f"{len(advantages)} advantage rows for {len(episodes)} episodes")
+    if not episodes:
+        raise ValueError("cannot build a batch from no episodes")
+    if episode_indices is None:
+        episode_indices = range(len(episodes))
+    ids_rows: list[list[int]] = []
+    mask_rows: list[list[bool]] = []
+    old_rows: list[list[float]] = []
+    adv_rows: list[list[float]] = []
+    turn_rows: list[list[int]] = []
+    for episode, episode_adv in zip(episodes, advantages, strict=True):
+        _check(episode, episode_adv)
+        ids: list[int] = []
+        mask: list[bool] = []
+        old: list[float] = []
+        adv: list[float] = []
+        turn_of: list[int] = []
+        for j, (turn, a) in enumerate(zip(episode.turns, episode_adv, strict=True)):
+            n_p, n_c, n_o = (
+                len(turn.prompt_ids),
+                len(turn.completion_ids),
+                len(turn.observation_ids),
+            )
+            ids += turn.prompt_ids
+            ids += turn.completion_ids
+            ids += turn.observation_ids
+            mask += [False] * n_p + [True] * n_c + [False] * n_o
+            old += [0.0] * n_p + list(turn.completion_logprobs) + [0.0] * n_o
+            adv += [0.0] * n_p + [float(a)] * n_c + [0.0] * n_o
+            turn_of += [j] * (n_p + n_c + n_o)
+        if mask and mask[0]:
+            raise ValueError(
+                f"episode {episode.episode_id}: the first token is a sampled one; a sampled "
+                "token needs at least one context token before it to be scored"
+            )
+        ids_rows.append(ids)
+        mask_rows.append(mask)
+        old_rows.append(old)
+        adv_rows.append(adv)
+        turn_rows.append(turn_of)
+
+    lengths = [len(r) for r in ids_rows]
+    width = max(max(lengths), 1)
+    return TokenBatch(
+        input_ids_B_T=torch.tensor(_pad(ids_rows, pad_id, width), dtype=torch.long),
+        loss_mask_B_T=torch.tensor(_pad(mask_rows, False, width), dtype=torch.bool),
+        old_logprobs_B_T=torch.tensor(_pad(old_rows, 0.0, width), dtype=torch.float32),
+        advantages_B_T=torch.tensor(_pad(adv_rows, 0.0, width), dtype=torch.float32),
+        turn_index_B_T=torch.tensor(_pad(turn_rows, -1, width), dtype=torch.long),
+        lengths_B=torch.tensor(lengths, dtype=torch.long),
+        episode_index_B=torch.tensor(list(episode_indices), dtype=torch.long),
+    )
+
+
+def sequence_length(episode: Episode) -> int:
+    """Length of `episode.token_ids()` without building it."""
+    return sum(
+        len(t.prompt_ids) + len(t.completion_ids) + len(t.observation_ids) for t in episode.turns
+    )
+
+
+def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Group sequence indices so each group's padded size (rows x longest) is <= `token_budget`.
+
+    A sequence longer than the budget goes alone (it cannot be split without cutting its
+    context). Indices are visited longest first, so each group holds similar lengths; the
+    grouping is deterministic. Every index appears in exactly one group.
+    """
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        # Visiting longest first, a group's first member is its longest row.
+        if groups and (len(groups[-1]) + 1) * max(lengths[groups[-1][0]], 1) <= token_budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def micro_batches(
+    episodes: Sequence[Episode],
+    advantages: Sequence[Sequence[float]],
+    token_budget: int,
+    *,
+    pad_id: int = 0,
+) -> list[TokenBatch]:
+    """Split `episodes` into `TokenBatch`es whose padded size respects `token_budget`.
+
+    `TokenBatch.episode_index_B` gives each row's position in `episodes`.
+    """
+    if len(advantages) != len(episodes):
+        raise ValueError(f"{len(advantages)} advantage rows for {len(episodes)} episodes")
+    lengths = [sequence_length(e) for e in episodes]
+    return [
+        build_token_batch(
+            [episodes[i] for i in group],
+            [advantages[i] for i in group],
+            pad_id=pad_id,
+            episode_indices=group,
+        )
+        for group in plan_micro_batches(lengths, token_budget)
+    ]

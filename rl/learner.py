@@ -1,0 +1,385 @@
+"""The learner: one optimizer step of PPO-clip over stored episodes, in place on the policy's model.
+
+Design:
+- The learner trains the *same module object* the in-process policy samples with (in-process
+  weight sync): `Learner.model` is what the policy must hold (for LoRA, the peft-wrapped model,
+  so sampling uses the adapters), and `Learner.version` counts optimizer steps; the caller
+  passes it to `policy.set_version`. The caller must not sample while `step` runs: the weights
+  change and the module is in train mode only for the duration of the step.
+- Tokens are the truth: batches come from `turnrl.rl.batch` (the stored ids, never re-tokenized)
+  and logprobs are recomputed with the sampling convention of `turnrl.agent.policy`:
+  log_softmax(logits / temperature) in float32, gathered at the next token. The PPO ratio is
+  taken against the stored rollout logprobs (`ppo_clip_loss`), so it is 1 before the first step.
+- Only trained positions reach the LM head: the decoder's hidden states are computed for every
+  position, then the rows whose next token is trained are selected and projected to the vocab.
+  This skips the head (and the vocab-sized log-softmax, its largest activation) on prompt,
+  observation and padding positions. It assumes logits = lm_head(last hidden state), true for
+  Llama/Qwen/Mistral-style models; `select_before_head=False` is the plain path.
+- One `step` is one optimizer step over all given episodes: gradient accumulation over
+  micro-batches planned by a padded-token budget, each micro-batch's loss divided by the
+  step's total trained-token count (DAPO token-level mean, arXiv 2503.14476), so the
+  accumulated gradient equals the full-batch gradient.
+- A step with no learning signal is skipped: no trained tokens, or every trained token's
+  advantage is 0 with no KL term. No forward pass runs, the optimizer does not move (Adam's
+  momentum would otherwise keep moving weights on a zero gradient), `version` is unchanged,
+  and the metrics say `skipped=1`. GRPO groups whose returns are all equal give such zeros.
+- KL to a reference (k3, GRPO arXiv 2402.03300) is on when `kl_coef > 0`: for LoRA the
+  reference is the base model (adapters disabled), for full fine-tuning a frozen copy made at
+  construction.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import peft
+import safetensors.torch
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from turnrl.agent.records import Episode
+from turnrl.rl.batch import TokenBatch, micro_batches
+from turnrl.rl.losses import entropy_from_logprobs, kl_penalty, ppo_clip_loss
+
+
+class LoraConfig(BaseModel):
+    """Train low-rank adapters (Hu et al. 2021, arXiv 2106.09685); the base stays frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["lora"] = "lora"
+    """Selects LoRA."""
+    r: int = Field(16, ge=1)
+    """Rank of each adapter."""
+    alpha: float = Field(32.0, gt=0)
+    """Adapter scale numerator: the adapter's output is multiplied by alpha / r."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input; active only inside `Learner.step`."""
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    """Names of the linear layers that get adapters."""
+
+
+class FullConfig(BaseModel):
+    """Train every parameter of the model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["full"] = "full"
+    """Selects full fine-tuning."""
+
+
+class LearnerConfig(BaseModel):
+    """Optimizer, loss and batching settings of the learner."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(1e-6, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW moment coefficients."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient L2 norm to this; None reports the norm without clipping."""
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    """PPO ratio lower clip: ratios below 1 - clip_low stop pushing down."""
+    clip_high: float = Field(0.2, ge=0)
+    """PPO ratio upper clip: ratios above 1 + clip_high stop pushing up (DAPO uses 0.28)."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of the k3 KL(policy || reference) term; 0 builds no reference at all."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the rollouts, so that recomputed logprobs match stored ones."""
+    micro_batch_tokens: int = Field(4096, ge=1)
+    """Padded-token budget (rows x longest row) of one forward/backward micro-batch."""
+    adaptation: LoraConfig | FullConfig = Field(default_factory=FullConfig, discriminator="kind")
+    """What is trained: LoRA adapters or every weight."""
+
+
+def token_logprobs(
+    model: nn.Module,
+    batch: TokenBatch,
+    temperature: float = 1.0,
+    *,
+    select_before_head: bool = True,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logprob of every trained token under `model`, token-aligned like `batch`.
+
+    Returns `(logprobs_B_T, entropy_N)`: `logprobs_B_T[b, t]` = log p(input_ids[b, t] |
+    input_ids[b, :t]) in float32 where `loss_mask_B_T` is True, else 0; `entropy_N` (detached,
+    or None) is the entropy of the predicted distribution at each trained token, in mask order.
+    """
+    input_ids_B_T = batch.input_ids_B_T
+    # The logits at t - 1 predict token t: pair positions [:, :-1] with targets [:, 1:].
+    target_mask_B_T1 = batch.loss_mask_B_T[:, 1:]
+    targets_N = input_ids_B_T[:, 1:][target_mask_B_T1]
+    # No attention mask: rows are right-padded, so causal attention never lets a real token
+    # see a pad, and the mask-free call keeps the fused causal attention kernel.
+    if select_before_head:
+        decoder = model.get_decoder()  # type: ignore[operator]
+        hidden_B_T_H = decoder(input_ids=input_ids_B_T, use_cache=False).last_hidden_state
+        head = model.get_output_embeddings()  # type: ignore[operator]
+        logits_N_V = head(hidden_B_T_H[:, :-1][target_mask_B_T1])
+    else:
+        logits_B_T_V = model(input_ids=input_ids_B_T, use_cache=False).logits
+        logits_N_V = logits_B_T_V[:, :-1][target_mask_B_T1]
+    logits_N_V = logits_N_V.float()
+    if temperature != 1.0:
+        logits_N_V = logits_N_V / temperature
+    logprobs_N_V = torch.log_softmax(logits_N_V, dim=-1)
+    logprobs_N = logprobs_N_V.gather(-1, targets_N[:, None]).squeeze(-1)
+    entropy_N = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy_N = entropy_from_logprobs(logprobs_N_V)
+    zeros_B_T1 = logprobs_N.new_zeros(target_mask_B_T1.shape)
+    logprobs_B_T1 = zeros_B_T1.masked_scatter(target_mask_B_T1, logprobs_N)
+    return torch.nn.functional.pad(logprobs_B_T1, (1, 0)), entropy_N
+
+
+class Learner:
+    """PPO-clip learner over a transformers causal LM, trained in place (module docstring)."""
+
+    def __init__(self, model: nn.Module, config: LearnerConfig, *, pad_id: int = 0) -> None:
+        """Wrap `model` for training. For LoRA, adapters are injected into `model` itself
+        (peft modifies it in place); hand `self.model` to the policy either way. `pad_id`
+        pads rows; any id inside the vocabulary works (padded positions are never trained)."""
+        self.config = config
+        self.pad_id = pad_id
+        self.version = 0
+        """Number of optimizer steps taken; the policy reports it with each completion."""
+        self._reference: nn.Module | None = None
+        adaptation = config.adaptation
+        if isinstance(adaptation, LoraConfig):
+            lora = peft.LoraConfig(
+                r=adaptation.r,
+                lora_alpha=adaptation.alpha,
+                lora_dropout=adaptation.dropout,
+                target_modules=list(adaptation.target_modules),
+                task_type="CAUSAL_LM",
+            )
+            self.model: nn.Module = peft.get_peft_model(model, lora)
+        else:
+            self.model = model
+            if config.kl_coef > 0:
+                self._reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model.eval()
+        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        """The trained parameters (adapter weights for LoRA)."""
+        if not self.trainable_parameters:
+            raise ValueError("the model has no trainable parameters")
+        self.device = self.trainable_parameters[0].device
+        self.optimizer = torch.optim.AdamW(
+            self.trainable_parameters,
+            lr=config.lr,
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+        )
+
+    @property
+    def is_lora(self) -> bool:
+        return isinstance(self.config.adaptation, LoraConfig)
+
+    def _reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        with torch.no_grad():
+            if self._reference is not None:
+                lp, _ = token_logprobs(self._reference, batch, self.config.temperature)
+                return lp
+            with self.model.disable_adapter():  # type: ignore[operator]
+                lp, _ = token_logprobs(self.model, batch, self.config.temperature)
+                return lp
+
+    def accumulate_gradients(
+        self, episodes: Sequence[Episode], advantages: Sequence[Sequence[float]]
+    ) -> dict[str, float]:
+        """Forward and backward over `episodes` in micro-batches, adding the step's gradient
+        to each trained parameter's `.grad`; no optimizer step. Returns the step's metrics
+        (without `grad_norm` and `seconds`). `step` is this plus clipping and AdamW."""
+        cfg = self.config
+        batches = micro_batches(episodes, advantages, cfg.micro_batch_tokens, pad_id=self.pad_id)
+        n_tokens = sum(b.n_tokens for b in batches)
+        counts = {
+            "n_tokens": float(n_tokens),
+            "n_sequences": float(len(episodes)),
+            "n_padded_tokens": float(sum(b.n_padded for b in batches)),
+        }
+        has_signal = n_tokens > 0 and (
+            cfg.kl_coef > 0 or any(bool(b.advantages_B_T.any()) for b in batches)
+        )
+        if not has_signal:
+            return {"skipped": 1.0, "n_micro_batches": 0.0, **counts}
+
+        use_kl = cfg.kl_coef > 0
+        sums: dict[str, torch.Tensor] = {}
+        was_training = self.model.training
+        self.model.train()
+        try:
+            for cpu_batch in batches:
+                if cpu_batch.n_tokens == 0:
+                    continue
+                batch = cpu_batch.to(self.device)
+                ref_B_T = self._reference_logprobs(batch) if use_kl else None
+                logprobs_B_T, entropy_N = token_logprobs(
+                    self.model, batch, cfg.temperature, with_entropy=True
+                )
+                loss, metrics = ppo_clip_loss(
+                    logprobs_B_T,
+                    batch.old_logprobs_B_T,
+                    batch.advantages_B_T,
+                    batch.loss_mask_B_T,
+                    clip_low=cfg.clip_low,
+                    clip_high=cfg.clip_high,
+                    n_tokens=n_tokens,
+                )
+                if ref_B_T is not None:
+                    kl, kl_metrics = kl_penalty(
+                        logprobs_B_T, ref_B_T, batch.loss_mask_B_T, "k3", n_tokens=n_tokens
+                    )
+                    loss = loss + cfg.kl_coef * kl
+                    metrics.update(kl_metrics)
+                loss.backward()
+                metrics["loss"] = loss.detach()
+                assert entropy_N is not None
+                metrics["entropy"] = entropy_N.sum() / n_tokens
+                for k, v in metrics.items():
+                    sums[k] = sums[k] + v if k in sums else v
+        finally:
+            self.model.train(was_training)
+        # One host sync for the whole step, not one per micro-batch.
+        out = {k: float(v) for k, v in sums.items()}
+        return {"skipped": 0.0, "n_micro_batches": float(len(batches)), **counts, **out}
+
+    def step(
+        self, episodes: Sequence[Episode], advantages: Sequence[Sequence[float]]
+    ) -> dict[str, float]:
+        """One optimizer step over all `episodes`; `advantages[i][j]` is the advantage of turn
+        `j` of episode `i`, broadcast to that turn's sampled tokens.
+
+        Metrics: loss, clip_frac, approx_kl, ratio_mean, entropy, kl_ref (when `kl_coef >
+        0`), grad_norm (before clipping), n_tokens, n_padded_tokens, n_sequences,
+        n_micro_batches, skipped, seconds. Increments `version` unless skipped.
+        """
+        start = time.perf_counter()
+        try:
+            metrics = self.accumulate_gradients(episodes, advantages)
+            if not metrics["skipped"]:
+                max_norm = self.config.max_grad_norm or math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm)
+                metrics["grad_norm"] = float(grad_norm)
+                self.optimizer.step()
+                self.version += 1
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        metrics["seconds"] = time.perf_counter() - start
+        return metrics
+
+    def logprobs(self, episodes: Sequence[Episode]) -> list[list[list[float]]]:
+        """Score each turn's stored completion ids under the current weights (teacher
+        forcing), shaped like `Turn.completion_logprobs`: `[episode][turn][token]`. The
+        episodes' own logprobs are ignored. Runs in eval mode without gradients."""
+        placeholders = [
+            e.model_copy(
+                update={
+                    "turns": [
+                        t.model_copy(update={"completion_logprobs": [0.0] * len(t.completion_ids)})
+                        for t in e.turns
+                    ]
+                }
+            )
+            for e in episodes
+        ]
+        zero_adv = [[0.0] * len(e.turns) for e in episodes]
+        out: list[list[list[float]]] = [[] for _ in episodes]
+        batches = micro_batches(
+            placeholders, zero_adv, self.config.micro_batch_tokens, pad_id=self.pad_id
+        )
+        with torch.no_grad():
+            for cpu_batch in batches:
+                batch = cpu_batch.to(self.device)
+                logprobs_B_T, _ = token_logprobs(self.model, batch, self.config.temperature)
+                rows = logprobs_B_T.cpu()
+                for b, i in enumerate(cpu_batch.episode_index_B.tolist()):
+                    flat = rows[b][cpu_batch.loss_mask_B_T[b]].tolist()
+                    per_turn: list[list[float]] = []
+                    for t in episodes[i].turns:
+                        per_turn.append(flat[: len(t.completion_ids)])
+                        flat = flat[len(t.completion_ids) :]
+                    out[i] = per_turn
+        return out
+
+    def save_checkpoint(self, directory: str | Path, *, merged: bool = False) -> Path:
+        """Write the weights, optimizer state and version under `directory`.
+
+        Layout: LoRA writes `adapter/` (peft `save_pretrained`) and, with `merged=True`, also
+        `merged/`, a plain model with the adapters folded in (for servers without LoRA);
+        full fine-tuning writes `model/` (`save_pretrained`, safetensors; `merged` changes
+        nothing). Both write `optimizer.pt` and `learner.json`.
+        """
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        if self.is_lora:
+            self.model.save_pretrained(root / "adapter")  # type: ignore[operator]
+            if merged:
+                # Merging a copy keeps the live adapters exact (merge/unmerge in place adds
+                # rounding error to the base weights on every save).
+                folded = copy.deepcopy(self.model).merge_and_unload()  # type: ignore[operator]
+                folded.save_pretrained(root / "merged")
+        else:
+            self.model.save_pretrained(root / "model")  # type: ignore[operator]
+        torch.save(self.optimizer.state_dict(), root / "optimizer.pt")
+        state = {"version": self.version, "config": self.config.model_dump(mode="json")}
+        (root / "learner.json").write_text(json.dumps(state, indent=2))
+        return root
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Restore weights, optimizer state and version written by `save_checkpoint` into
+        this learner (same model architecture and adaptation). The KL reference is kept: it
+        is the model the learner was built on, not the checkpoint."""
+        root = Path(directory)
+        if self.is_lora:
+            state = safetensors.torch.load_file(root / "adapter" / "adapter_model.safetensors")
+            result = peft.set_peft_model_state_dict(self.model, state)
+            if result.unexpected_keys:
+                raise ValueError(f"unexpected adapter keys: {result.unexpected_keys[:5]}")
+        else:
+            state = {}
+            for f in sorted((root / "model").glob("*.safetensors")):
+                state.update(safetensors.torch.load_file(f))
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            tied = _tied_names(self.model)
+            if unexpected or set(missing) - tied:
+                raise ValueError(
+                    f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
+                    f"unexpected {sorted(unexpected)[:5]}"
+                )
+        self.optimizer.load_state_dict(torch.load(root / "optimizer.pt", map_location=self.device))
+        meta: dict[str, Any] = json.loads((root / "learner.json").read_text())
+        self.version = int(meta["version"])
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Parameter names that share storage with an earlier one (not written by
+    `save_pretrained`)."""
+    seen: dict[int, str] = {}
+    tied: set[str] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in seen:
+            tied.add(name)
+        else:
+            seen[p.data_ptr()] = name
+    return tied

@@ -1,0 +1,62 @@
+"""Rollout collection: G episodes per task item through the runner, graded by the suite.
+
+Grading happens here, after the runner (which knows nothing about tasks), and is a pure
+function of the stored answer, so `turnrl replay` can re-grade a run without the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from turnrl.agent.records import Episode
+from turnrl.agent.runner import EpisodeRunner, EpisodeSpec
+from turnrl.tasks.base import TaskItem, TaskSuite
+
+
+def episode_specs(
+    suite: TaskSuite,
+    items: Sequence[TaskItem],
+    group_size: int,
+    step: int,
+    seed: int,
+    tag: str | None = None,
+) -> list[EpisodeSpec]:
+    """One spec per rollout; the G rollouts of an item share a group id and differ in seed.
+    Group ids are `{tag}/{item id}` with `tag` defaulting to `s{step}`."""
+    specs = []
+    for i, item in enumerate(items):
+        group = f"{tag or f's{step}'}/{item.id}"
+        for g in range(group_size):
+            specs.append(
+                EpisodeSpec(
+                    episode_id=f"{group}/{g}",
+                    group_id=group,
+                    task_id=item.id,
+                    instructions=suite.system_prompt,
+                    question=item.question,
+                    # Seeds far apart so that per-turn offsets never collide across rollouts.
+                    seed=seed + 10_000 * (i * group_size + g),
+                    step=step,
+                )
+            )
+    return specs
+
+
+async def collect(
+    runner: EpisodeRunner,
+    suite: TaskSuite,
+    items: Sequence[TaskItem],
+    group_size: int,
+    step: int,
+    seed: int,
+    concurrency: int,
+    on_episode: Callable[[Episode], None] | None = None,
+    tag: str | None = None,
+) -> list[Episode]:
+    """Roll out every item `group_size` times and grade each episode."""
+    specs = episode_specs(suite, items, group_size, step, seed, tag)
+    episodes = await runner.run_many(specs, concurrency, on_episode)
+    by_id = {it.id: it for it in items}
+    return [
+        e.model_copy(update={"outcome": suite.grade(by_id[e.task_id], e.answer)}) for e in episodes
+    ]

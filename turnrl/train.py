@@ -1,0 +1,272 @@
+"""The training and evaluation loops that `turnrl train` and `turnrl eval` run.
+
+One synchronous RL loop on one process: roll out a batch of task groups with the current
+weights, grade, compute turn rewards and advantages, append the episodes to the run store,
+take one learner step, then bump the policy version (in-process weight sync: the policy
+generates with the very module the learner updates, so the next rollouts use the new weights).
+Rollouts and learning alternate, never overlap, so the shared module is never read while it is
+written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from turnrl.agent.chat import ChatML, HFTokenizer
+from turnrl.agent.hf_policy import HFPolicy
+from turnrl.agent.model import embedded_model_dir, load_model, load_tokenizer, tiny_model_dir
+from turnrl.agent.policy import SamplingParams
+from turnrl.agent.records import Episode
+from turnrl.agent.runner import EpisodeRunner
+from turnrl.agent.store import RunStore
+from turnrl.config import ModelConfig, RunConfig, TaskConfig
+from turnrl.report import before_after_table, curves_table, summarize
+from turnrl.rl.advantages import turn_advantages
+from turnrl.rl.learner import Learner
+from turnrl.rl.rewards import episode_return, turn_rewards
+from turnrl.rl.rollout import collect
+from turnrl.tasks.base import TaskItem, TaskSuite
+from turnrl.tasks.search_qa import SearchQA
+
+CURVE_KEYS = (
+    "reward",
+    "success",
+    "f1",
+    "tool_calls_per_episode",
+    "format_error_rate",
+    "completion_tokens_per_episode",
+    "loss",
+    "rollout_s",
+    "learn_s",
+)
+
+
+def model_dir(cfg: ModelConfig, checkpoint: Path | None = None) -> Path:
+    """Folder of the weights a run starts from."""
+    if checkpoint is not None:
+        return checkpoint
+    if cfg.kind == "embedded":
+        return embedded_model_dir()
+    if cfg.kind == "tiny":
+        return tiny_model_dir()
+    return cfg.path
+
+
+def build_suite(cfg: TaskConfig, tokenizer: ChatML) -> TaskSuite:
+    return SearchQA(
+        seed=cfg.seed,
+        n_train=cfg.n_train,
+        n_test=cfg.n_test,
+        encode=tokenizer.tokenizer.encode,
+        search_k=cfg.search_k,
+        result_tokens=cfg.result_tokens,
+    )
+
+
+@dataclass
+class Session:
+    """The live objects of a run."""
+
+    config: RunConfig
+    store: RunStore
+    policy: HFPolicy
+    renderer: ChatML
+    suite: TaskSuite
+    learner: Learner | None
+    console: Console
+
+    def runner(self, temperature: float) -> EpisodeRunner:
+        sampling = SamplingParams(temperature=temperature, top_p=self.config.sampling.top_p)
+        return EpisodeRunner(
+            self.policy, self.renderer, self.suite.tools(), self.config.budget, sampling
+        )
+
+
+@contextmanager
+def open_session(
+    config: RunConfig, console: Console, train: bool, checkpoint: Path | None = None
+) -> Iterator[Session]:
+    torch.manual_seed(config.seed)
+    if config.policy.torch_threads:
+        torch.set_num_threads(config.policy.torch_threads)
+    path = model_dir(config.model, checkpoint)
+    console.print(f"[bold]model[/] {path.name}  [bold]run[/] {config.run_dir}")
+    tokenizer = load_tokenizer(path)
+    model = load_model(path)
+    learner = Learner(model, config.learner) if train else None
+    policy = HFPolicy(
+        learner.model if learner else model, tokenizer, max_batch_size=config.policy.max_batch_size
+    )
+    renderer = ChatML(HFTokenizer(tokenizer))
+    store = RunStore(config.run_dir)
+    store.write_config(config.to_yaml())
+    try:
+        yield Session(
+            config, store, policy, renderer, build_suite(config.task, renderer), learner, console
+        )
+    finally:
+        policy.close()
+        store.close()
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+async def _rollouts(
+    s: Session,
+    items: Sequence[TaskItem],
+    group_size: int,
+    step: int,
+    temperature: float,
+    tag: str,
+    seed: int,
+) -> list[Episode]:
+    with _progress(s.console) as progress:
+        bar = progress.add_task(f"{tag}: rollouts", total=len(items) * group_size)
+        return await collect(
+            s.runner(temperature),
+            s.suite,
+            items,
+            group_size,
+            step,
+            seed,
+            s.config.concurrency,
+            on_episode=lambda _: progress.advance(bar),
+            tag=tag,
+        )
+
+
+async def evaluate(s: Session, tag: str) -> dict[str, float]:
+    """Evaluate on the first `eval.n_items` test items; episodes are stored with step -1."""
+    cfg = s.config.eval
+    items = list(s.suite.items("test"))[: cfg.n_items]
+    t0 = time.monotonic()
+    episodes = await _rollouts(s, items, cfg.group_size, -1, cfg.temperature, tag, s.config.seed)
+    for e in episodes:
+        s.store.append_episode(e)
+    s.store.flush()
+    summary = summarize(episodes)
+    s.console.print(
+        f"[bold]{tag}[/]: success {summary['success']:.3f}  f1 {summary['f1']:.3f}  "
+        f"tool calls/ep {summary['tool_calls_per_episode']:.2f}  "
+        f"({time.monotonic() - t0:.0f} s, {len(episodes)} episodes)"
+    )
+    return summary
+
+
+async def train_steps(s: Session) -> list[dict[str, float]]:
+    """The RL loop; returns the per-step metrics rows (also appended to the store)."""
+    assert s.learner is not None
+    cfg = s.config
+    train_items = list(s.suite.items("train"))
+    rng = random.Random(cfg.seed)
+    rows = []
+    for step in range(cfg.train.steps):
+        items = rng.sample(train_items, min(cfg.train.tasks_per_step, len(train_items)))
+        t0 = time.monotonic()
+        episodes = await _rollouts(
+            s,
+            items,
+            cfg.train.group_size,
+            step,
+            cfg.sampling.temperature,
+            f"s{step}",
+            seed=cfg.seed + 1_000_000 * (step + 1),
+        )
+        rollout_s = time.monotonic() - t0
+        episodes, returns = score(episodes, cfg)
+        for e in episodes:
+            s.store.append_episode(e)
+        s.store.flush()
+        t1 = time.monotonic()
+        advantages = [[t.advantage or 0.0 for t in e.turns] for e in episodes]
+        learn = await asyncio.to_thread(s.learner.step, episodes, advantages)
+        s.policy.set_version(s.learner.version)
+        row: dict[str, float] = {"step": float(step), "policy_version": float(s.learner.version)}
+        row["reward"] = sum(returns) / len(returns)
+        row |= summarize(episodes)
+        row |= {k: float(v) for k, v in learn.items()}
+        row |= {"rollout_s": rollout_s, "learn_s": time.monotonic() - t1}
+        s.store.append_metrics(row)
+        s.store.flush()
+        rows.append(row)
+        s.console.print(
+            f"step {step}: reward {row['reward']:+.3f}  success {row['success']:.3f}  "
+            f"tool calls/ep {row['tool_calls_per_episode']:.2f}  loss {row.get('loss', 0):+.4f}  "
+            f"rollout {rollout_s:.0f} s  learn {row['learn_s']:.0f} s"
+        )
+        if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
+            s.learner.save_checkpoint(cfg.run_dir / "checkpoints" / f"step-{step + 1}")
+    return rows
+
+
+def score(episodes: Sequence[Episode], cfg: RunConfig) -> tuple[list[Episode], list[float]]:
+    """Turn rewards, returns and advantages of graded episodes (pure: `replay` calls it too).
+    The advantages are stored on the turns so replay can check them bit for bit."""
+    rewarded = [turn_rewards(e, cfg.rewards) for e in episodes]
+    returns = [episode_return(e, cfg.rewards.weights) for e in rewarded]
+    advantages = turn_advantages(rewarded, returns, cfg.train.estimator)
+    out = [
+        e.model_copy(
+            update={
+                "turns": [
+                    t.model_copy(update={"advantage": a})
+                    for t, a in zip(e.turns, adv, strict=True)
+                ]
+            }
+        )
+        for e, adv in zip(rewarded, advantages, strict=True)
+    ]
+    return out, returns
+
+
+def run_train(config: RunConfig, console: Console, with_eval: bool = True) -> dict[str, Any]:
+    """`turnrl train`: evaluate, train, evaluate again; print curves and the before/after table."""
+    t0 = time.monotonic()
+    with open_session(config, console, train=True) as s:
+
+        async def main() -> dict[str, Any]:
+            before = await evaluate(s, "eval-before") if with_eval else {}
+            rows = await train_steps(s)
+            after = await evaluate(s, "eval-after") if with_eval else {}
+            return {"before": before, "rows": rows, "after": after}
+
+        out = asyncio.run(main())
+        assert s.learner is not None
+        ckpt = config.run_dir / "checkpoints" / "final"
+        s.learner.save_checkpoint(ckpt)
+    if out["rows"]:
+        console.print(curves_table(out["rows"], CURVE_KEYS))
+    if with_eval:
+        console.print(before_after_table(out["before"], out["after"]))
+    console.print(
+        f"done in {time.monotonic() - t0:.0f} s; episodes, metrics and config in {config.run_dir}; "
+        f"checkpoint in {ckpt}"
+    )
+    return out
+
+
+def run_eval(config: RunConfig, console: Console, checkpoint: Path | None) -> dict[str, float]:
+    """`turnrl eval`: evaluate the configured model (or a checkpoint) on held-out items."""
+    with open_session(config, console, train=False, checkpoint=checkpoint) as s:
+        summary = asyncio.run(evaluate(s, "eval"))
+    return summary

@@ -27,6 +27,7 @@ queued requests wait and start under the new ones, so every completion comes fro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import random
 import threading
@@ -295,7 +296,9 @@ class HFPolicy:
         start = time.perf_counter()
         lengths = [len(r.prompt_ids) for r in group]
         width = max(lengths)
-        ids = [[self._pad_id] * (width - n) + r.prompt_ids for r, n in zip(group, lengths)]
+        ids = [
+            [self._pad_id] * (width - n) + r.prompt_ids for r, n in zip(group, lengths, strict=True)
+        ]
         mask = [[0] * (width - n) + [1] * n for n in lengths]
         ids_N_P = torch.tensor(ids, dtype=torch.long)
         mask_N_P = torch.tensor(mask, dtype=torch.long)
@@ -374,7 +377,7 @@ class HFPolicy:
             noise_S_V.clamp_(min=torch.finfo(noise_S_V.dtype).tiny)
             tokens_B[drawn] = (scores_S_V - noise_S_V.log()).argmax(dim=-1)
         chosen_B = logp_B_V.gather(1, tokens_B[:, None])[:, 0]
-        for row, token, logprob in zip(rows, tokens_B.tolist(), chosen_B.tolist()):
+        for row, token, logprob in zip(rows, tokens_B.tolist(), chosen_B.tolist(), strict=True):
             row.ids.append(token)
             row.logprobs.append(logprob)
             row.finish = self._finish(row)
@@ -542,7 +545,6 @@ def _settle(
         else:
             future.set_result(result)
 
-    try:
+    # A closed loop raises RuntimeError: nobody is waiting for the result any more.
+    with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the caller's loop is closed: nobody is waiting any more
-        pass

@@ -16,12 +16,14 @@ Guarantees.
   names the file and offset. Records are never skipped silently.
 - fsync (`fdatasync`) is batched: every `fsync_every` records, or at the first append after
   `fsync_interval_s` (no background thread), and on `flush()`/`close()`. A killed process
-  loses nothing it wrote (the page cache survives it); a power failure may lose records
-  appended after the last fsync, but never leaves a file that fails to open.
+  loses nothing whose `write()` returned (the page cache survives it); a power failure may
+  lose records appended after the last fsync, but not the synced ones before them.
 - One writer per file, enforced with a non-blocking `flock`; readers take no lock, never
   modify the file, and stop at the last good record (a live writer's in-flight tail).
-Not guaranteed: durability of unsynced records across power loss; protection against other
-programs writing the file; thread safety (use one store from one thread or event loop).
+Not guaranteed: durability of unsynced records across power loss (and a filesystem that
+persisted them out of order, leaving data after a zeroed gap, makes open raise rather than
+guess); protection against other programs writing the file; thread safety (use one store from
+one thread or event loop). A writer's open reads and CRCs the whole file: O(size).
 
 The API is sync on purpose: an append is one `write()` into the page cache (microseconds), so
 calling it from the event loop is cheaper than a hop to a thread; only the batched fsync waits
@@ -47,6 +49,8 @@ from turnrl.agent.records import Episode
 
 MAGIC = b"TRR1"
 HEADER = struct.Struct("<4sIII")
+MAX_PAYLOAD = 0x7FFFF000 - HEADER.size
+"""Linux caps one `write()` at 0x7ffff000 bytes; a larger record could not be written whole."""
 _CHUNK = 1 << 20
 _sync = getattr(os, "fdatasync", os.fsync)  # fdatasync also persists an append's new size
 
@@ -132,7 +136,6 @@ class RecordFile:
         """Fsync at the first append this long after the oldest unsynced one."""
         self.dropped_bytes = 0
         """Bytes of torn tail a writer cut off on open (0 for a reader)."""
-        self._end = 0
         self._unsynced = 0
         self._oldest_unsynced = 0.0
         self._broken: str | None = None
@@ -150,12 +153,13 @@ class RecordFile:
         try:
             self._lock()
             size = os.fstat(self._fd).st_size
+            good_end = 0
             for off, payload in _scan(self._fd, self.path, size):
-                self._end = off + HEADER.size + len(payload)
-            if self._end < size:
-                os.ftruncate(self._fd, self._end)
+                good_end = off + HEADER.size + len(payload)
+            if good_end < size:
+                os.ftruncate(self._fd, good_end)
                 _sync(self._fd)
-                self.dropped_bytes = size - self._end
+                self.dropped_bytes = size - good_end
             if created:
                 _fsync_dir(self.path.parent)
         except BaseException:
@@ -192,21 +196,23 @@ class RecordFile:
     def append(self, payload: bytes) -> None:
         """Append one record; fsync if the batch is due."""
         self._check_writable()
+        if len(payload) > MAX_PAYLOAD:
+            raise ValueError(f"{self.path}: record of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
         head = MAGIC + struct.pack("<II", len(payload), zlib.crc32(payload))
         frame = head + struct.pack("<I", zlib.crc32(head)) + payload
         written = os.write(self._fd, frame)
         if written != len(frame):
             # Left in place, the partial frame would become corruption in the middle once the
-            # next record lands after it.
+            # next record lands after it. We are the only writer, so the frame began at
+            # `size - written`.
             try:
-                os.ftruncate(self._fd, self._end)
+                os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
             except OSError as e:
                 self._broken = str(e)
                 raise
             raise OSError(
                 f"{self.path}: short write ({written} of {len(frame)} bytes); record rolled back"
             )
-        self._end += len(frame)
         now = time.monotonic()
         if self._unsynced == 0:
             self._oldest_unsynced = now
@@ -228,8 +234,9 @@ class RecordFile:
         """The payloads, in order: a writer's up to now, a reader's up to the last good one."""
         if self.closed:
             raise ValueError(f"{self.path}: record file is closed")
-        end = os.fstat(self._fd).st_size if self.readonly else self._end
-        for _, payload in _scan(self._fd, self.path, end):
+        # A writer's file always ends on a record boundary (torn tails are cut on open, short
+        # writes rolled back); a reader's may end in a live writer's in-flight record.
+        for _, payload in _scan(self._fd, self.path, os.fstat(self._fd).st_size):
             yield payload
 
     def close(self) -> None:
@@ -349,6 +356,11 @@ class RunStore:
         """The stored `config.yaml`, or None when none was written."""
         path = self.run_dir / self.CONFIG
         return path.read_text(encoding="utf-8") if path.exists() else None
+
+    @property
+    def dropped_bytes(self) -> dict[str, int]:
+        """Bytes of torn tail cut off each record file when this writer opened it."""
+        return {name: f.dropped_bytes for name, f in self._files.items()}
 
     def flush(self) -> None:
         for f in self._files.values():

@@ -34,6 +34,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,7 @@ import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode
 from turnrl.rl.batch import TokenBatch, micro_batches
@@ -58,7 +60,7 @@ class LoraConfig(BaseModel):
     """Selects LoRA."""
     r: int = Field(16, ge=1)
     """Rank of each adapter."""
-    alpha: float = Field(32.0, gt=0)
+    alpha: int = Field(32, ge=1)
     """Adapter scale numerator: the adapter's output is multiplied by alpha / r."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the adapters' input; active only inside `Learner.step`."""
@@ -103,7 +105,8 @@ class LearnerConfig(BaseModel):
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the k3 KL(policy || reference) term; 0 builds no reference at all."""
     temperature: float = Field(1.0, gt=0)
-    """Sampling temperature of the rollouts, so that recomputed logprobs match stored ones."""
+    """Sampling temperature of the rollouts, so that recomputed logprobs match stored ones
+    (greedy rollouts are scored under the raw logits: use 1.0 for them)."""
     micro_batch_tokens: int = Field(4096, ge=1)
     """Padded-token budget (rows x longest row) of one forward/backward micro-batch."""
     adaptation: LoraConfig | FullConfig = Field(default_factory=FullConfig, discriminator="kind")
@@ -111,7 +114,7 @@ class LearnerConfig(BaseModel):
 
 
 def token_logprobs(
-    model: nn.Module,
+    model: PreTrainedModel,
     batch: TokenBatch,
     temperature: float = 1.0,
     *,
@@ -131,9 +134,9 @@ def token_logprobs(
     # No attention mask: rows are right-padded, so causal attention never lets a real token
     # see a pad, and the mask-free call keeps the fused causal attention kernel.
     if select_before_head:
-        decoder = model.get_decoder()  # type: ignore[operator]
+        decoder = model.get_decoder()
         hidden_B_T_H = decoder(input_ids=input_ids_B_T, use_cache=False).last_hidden_state
-        head = model.get_output_embeddings()  # type: ignore[operator]
+        head = model.get_output_embeddings()
         logits_N_V = head(hidden_B_T_H[:, :-1][target_mask_B_T1])
     else:
         logits_B_T_V = model(input_ids=input_ids_B_T, use_cache=False).logits
@@ -155,15 +158,19 @@ def token_logprobs(
 class Learner:
     """PPO-clip learner over a transformers causal LM, trained in place (module docstring)."""
 
-    def __init__(self, model: nn.Module, config: LearnerConfig, *, pad_id: int = 0) -> None:
-        """Wrap `model` for training. For LoRA, adapters are injected into `model` itself
-        (peft modifies it in place); hand `self.model` to the policy either way. `pad_id`
-        pads rows; any id inside the vocabulary works (padded positions are never trained)."""
+    def __init__(self, model: PreTrainedModel, config: LearnerConfig, *, pad_id: int = 0) -> None:
+        """Train `model` in place. For LoRA, peft injects the adapter layers into `model`
+        itself, so the policy keeps sampling with the same object and sees the adapters.
+        `pad_id` pads rows; any id inside the vocabulary works (pads are never trained)."""
         self.config = config
         self.pad_id = pad_id
         self.version = 0
         """Number of optimizer steps taken; the policy reports it with each completion."""
-        self._reference: nn.Module | None = None
+        self.model = model
+        """The module the policy samples with and the learner trains."""
+        self.peft_model: peft.PeftModel | None = None
+        """For LoRA, the peft wrapper around `model` (adapter saving, disabling); else None."""
+        self._reference: PreTrainedModel | None = None
         adaptation = config.adaptation
         if isinstance(adaptation, LoraConfig):
             lora = peft.LoraConfig(
@@ -173,14 +180,16 @@ class Learner:
                 target_modules=list(adaptation.target_modules),
                 task_type="CAUSAL_LM",
             )
-            self.model: nn.Module = peft.get_peft_model(model, lora)
-        else:
-            self.model = model
-            if config.kl_coef > 0:
-                self._reference = copy.deepcopy(model).eval().requires_grad_(False)
-        self.model.eval()
-        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
-        """The trained parameters (adapter weights for LoRA)."""
+            with warnings.catch_warnings():
+                # peft probes a transformers attribute that transformers 5 deprecates; the
+                # warning is theirs to fix and says nothing about this model.
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+                self.peft_model = peft.get_peft_model(model, lora)
+        elif config.kl_coef > 0:
+            self._reference = copy.deepcopy(model).eval().requires_grad_(False)
+        model.eval()
+        self.trainable_parameters = [p for p in model.parameters() if p.requires_grad]
+        """The trained parameters (the adapter weights for LoRA)."""
         if not self.trainable_parameters:
             raise ValueError("the model has no trainable parameters")
         self.device = self.trainable_parameters[0].device
@@ -191,16 +200,13 @@ class Learner:
             weight_decay=config.weight_decay,
         )
 
-    @property
-    def is_lora(self) -> bool:
-        return isinstance(self.config.adaptation, LoraConfig)
-
     def _reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
         with torch.no_grad():
             if self._reference is not None:
                 lp, _ = token_logprobs(self._reference, batch, self.config.temperature)
                 return lp
-            with self.model.disable_adapter():  # type: ignore[operator]
+            assert self.peft_model is not None
+            with self.peft_model.disable_adapter():
                 lp, _ = token_logprobs(self.model, batch, self.config.temperature)
                 return lp
 
@@ -332,15 +338,15 @@ class Learner:
         """
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
-        if self.is_lora:
-            self.model.save_pretrained(root / "adapter")  # type: ignore[operator]
+        if self.peft_model is not None:
+            self.peft_model.save_pretrained(str(root / "adapter"))
             if merged:
                 # Merging a copy keeps the live adapters exact (merge/unmerge in place adds
                 # rounding error to the base weights on every save).
-                folded = copy.deepcopy(self.model).merge_and_unload()  # type: ignore[operator]
-                folded.save_pretrained(root / "merged")
+                folded = copy.deepcopy(self.peft_model).merge_and_unload()
+                folded.save_pretrained(str(root / "merged"))
         else:
-            self.model.save_pretrained(root / "model")  # type: ignore[operator]
+            self.model.save_pretrained(str(root / "model"))
         torch.save(self.optimizer.state_dict(), root / "optimizer.pt")
         state = {"version": self.version, "config": self.config.model_dump(mode="json")}
         (root / "learner.json").write_text(json.dumps(state, indent=2))
@@ -351,11 +357,12 @@ class Learner:
         this learner (same model architecture and adaptation). The KL reference is kept: it
         is the model the learner was built on, not the checkpoint."""
         root = Path(directory)
-        if self.is_lora:
+        if self.peft_model is not None:
             state = safetensors.torch.load_file(root / "adapter" / "adapter_model.safetensors")
-            result = peft.set_peft_model_state_dict(self.model, state)
-            if result.unexpected_keys:
-                raise ValueError(f"unexpected adapter keys: {result.unexpected_keys[:5]}")
+            result = peft.set_peft_model_state_dict(self.peft_model, state)
+            unexpected_adapter = list(getattr(result, "unexpected_keys", []))
+            if unexpected_adapter:
+                raise ValueError(f"unexpected adapter keys: {unexpected_adapter[:5]}")
         else:
             state = {}
             for f in sorted((root / "model").glob("*.safetensors")):

@@ -122,7 +122,9 @@ def parse_highest_point(text: str | None) -> Answer | None:
     ("Mount Paget (South Georgia)")."""
     if text is None:
         return None
-    text = re.split(r";\s*note\b|\n", text)[0]
+    text = re.split(r";\s*note\b|\n", _DISTANCE.sub("", text))[0]
+    if re.search(r"\)\s+(?!on\b)\w", text):
+        return None  # a remark inside the name: "Mont Blanc (Monte Bianco) de Courmayeur"
     main = _DISTANCE.sub("", _PAREN.sub("", text)).strip()
     if re.search(r"[;,]| and | in |unnamed", main) or not _is_proper_name(main):
         return None

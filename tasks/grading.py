@@ -20,7 +20,9 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 def normalize_answer(text: str) -> str:
     """Lowercase, fold accents, strip punctuation and articles, collapse whitespace."""
-    decomposed = unicodedata.normalize("NFKD", text.lower())
+    # Lowercased again after decomposition: NFKD can turn a letter-like symbol into a capital
+    # ("ℌ" -> "H"), and normalising must be idempotent.
+    decomposed = unicodedata.normalize("NFKD", text.lower()).lower()
     kept = (
         c
         for c in decomposed

@@ -7,10 +7,10 @@ import os
 # Tests never reach the network: every model and tokenizer loads from the local cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
-from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+import pytest
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from turnrl.agent.model import load_model, load_tokenizer, tiny_model_dir  # noqa: E402
+from turnrl.agent.model import load_model, load_tokenizer, tiny_model_dir
 
 
 @pytest.fixture(scope="session")

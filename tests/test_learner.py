@@ -167,7 +167,7 @@ def make_learner(adaptation: LoraConfig | FullConfig, **kw: float) -> Learner:
     return Learner(tiny_model(), LearnerConfig(adaptation=adaptation, **kw))  # type: ignore[arg-type]
 
 
-ADAPTATIONS: list[LoraConfig | FullConfig] = [LoraConfig(r=4, alpha=8.0), FullConfig()]
+ADAPTATIONS: list[LoraConfig | FullConfig] = [LoraConfig(r=4, alpha=8), FullConfig()]
 
 
 @pytest.mark.parametrize("adaptation", ADAPTATIONS, ids=["lora", "full"])
@@ -222,7 +222,7 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_lora_step_changes_only_adapters() -> None:
-    learner = make_learner(LoraConfig(r=4, alpha=8.0), lr=1e-2)
+    learner = make_learner(LoraConfig(r=4, alpha=8), lr=1e-2)
     episodes = two_episodes(learner.model)
     before = _snapshot(learner.model)
     assert learner.version == 0

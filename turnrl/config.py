@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from turnrl.agent.runner import Budget
 from turnrl.rl.advantages import Estimator
@@ -127,6 +127,16 @@ class RunConfig(_Config):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _learner_scores_at_sampling_temperature(self) -> RunConfig:
+        if self.learner.temperature != self.sampling.temperature:
+            raise ValueError(
+                f"learner.temperature ({self.learner.temperature}) must equal "
+                f"sampling.temperature ({self.sampling.temperature}): the PPO ratio compares "
+                "the learner's logprobs with the rollout's under the same distribution"
+            )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -43,9 +43,7 @@ def replay(
     if outcome_metric is not None:
         rewards = rewards.model_copy(update={"outcome_metric": outcome_metric})
     config = config.model_copy(update={"train": train_cfg, "rewards": rewards})
-    suite = SearchQA(
-        seed=config.task.seed, n_train=config.task.n_train, n_test=config.task.n_test
-    )
+    suite = SearchQA(seed=config.task.seed, n_train=config.task.n_train, n_test=config.task.n_test)
     items = {it.id: it for split in ("train", "test") for it in suite.items(split)}
 
     by_step: dict[int, list[Episode]] = defaultdict(list)

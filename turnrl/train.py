@@ -229,8 +229,7 @@ def score(episodes: Sequence[Episode], cfg: RunConfig) -> tuple[list[Episode], l
         e.model_copy(
             update={
                 "turns": [
-                    t.model_copy(update={"advantage": a})
-                    for t, a in zip(e.turns, adv, strict=True)
+                    t.model_copy(update={"advantage": a}) for t, a in zip(e.turns, adv, strict=True)
                 ]
             }
         )

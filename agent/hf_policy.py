@@ -72,7 +72,8 @@ class _Pause:
 @dataclass(eq=False)
 class _Row:
     request: _Request
-    generator: torch.Generator | None
+    rng: random.Random | None
+    """The row's sampler; None for greedy rows."""
     version: int
     admitted: float
     batch_size: int
@@ -315,7 +316,7 @@ class HFPolicy:
         rows = [
             _Row(
                 request=r,
-                generator=_generator(r),
+                rng=_rng(r),
                 version=self.policy_version,
                 admitted=start,
                 batch_size=batch_size,
@@ -364,18 +365,22 @@ class HFPolicy:
             scale_B = torch.tensor([t if t > 0 else 1.0 for t in temps])
             logp_B_V = torch.log_softmax(logits_B_V / scale_B[:, None], dim=-1)
             drawn = [i for i, t in enumerate(temps) if t > 0]
-            scores_S_V = logp_B_V[drawn]
-            top_p_S = torch.tensor([rows[i].request.params.top_p for i in drawn])
-            if bool((top_p_S < 1).any()):
-                scores_S_V = _nucleus(scores_S_V, top_p_S)
-            # Gumbel-max: argmax(logp + G) with G = -log(E), E ~ Exp(1), samples from softmax;
-            # each row draws its noise from its own generator, so its draws do not depend on
-            # which other rows share the batch.
-            noise_S_V = torch.empty_like(scores_S_V)
-            for j, i in enumerate(drawn):
-                noise_S_V[j].exponential_(generator=rows[i].generator)
-            noise_S_V.clamp_(min=torch.finfo(noise_S_V.dtype).tiny)
-            tokens_B[drawn] = (scores_S_V - noise_S_V.log()).argmax(dim=-1)
+            # Inverse-CDF sampling with one uniform per row from the row's own generator: a
+            # row's draws do not depend on its neighbours, and a draw costs one cumsum rather
+            # than a vocabulary's worth of random numbers.
+            u_S = torch.tensor([_uniform(rows[i]) for i in drawn])
+            probs_S_V = (logp_B_V if len(drawn) == len(rows) else logp_B_V[drawn]).exp()
+            top_p = [rows[i].request.params.top_p for i in drawn]
+            whole = [j for j, p in enumerate(top_p) if p >= 1]
+            nucleus = [j for j, p in enumerate(top_p) if p < 1]
+            picked_S = torch.empty(len(drawn), dtype=torch.long)
+            if whole:
+                picked_S[whole] = _draw(probs_S_V[whole], u_S[whole])
+            if nucleus:
+                picked_S[nucleus] = _draw_nucleus(
+                    probs_S_V[nucleus], torch.tensor([top_p[j] for j in nucleus]), u_S[nucleus]
+                )
+            tokens_B[drawn] = picked_S
         chosen_B = logp_B_V.gather(1, tokens_B[:, None])[:, 0]
         for row, token, logprob in zip(rows, tokens_B.tolist(), chosen_B.tolist(), strict=True):
             row.ids.append(token)
@@ -498,22 +503,47 @@ class HFPolicy:
             _settle(self._pause.loop, self._pause.paused, None, PolicyError(*closed.args))
 
 
-def _generator(request: _Request) -> torch.Generator | None:
-    if request.params.temperature == 0:
-        return None
-    return torch.Generator().manual_seed(request.seed)
+def _rng(request: _Request) -> random.Random | None:
+    return None if request.params.temperature == 0 else random.Random(request.seed)
 
 
-def _nucleus(logp_S_V: torch.Tensor, top_p_S: torch.Tensor) -> torch.Tensor:
-    """Set to -inf the ids outside each row's top-p nucleus (the most likely id always stays)."""
-    sorted_S_V, order_S_V = logp_S_V.sort(dim=-1, descending=True)
-    probs_S_V = sorted_S_V.exp()
-    # An id is dropped when the mass strictly before it already reaches top_p.
-    before_S_V = probs_S_V.cumsum(dim=-1) - probs_S_V
-    drop_S_V = before_S_V >= top_p_S[:, None]
-    drop_S_V[:, 0] = False
-    drop_in_place_S_V = torch.zeros_like(drop_S_V).scatter(1, order_S_V, drop_S_V)
-    return logp_S_V.masked_fill(drop_in_place_S_V, float("-inf"))
+def _uniform(row: _Row) -> float:
+    assert row.rng is not None
+    return row.rng.random()
+
+
+def _draw(probs_S_V: torch.Tensor, u_S: torch.Tensor) -> torch.Tensor:
+    """One id per row from `probs_S_V`, by inverse CDF at the uniforms `u_S`."""
+    cum_S_V = probs_S_V.cumsum(dim=-1)
+    # right=True: an id of zero probability (a flat step of the CDF) is never picked.
+    ids_S = torch.searchsorted(cum_S_V, (u_S * cum_S_V[:, -1])[:, None], right=True)[:, 0]
+    return ids_S.clamp_(max=probs_S_V.shape[-1] - 1)
+
+
+def _draw_nucleus(
+    probs_S_V: torch.Tensor, top_p_S: torch.Tensor, u_S: torch.Tensor
+) -> torch.Tensor:
+    """Like `_draw`, restricted to each row's top-p nucleus (arXiv:1904.09751): the most
+    likely ids, in order, while the mass before them is below top_p.
+
+    The nucleus is searched among the top 64 ids first, then 1,024, then the whole vocabulary,
+    as a full sort of the vocabulary costs far more than a small `topk`.
+    """
+    vocab = probs_S_V.shape[-1]
+    picked_S = torch.empty(len(u_S), dtype=torch.long)
+    todo_R = torch.arange(len(u_S))
+    for k in (min(64, vocab), min(1024, vocab), vocab):
+        probs_R_K, order_R_K = probs_S_V[todo_R].topk(k, dim=-1)
+        cum_R_K = probs_R_K.cumsum(dim=-1)
+        top_p_R = top_p_S[todo_R]
+        covered_R = cum_R_K[:, -1] >= top_p_R if k < vocab else torch.ones_like(top_p_R).bool()
+        kept_R_K = probs_R_K * ((cum_R_K - probs_R_K) < top_p_R[:, None])
+        ids_R = order_R_K.gather(1, _draw(kept_R_K, u_S[todo_R])[:, None])[:, 0]
+        picked_S[todo_R[covered_R]] = ids_R[covered_R]
+        todo_R = todo_R[~covered_R]
+        if len(todo_R) == 0:
+            break
+    return picked_S
 
 
 def _pad_left(x_B_H_T_D: torch.Tensor, n: int) -> torch.Tensor:

@@ -6,6 +6,8 @@ end ids (`end_token_ids=()`), so every row samples exactly `--new` tokens. The l
 sampling, KV cache): what the model does with nobody scheduling around it. The ratio
 turnrl/hf-generate shows what HFPolicy's scheduling, per-row sampling and bookkeeping cost.
 Target: >= 0.8. Each side runs `--repeats` times after a warm-up; the best run counts.
+One torch thread by default: with two intra-op threads on a 2-core machine that other work
+shares, both sides slow down many times over and the figures mean little.
 """
 
 from __future__ import annotations
@@ -106,7 +108,15 @@ if __name__ == "__main__":
     parser.add_argument("--prompt", type=int, default=None, help="prompt length in ids")
     parser.add_argument("--new", type=int, default=None, help="ids sampled per row")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (0: torch's default); one keeps a shared machine steady",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.prompt is None:
         args.prompt = 64 if args.quick else 256
     if args.new is None:

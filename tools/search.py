@@ -2,9 +2,9 @@
 
 `SearchIndex` is a BM25 index (`bm25s`, Lucene scoring, Snowball English stemmer, English
 stopwords, accents folded so that "Bogota" finds "Bogotá") over `Passage`s. Titles are
-indexed twice: a Factbook passage's text rarely names its country ("name: Paris"), so the
-title carries the entity and must not be outweighed by long field texts that mention it in
-passing.
+indexed several times over: a Factbook passage's text rarely names its country ("name:
+Paris"), so the title carries the entity and must not be outweighed by field texts that
+mention another country in passing (see `BM25Params`).
 
 Building takes seconds, so the index is cached on disk under
 `$TURNRL_CACHE/search/<fingerprint>/` (default `~/.cache/turnrl`). The fingerprint hashes the
@@ -47,20 +47,26 @@ Encode = Callable[[str], Sequence[int]]
 
 @dataclass(frozen=True)
 class BM25Params:
-    """Index settings; all of them are part of the cache fingerprint."""
+    """Index settings; all of them are part of the cache fingerprint.
 
-    k1: float = 1.5
-    """Term-frequency saturation."""
-    b: float = 0.75
-    """Length normalisation."""
+    Defaults were chosen by measurement on the shipped corpora: mean reciprocal rank of the
+    gold Factbook field for "<country> <relation>" queries (741 one-hop questions) went from
+    0.81 (k1=1.5, b=0.75, title twice) to 0.996 (below), while the MRR of Wikipedia
+    articles found by their one-line description stayed at ~0.55 (0.50 before)."""
+
+    k1: float = 0.9
+    """Term-frequency saturation (Anserini's MS MARCO setting)."""
+    b: float = 0.4
+    """Length normalisation; low, because Factbook fields with long notes are no less about
+    their country than short ones."""
     method: str = "lucene"
     """bm25s scoring variant."""
     stopwords: str = "en_plus"
     """bm25s stopword list: the NLTK English list, which covers question words."""
     stemmer: str = "english"
     """Snowball stemmer language (PyStemmer)."""
-    title_repeats: int = 2
-    """How many times the title is indexed ahead of the text."""
+    title_repeats: int = 4
+    """How many times the title is indexed ahead of the text: a cheap field weight."""
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def replay(
     if not (run / "config.yaml").is_file():
         console.print(f"[red]{run}: not a run folder (no config.yaml)[/]")
         raise typer.Exit(2)
-    result = do_replay(run, estimator, outcome_metric)  # type: ignore[arg-type]
+    result = do_replay(run, estimator, outcome_metric)
     for row in result["steps"]:
         name = "eval" if row["step"] < 0 else f"step {int(row['step'])}"
         reward = f"  reward {row['reward']:+.3f}" if "reward" in row else ""

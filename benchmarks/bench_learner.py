@@ -1,0 +1,214 @@
+"""One learner step against a raw forward+backward over the same tokens.
+
+The learner's step (micro-batching, recomputed logprobs at temperature, PPO-clip, entropy
+metric, gradient clipping, AdamW) is timed against the floor a hand-written loop pays for the
+same padded micro-batches: `model(input_ids).logits -> log_softmax -> gather -> masked mean ->
+backward`, with no optimizer step. Ratio = learner seconds per step / raw seconds; target
+<= 1.2. The model is the embedded SmolLM2-135M (fp32) when its converted folder is available
+(the full run converts it on first use), else a random-weight Llama with its dimensions (same
+compute). Episodes are multi-turn: a prompt, then turns of sampled tokens and observations, so
+about half the tokens are trained. Also reported: the learner with the LM head applied to every
+position (`select_before_head=False`) and a LoRA step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import transformers
+
+from turnrl.agent.records import Episode, StopReason, Turn
+from turnrl.rl.batch import TokenBatch, micro_batches
+from turnrl.rl.learner import Learner, LearnerConfig, LoraConfig, token_logprobs
+
+
+def smollm2_sized_model() -> transformers.PreTrainedModel:
+    """The embedded model if it is converted (or `--model embedded` converts it), else random
+    weights with SmolLM2-135M's dimensions."""
+    config = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def load(model_choice: str) -> tuple[transformers.PreTrainedModel, str]:
+    if model_choice in ("auto", "embedded"):
+        try:
+            from turnrl.agent import model as embedded
+
+            folder = embedded.models_dir() / embedded.EMBEDDED_NAME
+            if model_choice == "embedded" or folder.is_dir():
+                return embedded.load_model(), "SmolLM2-135M (embedded)"
+        except (ImportError, FileNotFoundError) as exc:
+            if model_choice == "embedded":
+                raise
+            print(f"embedded model unavailable ({exc}); using random weights")
+    return smollm2_sized_model(), "SmolLM2-135M dims, random weights"
+
+
+def make_episodes(n: int, length: int, seed: int) -> list[Episode]:
+    """`n` episodes of about `length` tokens: a prompt of length/5, then turns of 20-60%
+    sampled tokens and observations; the first episode is the longest."""
+    g = torch.Generator().manual_seed(seed)
+    episodes = []
+    for i in range(n):
+        target = length if i == 0 else int(length * (0.8 + 0.2 * torch.rand((), generator=g)))
+        n_prompt = length // 5
+        turns: list[Turn] = []
+        used = n_prompt
+        while used < target:
+            n_c = min(int(torch.randint(length // 16, length // 6, (), generator=g)), target - used)
+            n_o = min(
+                int(torch.randint(length // 24, length // 8, (), generator=g)), target - used - n_c
+            )
+            ids = torch.randint(3, 49152, (n_prompt + n_c + n_o,), generator=g).tolist()
+            turns.append(
+                Turn(
+                    index=len(turns),
+                    prompt_ids=ids[:n_prompt],
+                    completion_ids=ids[n_prompt : n_prompt + n_c],
+                    completion_logprobs=(-2.0 - torch.rand(n_c, generator=g)).tolist(),
+                    observation_ids=ids[n_prompt + n_c :],
+                    text="",
+                    finish_reason="stop",
+                )
+            )
+            used += n_prompt + n_c + n_o
+            n_prompt = 0
+        episodes.append(
+            Episode(
+                episode_id=str(i),
+                task_id="bench",
+                group_id=str(i // 4),
+                turns=turns,
+                stop_reason=StopReason.ANSWERED,
+            )
+        )
+    return episodes
+
+
+def raw_fwd_bwd(model: transformers.PreTrainedModel, batches: list[TokenBatch]) -> None:
+    """The floor: full logits, log_softmax, gather, masked mean, backward; no optimizer."""
+    model.train()
+    n_tokens = sum(b.n_tokens for b in batches)
+    for b in batches:
+        logits = model(input_ids=b.input_ids_B_T).logits
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        target_lp = logprobs.gather(-1, b.input_ids_B_T[:, 1:, None]).squeeze(-1)
+        mask = b.loss_mask_B_T[:, 1:]
+        loss = -(target_lp * b.advantages_B_T[:, 1:] * mask).sum() / n_tokens
+        loss.backward()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+
+
+def timed(fn: Callable[[], object], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small batch, finishes in < 45 s")
+    parser.add_argument("--model", choices=["auto", "embedded", "random"], default="auto")
+    parser.add_argument("--episodes", type=int, default=8)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--micro-batch-tokens", type=int, default=2048)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA step")
+    args = parser.parse_args()
+    if args.quick:
+        args.episodes, args.length, args.reps, args.micro_batch_tokens = 2, 128, 2, 2048
+        args.no_lora = True
+
+    model, model_name = load(args.model)
+    episodes = make_episodes(args.episodes, args.length, seed=0)
+    # Half the episodes are pushed up, half down: both PPO branches do work.
+    advantages = [[1.0 if i % 2 else -1.0] * len(e.turns) for i, e in enumerate(episodes)]
+    config = LearnerConfig(lr=1e-7, micro_batch_tokens=args.micro_batch_tokens)
+    learner = Learner(model, config)
+    batches = micro_batches(episodes, advantages, config.micro_batch_tokens)
+    n_tokens = sum(b.n_tokens for b in batches)
+    n_real = sum(int(b.lengths_B.sum()) for b in batches)
+    n_padded = sum(b.n_padded for b in batches)
+    print(
+        f"model: {model_name}; {len(episodes)} episodes, {n_real} tokens ({n_padded} padded, "
+        f"{n_tokens} trained) in {len(batches)} micro-batches; threads={torch.get_num_threads()}"
+    )
+
+    # Warm-up: allocator, kernels, and AdamW's lazily created state.
+    learner.step(episodes, advantages)
+    raw_fwd_bwd(model, batches)
+
+    raw_s = timed(lambda: raw_fwd_bwd(model, batches), args.reps)
+    step_s = timed(lambda: learner.step(episodes, advantages), args.reps)
+    ratio = step_s / raw_s
+    print(f"raw forward+backward: {raw_s:.3f} s; learner step: {step_s:.3f} s; ratio {ratio:.3f}")
+
+    if not args.quick:
+
+        def full_head() -> None:
+            model.train()
+            for b in batches:
+                lp, _ = token_logprobs(model, b, select_before_head=False)
+                (lp.sum() / n_tokens).backward()
+            model.eval()
+            model.zero_grad(set_to_none=True)
+
+        def selected_head() -> None:
+            model.train()
+            for b in batches:
+                lp, _ = token_logprobs(model, b)
+                (lp.sum() / n_tokens).backward()
+            model.eval()
+            model.zero_grad(set_to_none=True)
+
+        sel_s = timed(selected_head, args.reps)
+        full_s = timed(full_head, args.reps)
+        print(
+            f"logprobs fwd+bwd, head on trained positions only: {sel_s:.3f} s; "
+            f"head on every position: {full_s:.3f} s ({full_s / sel_s:.2f}x)"
+        )
+
+    if not args.no_lora:
+        del learner
+        lora_model, _ = load(args.model)
+        lora = Learner(lora_model, config.model_copy(update={"adaptation": LoraConfig()}))
+        lora.step(episodes, advantages)
+        lora_s = timed(lambda: lora.step(episodes, advantages), args.reps)
+        print(f"LoRA (r=16, all linear layers) step: {lora_s:.3f} s ({lora_s / raw_s:.2f}x raw)")
+
+    print(
+        json.dumps(
+            {
+                "bench": "learner",
+                "value": round(step_s, 4),
+                "unit": "s/step",
+                "ratio": round(ratio, 3),
+                "ratio_of": "turnrl/raw-fwd-bwd",
+                "target": "<= 1.2",
+                "ok": ratio <= 1.2,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -10,9 +10,9 @@ running batch with a KV cache (continuous batching):
 - each decode step feeds every row's last sampled id with the row's own position id and the
   batch's padding mask, so a row's numbers do not depend on its neighbours (a left-padded row
   samples what it would sample alone, up to float rounding);
-- each row samples with its own `SamplingParams` and its own `torch.Generator`; finished rows
-  leave the batch at once (their cache rows are dropped, and padding columns no row needs any
-  more are trimmed);
+- each row samples with its own `SamplingParams` and its own seeded generator (one uniform
+  per step, inverse-CDF); finished rows leave the batch at once (their cache rows are
+  dropped, and padding columns no row needs any more are trimmed);
 - results return to the caller's loop with `call_soon_threadsafe`.
 
 Logprobs follow `turnrl.agent.policy`: log_softmax(logits / temperature) of the sampled id
@@ -112,9 +112,9 @@ class HFPolicy:
         self.policy_version = policy_version
         """Version of the weights; stamped on each completion at admission."""
         if end_token_ids is None:
-            ends = {end_of_turn_id(tokenizer)}
-            if isinstance(tokenizer.eos_token_id, int):
-                ends.add(tokenizer.eos_token_id)
+            ends = {tokenizer.eos_token_id} if isinstance(tokenizer.eos_token_id, int) else set()
+            with contextlib.suppress(ValueError):  # a tokenizer without ChatML markers
+                ends.add(end_of_turn_id(tokenizer))
             end_token_ids = sorted(ends)
         self.end_token_ids = frozenset(end_token_ids)
         self.n_prefills = 0
@@ -123,7 +123,9 @@ class HFPolicy:
         """Batched decode forward passes run so far."""
 
         config = model.config
-        self._vocab_size = int(model.get_input_embeddings().num_embeddings)
+        embeddings = model.get_input_embeddings().weight
+        assert isinstance(embeddings, torch.Tensor)
+        self._vocab_size = embeddings.shape[0]
         self._max_positions: int | None = getattr(config, "max_position_embeddings", None)
         pad = getattr(config, "pad_token_id", None)
         self._pad_id = pad if isinstance(pad, int) else 0
@@ -178,6 +180,8 @@ class HFPolicy:
         Waits for the rows in flight to finish (requests submitted meanwhile queue up), then
         runs the body; on a clean exit `version` (when given) becomes the policy version.
         """
+        if self._closed:
+            raise PolicyError("the policy is closed")
         loop = asyncio.get_running_loop()
         pause = _Pause(loop, loop.create_future(), threading.Event())
         self._flush()
@@ -416,16 +420,16 @@ class HFPolicy:
             return
         old, new = self._mask_B_T.shape[1], mask_N_P.shape[1]
         width = max(old, new)
-        pairs = list(zip(self._cache.layers, cache.layers, strict=True))
-        for layer in (x for pair in pairs for x in pair):
-            if not isinstance(layer, DynamicLayer):
-                raise TypeError(f"cannot merge cache layers of type {type(layer).__name__}")
-        for mine, theirs in pairs:
+        pairs = [
+            (_dynamic(mine), _dynamic(theirs))
+            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True)
+        ]
+        for (mine, (my_keys, my_values)), (_, (their_keys, their_values)) in pairs:
             mine.keys = torch.cat(
-                [_pad_left(mine.keys, width - old), _pad_left(theirs.keys, width - new)]
+                [_pad_left(my_keys, width - old), _pad_left(their_keys, width - new)]
             )
             mine.values = torch.cat(
-                [_pad_left(mine.values, width - old), _pad_left(theirs.values, width - new)]
+                [_pad_left(my_values, width - old), _pad_left(their_values, width - new)]
             )
         self._mask_B_T = torch.cat(
             [F.pad(self._mask_B_T, (width - old, 0)), F.pad(mask_N_P, (width - new, 0))]
@@ -468,10 +472,9 @@ class HFPolicy:
         # Columns that only finished rows used are padding for everyone left: trim them.
         first = int(mask_B_T.any(dim=0).long().argmax())
         assert self._cache is not None
-        for layer in self._cache.layers:
-            if isinstance(layer, DynamicLayer):
-                layer.keys = layer.keys[index, :, first:]
-                layer.values = layer.values[index, :, first:]
+        for layer, (keys, values) in map(_dynamic, self._cache.layers):
+            layer.keys = keys[index, :, first:]
+            layer.values = values[index, :, first:]
         self._mask_B_T = mask_B_T[:, first:]
         self._pos_B = self._pos_B[index]
         self._last_B = self._last_B[index]
@@ -515,9 +518,11 @@ def _uniform(row: _Row) -> float:
 def _draw(probs_S_V: torch.Tensor, u_S: torch.Tensor) -> torch.Tensor:
     """One id per row from `probs_S_V`, by inverse CDF at the uniforms `u_S`."""
     cum_S_V = probs_S_V.cumsum(dim=-1)
-    # right=True: an id of zero probability (a flat step of the CDF) is never picked.
-    ids_S = torch.searchsorted(cum_S_V, (u_S * cum_S_V[:, -1])[:, None], right=True)[:, 0]
-    return ids_S.clamp_(max=probs_S_V.shape[-1] - 1)
+    total_S = cum_S_V[:, -1]
+    # x < total even when u * total rounds up, and right=True finds the first id whose CDF
+    # step passes x: a step of height zero (an id of probability zero) is never picked.
+    x_S = torch.minimum(u_S * total_S, torch.nextafter(total_S, torch.zeros_like(total_S)))
+    return torch.searchsorted(cum_S_V, x_S[:, None], right=True)[:, 0]
 
 
 def _draw_nucleus(
@@ -544,6 +549,15 @@ def _draw_nucleus(
         if len(todo_R) == 0:
             break
     return picked_S
+
+
+def _dynamic(layer: object) -> tuple[DynamicLayer, tuple[torch.Tensor, torch.Tensor]]:
+    """A cache layer with its key and value tensors, shaped [batch, heads, time, head_dim]."""
+    if not isinstance(layer, DynamicLayer):
+        raise TypeError(f"HFPolicy needs a DynamicCache; got a {type(layer).__name__} layer")
+    if layer.keys is None or layer.values is None:
+        raise TypeError("HFPolicy needs every cache layer filled")
+    return layer, (layer.keys, layer.values)
 
 
 def _pad_left(x_B_H_T_D: torch.Tensor, n: int) -> torch.Tensor:

@@ -111,7 +111,8 @@ def load_model(
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=dtype, local_files_only=True
     )
-    return model.eval()
+    model.eval()
+    return model
 
 
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -147,7 +148,8 @@ def build_tiny_model(seed: int = 0) -> LlamaForCausalLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return model.eval()
+    model.eval()
+    return model
 
 
 def _write_gguf_tokenizer(folder: Path) -> None:
@@ -191,9 +193,11 @@ def _write_tiny_model(folder: Path) -> None:
 
 
 def _check_untied(model: PreTrainedModel) -> None:
-    head = model.get_output_embeddings()
-    embed = model.get_input_embeddings()
-    if head is None or head.weight.data_ptr() == embed.weight.data_ptr():
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    head_weight = None if head is None else head.weight
+    if not isinstance(head_weight, torch.Tensor) or not isinstance(embed.weight, torch.Tensor):
+        raise RuntimeError("expected a model with input and output embeddings")
+    if head_weight.data_ptr() == embed.weight.data_ptr():
         raise RuntimeError("expected an untied lm_head")
 
 

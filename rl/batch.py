@@ -27,6 +27,7 @@ wastes little on padding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import TypeVar
@@ -79,6 +80,8 @@ def _check(episode: Episode, advantages: Sequence[float]) -> None:
             f"episode {episode.episode_id}: {len(advantages)} advantages for "
             f"{len(episode.turns)} turns (one advantage per turn is required)"
         )
+    if not all(math.isfinite(a) for a in advantages):
+        raise ValueError(f"episode {episode.episode_id}: non-finite advantage in {advantages}")
     for turn in episode.turns:
         if len(turn.completion_logprobs) != len(turn.completion_ids):
             raise ValueError(

@@ -43,8 +43,8 @@ class Country:
     """Highest point's name and aliases; None when unnamed or unclear."""
     official_language: Answer | None
     """The single official language; None when there is none or several."""
-    government_type: str | None
-    """Short government type, e.g. "federal parliamentary republic"."""
+    government_type: Answer | None
+    """Short government type, e.g. ("federal parliamentary republic",)."""
     borders: tuple[str, ...]
     """Codes of entities sharing a land border (listed on both sides), sorted."""
 
@@ -63,11 +63,11 @@ _EXTRA_NAMES = {
 }
 
 _PAREN = re.compile(r"\s*\(([^()]*)\)")
-_DISTANCE = re.compile(r"[,\s]*-?\d[\d,.]*\s*(m|meters)?\s*$")
+_DISTANCE = re.compile(r"(?:[,\s]+|^)-?\d[\d,.]*\s*(?:m|meters)?\s*$")
 # Words allowed in lowercase inside a proper name ("Ciudad de Mexico", "Andorra la Vella").
 _PARTICLES = frozenset(
     {"de", "la", "del", "da", "do", "di", "du", "des", "le", "les", "al", "el", "ad", "an"}
-    | {"ash", "ech", "en", "of", "on"}
+    | {"ash", "ech", "en", "of", "on", "or"}
 )
 
 
@@ -149,11 +149,11 @@ def parse_official_language(text: str | None) -> Answer | None:
     return _with_folded([name, *re.split(r" or |/", name)])
 
 
-def parse_government_type(text: str | None) -> str | None:
+def parse_government_type(text: str | None) -> Answer | None:
     """The government type when it is a short plain phrase."""
     if text is None or re.search(r"[;,()\"]", text) or len(text.split()) > 4:
         return None
-    return text.strip().lower()
+    return (text.strip(),)
 
 
 def _name_index(entries: list[FactbookEntry]) -> list[tuple[str, str]]:

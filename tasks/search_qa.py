@@ -3,12 +3,18 @@ answered with the `search` tool over Wikipedia lead paragraphs and the Factbook.
 
 Questions are generated from `tasks.factbook` facts with fixed templates:
 
-- one hop: the capital, highest point, official language or government type of X;
-- two hops: the capital of the one country bordering both X and Y, or the only country
+- one hop: the capital, highest point, official language or type of government of X;
+- two hops: the capital of the one country bordering both X and Y, or of the only country
   bordering X; the highest point / official language of the country whose capital is C; the
-  capital of the country whose highest point is P. A template is used only where its bridge is
-  unique in the Factbook (exactly one common neighbour, one country with that capital...) and
-  not given away by the question (no "the country whose capital is Luxembourg").
+  capital / official language of the country whose highest point is P. A template is used
+  only where its bridge is unique in the Factbook (exactly one common neighbour, one country
+  with that capital...) and not given away by the question (no "the country whose capital is
+  Luxembourg").
+
+Each item's `meta` holds `hops` (1 or 2), `template`, `entities` (the Factbook codes the
+question involves), `answer_entity` (the code whose fact is the answer), `bridge` (the
+two-hop intermediate entity's name, else None) and `evidence_query` (the answer entity's name
+and relation: a query that retrieves the gold passage, for analysis and tests).
 
 Every question the templates allow is generated, in id order; ids name the template and
 entities (`border_capital:an+po`), so they are stable across seeds and processes. The split is
@@ -23,6 +29,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import combinations
 
 from turnrl.tasks.base import Split, TaskItem
@@ -41,183 +48,144 @@ When you know the answer, reply with only the answer inside answer tags, e.g. \
 <answer>Paris</answer>: a name, not a sentence."""
 
 
+@dataclass(frozen=True)
+class _Relation:
+    """A fact questions can ask for or give as a clue."""
+
+    attribute: str
+    """The `Country` field holding it."""
+    phrase: str
+    """How a question names it: "the capital"."""
+    evidence: str
+    """Words that, after a country's name, retrieve the Factbook field stating it."""
+
+    def of(self, country: Country) -> Answer | None:
+        value: Answer | None = getattr(country, self.attribute)
+        return value
+
+
+RELATIONS = {
+    "capital": _Relation("capital", "the capital", "capital"),
+    "highest_point": _Relation("highest_point", "the highest point", "elevation highest point"),
+    "official_language": _Relation(
+        "official_language", "the official language", "languages official"
+    ),
+    "government_type": _Relation("government_type", "the type of government", "government type"),
+}
+"""Template name -> relation; one-hop questions ask for each of them."""
+CLUES = ("capital", "highest_point")
+"""Relations that identify a country when no other country shares the value."""
+
+
 def _item(
-    id: str, question: str, answers: Answer, template: str, entities: Sequence[str],
-    answer_entity: Country, evidence: str, bridge: Country | None = None,
-) -> TaskItem:  # fmt: skip
+    id: str,
+    question: str,
+    relation: str,
+    answer_entity: Country,
+    *,
+    template: str | None = None,
+    entities: Sequence[str] = (),
+    bridge: Country | None = None,
+) -> TaskItem | None:
+    """A question whose answer is `answer_entity`'s `relation`; None when that is unknown."""
+    answers = RELATIONS[relation].of(answer_entity)
+    if answers is None:
+        return None
     return TaskItem(
         id=id,
         question=question,
         answers=answers,
         meta={
             "hops": 1 if bridge is None else 2,
-            "template": template,
-            "entities": list(entities),
+            "template": template or relation,
+            "entities": list(entities or [answer_entity.code]),
             "answer_entity": answer_entity.code,
             "bridge": None if bridge is None else bridge.name,
-            "evidence_query": f"{answer_entity.name} {evidence}",
+            "evidence_query": f"{answer_entity.name} {RELATIONS[relation].evidence}",
         },
     )
 
 
-def _unique_by(countries: Sequence[Country], answers: Mapping[str, Answer]) -> dict[str, Country]:
-    """code -> country for the countries whose answer (any alias) no other country shares."""
+def _unique_by(countries: Sequence[Country], relation: str) -> list[Country]:
+    """The countries whose value of `relation` (any alias) no other country shares."""
     owners: dict[str, set[str]] = defaultdict(set)
     for c in countries:
-        for alias in answers.get(c.code, ()):
+        for alias in RELATIONS[relation].of(c) or ():
             owners[normalize_answer(alias)].add(c.code)
-    return {
-        c.code: c
+    return [
+        c
         for c in countries
-        if c.code in answers
-        and all(owners[normalize_answer(a)] == {c.code} for a in answers[c.code])
-    }
+        if (values := RELATIONS[relation].of(c))
+        and all(owners[normalize_answer(a)] == {c.code} for a in values)
+    ]
 
 
 def _gives_away(name: str, clue: str) -> bool:
     """True when the clue names the country ("Kuwait City" for Kuwait)."""
-    a, b = normalize_answer(name), normalize_answer(clue)
+    a, b = f" {normalize_answer(name)} ", f" {normalize_answer(clue)} "
     return a in b or b in a
 
 
 def generate_questions(countries: Mapping[str, Country]) -> list[TaskItem]:
     """Every question the templates yield for `countries`, sorted by id."""
-    return sorted(_one_hop(countries) + _two_hop(countries), key=lambda item: item.id)
-
-
-def _one_hop(countries: Mapping[str, Country]) -> list[TaskItem]:
-    items = []
-    for c in countries.values():
-        if c.capital:
-            items.append(
-                _item(
-                    f"capital:{c.code}",
-                    f"What is the capital of {c.name}?",
-                    c.capital,
-                    "capital",
-                    [c.code],
-                    c,
-                    "capital",
-                )
-            )
-        if c.highest_point:
-            items.append(
-                _item(
-                    f"highest_point:{c.code}",
-                    f"What is the highest point in {c.name}?",
-                    c.highest_point,
-                    "highest_point",
-                    [c.code],
-                    c,
-                    "elevation highest point",
-                )
-            )
-        if c.official_language:
-            items.append(
-                _item(
-                    f"official_language:{c.code}",
-                    f"What is the official language of {c.name}?",
-                    c.official_language,
-                    "official_language",
-                    [c.code],
-                    c,
-                    "languages official",
-                )
-            )
-        if c.government_type:
-            items.append(
-                _item(
-                    f"government_type:{c.code}",
-                    f"What type of government does {c.name} have?",
-                    (c.government_type,),
-                    "government_type",
-                    [c.code],
-                    c,
-                    "government type",
-                )
-            )
-    return items  # fmt: skip
-
-
-def _two_hop(countries: Mapping[str, Country]) -> list[TaskItem]:
-    items = list(_border_questions(countries))
     ordered = [countries[code] for code in sorted(countries)]
-    by_capital = _unique_by(ordered, {c.code: c.capital for c in ordered if c.capital})
-    for c in by_capital.values():
-        assert c.capital is not None
-        clue = c.capital[0]
-        if _gives_away(c.name, clue):
-            continue
-        if c.highest_point:
-            items.append(
-                _item(
-                    f"capital_highest_point:{c.code}",
-                    f"What is the highest point in the country whose capital is {clue}?",
-                    c.highest_point,
-                    "capital_highest_point",
-                    [c.code],
-                    c,
-                    "elevation highest point",
-                    bridge=c,
-                )
-            )
-        if c.official_language:
-            items.append(
-                _item(
-                    f"capital_official_language:{c.code}",
-                    f"What is the official language of the country whose capital is {clue}?",
-                    c.official_language,
-                    "capital_official_language",
-                    [c.code],
-                    c,
-                    "languages official",
-                    bridge=c,
-                )
-            )
-    by_peak = _unique_by(ordered, {c.code: c.highest_point for c in ordered if c.highest_point})
-    for c in by_peak.values():
-        assert c.highest_point is not None
-        clue = c.highest_point[0]
-        if c.capital and not _gives_away(c.name, clue):
-            items.append(
-                _item(
-                    f"highest_point_capital:{c.code}",
-                    f"What is the capital of the country whose highest point is {clue}?",
-                    c.capital,
-                    "highest_point_capital",
-                    [c.code],
-                    c,
-                    "capital",
-                    bridge=c,
-                )
-            )
-    return items  # fmt: skip
+    candidates: list[TaskItem | None] = [
+        _item(f"{relation}:{c.code}", f"What is {r.phrase} of {c.name}?", relation, c)
+        for c in ordered
+        for relation, r in RELATIONS.items()
+    ]
+    for clue in CLUES:
+        for c in _unique_by(ordered, clue):
+            value = (RELATIONS[clue].of(c) or ("",))[0]
+            if _gives_away(c.name, value):
+                continue
+            for relation in ("capital", "highest_point", "official_language"):
+                if relation != clue:
+                    candidates.append(
+                        _item(
+                            f"{clue}_{relation}:{c.code}",
+                            f"What is {RELATIONS[relation].phrase} of the country whose "
+                            f"{RELATIONS[clue].phrase.removeprefix('the ')} is {value}?",
+                            relation,
+                            c,
+                            template=f"{clue}_{relation}",
+                            bridge=c,
+                        )
+                    )
+    candidates.extend(_border_questions(countries))
+    return sorted((item for item in candidates if item), key=lambda item: item.id)
 
 
-def _border_questions(countries: Mapping[str, Country]) -> Iterator[TaskItem]:
+def _border_questions(countries: Mapping[str, Country]) -> Iterator[TaskItem | None]:
+    """The capital of the one common neighbour of two entities, or of an entity's only
+    neighbour."""
     neighbours = {code: set(c.borders) & countries.keys() for code, c in countries.items()}
     for code in sorted(countries):
-        only = neighbours[code]
-        if len(only) == 1:
-            z = countries[next(iter(only))]
-            if z.capital:
-                x = countries[code]
-                yield _item(f"only_neighbor_capital:{code}",
-                            f"What is the capital of the only country that borders {x.name}?",
-                            z.capital, "only_neighbor_capital", [code, z.code], z, "capital",
-                            bridge=z)  # fmt: skip
+        if len(neighbours[code]) == 1:
+            (z,) = (countries[n] for n in neighbours[code])
+            yield _item(
+                f"only_neighbor_capital:{code}",
+                f"What is the capital of the only country that borders {countries[code].name}?",
+                "capital",
+                z,
+                template="only_neighbor_capital",
+                entities=[code, z.code],
+                bridge=z,
+            )
     for a, b in combinations(sorted(countries), 2):
         common = neighbours[a] & neighbours[b]
-        if len(common) != 1:
-            continue
-        z = countries[next(iter(common))]
-        if not z.capital:
-            continue
-        x, y = sorted((countries[a], countries[b]), key=lambda c: c.name)
-        yield _item(f"border_capital:{a}+{b}",
-                    f"What is the capital of the country that borders both {x.name} and "
-                    f"{y.name}?", z.capital, "border_capital", [a, b, z.code], z, "capital",
-                    bridge=z)  # fmt: skip
+        if len(common) == 1:
+            (z,) = (countries[n] for n in common)
+            x, y = sorted((countries[a].name, countries[b].name))
+            yield _item(
+                f"border_capital:{a}+{b}",
+                f"What is the capital of the country that borders both {x} and {y}?",
+                "capital",
+                z,
+                template="border_capital",
+                entities=[a, b, z.code],
+                bridge=z,
+            )
 
 
 def split_items(
@@ -288,12 +256,15 @@ class SearchQA:
         two_hop_fraction: float = 0.5,
         encode: Encode | None = None,
         index: SearchIndex | None = None,
-        max_tool_tokens: int = 512,
+        search_k: int = 3,
+        result_tokens: int = 256,
         countries: Mapping[str, Country] | None = None,
     ) -> None:
         """`encode` (the policy's tokenizer) is needed only by `tools()`, so that a stored run
         can be re-graded without a model; `index` defaults to the cached shipped index,
-        opened on the first `tools()` call; `countries` defaults to the parsed Factbook."""
+        opened on the first `tools()` call; `search_k` and `result_tokens` are the search
+        tool's default k and output token budget; `countries` defaults to the parsed
+        Factbook."""
         if n_train < 0 or n_test < 0:
             raise ValueError("search_qa: n_train and n_test must be >= 0")
         if not (0.0 < test_fraction < 1.0 and 0.0 <= two_hop_fraction <= 1.0):
@@ -302,7 +273,8 @@ class SearchQA:
             )
         self._encode = encode
         self._index = index
-        self._max_tool_tokens = max_tool_tokens
+        self._search_k = search_k
+        self._result_tokens = result_tokens
         pool = generate_questions(countries if countries is not None else load_countries())
         self._splits = split_items(
             pool, seed, n_train, n_test,
@@ -325,7 +297,10 @@ class SearchQA:
             raise ValueError("SearchQA needs `encode` (the policy's tokenizer) to offer tools")
         if self._index is None:
             self._index = SearchIndex.open()
-        return [SearchTool(self._index, self._encode, max_tokens=self._max_tool_tokens)]
+        tool = SearchTool(
+            self._index, self._encode, max_tokens=self._result_tokens, default_k=self._search_k
+        )
+        return [tool]
 
     def grade(self, item: TaskItem, answer: str | None) -> dict[str, float]:
         return score_answer(answer, item.answers)

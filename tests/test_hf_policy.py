@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from turnrl.agent.hf_policy import HFPolicy
+from turnrl.agent.hf_policy import HFPolicy, _draw, _draw_nucleus
 from turnrl.agent.model import end_of_turn_id
 from turnrl.agent.policy import Completion, Policy, PolicyError, SamplingParams
 
@@ -378,3 +378,37 @@ def test_rejects_requests_beyond_the_context(
                 await policy.generate([10**6], SamplingParams())
 
     asyncio.run(main())
+
+
+def test_inverse_cdf_draw() -> None:
+    # CDF of [0.5, 0.3, 0.2, 0.0] is [0.5, 0.8, 1.0, 1.0]: u=0.4 -> id 0, 0.6 -> 1, 0.9 -> 2;
+    # u just below 1 still lands on id 2, never on the zero-probability id 3.
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0]] * 5)
+    u = torch.tensor([0.0, 0.4, 0.6, 0.9, 1.0])
+    assert _draw(probs, u).tolist() == [0, 0, 1, 2, 2]
+
+
+def test_nucleus_draw() -> None:
+    # probs [0.2, 0.5, 0.3, 0.0] sorted: id 1 (0.5), id 2 (0.3), id 0 (0.2). With top_p 0.7 the
+    # mass before each is 0, 0.5, 0.8: ids 1 and 2 stay (total 0.8). u=0.5 -> x=0.4 -> id 1;
+    # u=0.9 -> x=0.72 -> id 2; id 0 is never drawn. top_p 1.0 keeps all: u=0.9 -> x=0.9 -> id 0.
+    probs = torch.tensor([[0.2, 0.5, 0.3, 0.0]] * 4)
+    top_p = torch.tensor([0.7, 0.7, 0.7, 1.0])
+    u = torch.tensor([0.5, 0.9, 0.999, 0.9])
+    assert _draw_nucleus(probs, top_p, u).tolist() == [1, 2, 2, 0]
+
+
+def test_tiny_top_p_is_greedy(
+    tiny_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    async def main() -> tuple[Completion, Completion]:
+        async with HFPolicy(tiny_model, tokenizer, end_token_ids=()) as policy:
+            greedy = SamplingParams(temperature=0, max_tokens=8)
+            narrow = SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=8, seed=4)
+            return await policy.generate(PROMPTS[0], greedy), await policy.generate(
+                PROMPTS[0], narrow
+            )
+
+    greedy, narrow = asyncio.run(main())
+    assert narrow.token_ids == greedy.token_ids
+    assert_teacher_forced(tiny_model, PROMPTS[0], narrow, 1.0)

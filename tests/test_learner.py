@@ -153,6 +153,8 @@ def test_batch_rejects_bad_input() -> None:
     e = make_episode("e", [(2, 3, 1), (0, 1, 1)], seed=0)
     with pytest.raises(ValueError, match="one advantage per turn"):
         build_token_batch([e], [[1.0]])
+    with pytest.raises(ValueError, match="non-finite"):
+        build_token_batch([e], [[1.0, float("nan")]])
     bad = e.model_copy(
         update={"turns": [e.turns[0].model_copy(update={"completion_logprobs": []})]}
     )

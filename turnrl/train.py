@@ -111,10 +111,10 @@ def open_session(
     renderer = ChatML(HFTokenizer(tokenizer))
     store = RunStore(config.run_dir)
     store.write_config(config.to_yaml())
+    suite = build_suite(config.task, renderer)
+    suite.tools()  # opens (or builds, once) the search index before the event loop starts
     try:
-        yield Session(
-            config, store, policy, renderer, build_suite(config.task, renderer), learner, console
-        )
+        yield Session(config, store, policy, renderer, suite, learner, console)
     finally:
         policy.close()
         store.close()

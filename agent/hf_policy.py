@@ -21,7 +21,8 @@ before top-p truncation; temperature 0 (greedy) scores under the raw logits.
 Weights: the learner changes the shared model in place inside
 `async with policy.updating_weights(version)`. Rows in flight finish under the old weights,
 queued requests wait and start under the new ones, so every completion comes from exactly one
-`policy_version`. One event loop drives a policy.
+`policy_version`. One event loop drives a policy. Tensors live on the model's device (the
+tests run on CPU).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ class _Pause:
 @dataclass(eq=False)
 class _Row:
     request: _Request
-    rng: random.Random | None
-    """The row's sampler; None for greedy rows."""
+    rng: random.Random
+    """The row's own sampler, seeded from the request (unused by greedy rows)."""
     version: int
     admitted: float
     batch_size: int
@@ -126,6 +127,7 @@ class HFPolicy:
         embeddings = model.get_input_embeddings().weight
         assert isinstance(embeddings, torch.Tensor)
         self._vocab_size = embeddings.shape[0]
+        self._device = embeddings.device
         self._max_positions: int | None = getattr(config, "max_position_embeddings", None)
         pad = getattr(config, "pad_token_id", None)
         self._pad_id = pad if isinstance(pad, int) else 0
@@ -140,9 +142,10 @@ class HFPolicy:
         self._pause: _Pause | None = None
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
-        self._mask_B_T = torch.zeros(0, 0, dtype=torch.long)
-        self._pos_B = torch.zeros(0, dtype=torch.long)
-        self._last_B = torch.zeros(0, dtype=torch.long)
+        self._mask_B_T: torch.Tensor
+        self._pos_B: torch.Tensor
+        self._last_B: torch.Tensor
+        self._reset_batch()
 
         self._thread = threading.Thread(target=self._serve, name="turnrl-hf-policy", daemon=True)
         self._thread.start()
@@ -305,8 +308,8 @@ class HFPolicy:
             [self._pad_id] * (width - n) + r.prompt_ids for r, n in zip(group, lengths, strict=True)
         ]
         mask = [[0] * (width - n) + [1] * n for n in lengths]
-        ids_N_P = torch.tensor(ids, dtype=torch.long)
-        mask_N_P = torch.tensor(mask, dtype=torch.long)
+        ids_N_P = torch.tensor(ids, dtype=torch.long, device=self._device)
+        mask_N_P = torch.tensor(mask, dtype=torch.long, device=self._device)
         pos_N_P = (mask_N_P.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             input_ids=ids_N_P,
@@ -320,7 +323,7 @@ class HFPolicy:
         rows = [
             _Row(
                 request=r,
-                rng=_rng(r),
+                rng=random.Random(r.seed),
                 version=self.policy_version,
                 admitted=start,
                 batch_size=batch_size,
@@ -332,14 +335,18 @@ class HFPolicy:
         for row in rows:
             row.prefill_s = done - start
             row.prefilled = done
-        self._join(out.past_key_values, mask_N_P, torch.tensor(lengths), tokens_N)
+        self._join(
+            out.past_key_values, mask_N_P, torch.tensor(lengths, device=self._device), tokens_N
+        )
         self._rows.extend(rows)
         self._retire()
 
     def _step(self) -> None:
         try:
             n = len(self._rows)
-            mask_B_T = torch.cat([self._mask_B_T, torch.ones(n, 1, dtype=torch.long)], dim=1)
+            mask_B_T = torch.cat(
+                [self._mask_B_T, torch.ones(n, 1, dtype=torch.long, device=self._device)], dim=1
+            )
             out = self.model(
                 input_ids=self._last_B[:, None],
                 attention_mask=mask_B_T,
@@ -366,23 +373,25 @@ class HFPolicy:
         if all(t == 0 for t in temps):
             logp_B_V = torch.log_softmax(logits_B_V, dim=-1)
         else:
-            scale_B = torch.tensor([t if t > 0 else 1.0 for t in temps])
+            scale_B = torch.tensor([t if t > 0 else 1.0 for t in temps], device=self._device)
             logp_B_V = torch.log_softmax(logits_B_V / scale_B[:, None], dim=-1)
             drawn = [i for i, t in enumerate(temps) if t > 0]
             # Inverse-CDF sampling with one uniform per row from the row's own generator: a
             # row's draws do not depend on its neighbours, and a draw costs one cumsum rather
             # than a vocabulary's worth of random numbers.
-            u_S = torch.tensor([_uniform(rows[i]) for i in drawn])
+            u_S = torch.tensor([rows[i].rng.random() for i in drawn], device=self._device)
             probs_S_V = (logp_B_V if len(drawn) == len(rows) else logp_B_V[drawn]).exp()
             top_p = [rows[i].request.params.top_p for i in drawn]
             whole = [j for j, p in enumerate(top_p) if p >= 1]
             nucleus = [j for j, p in enumerate(top_p) if p < 1]
-            picked_S = torch.empty(len(drawn), dtype=torch.long)
+            picked_S = torch.empty(len(drawn), dtype=torch.long, device=self._device)
             if whole:
                 picked_S[whole] = _draw(probs_S_V[whole], u_S[whole])
             if nucleus:
                 picked_S[nucleus] = _draw_nucleus(
-                    probs_S_V[nucleus], torch.tensor([top_p[j] for j in nucleus]), u_S[nucleus]
+                    probs_S_V[nucleus],
+                    torch.tensor([top_p[j] for j in nucleus], device=self._device),
+                    u_S[nucleus],
                 )
             tokens_B[drawn] = picked_S
         chosen_B = logp_B_V.gather(1, tokens_B[:, None])[:, 0]
@@ -467,7 +476,7 @@ class HFPolicy:
         if not self._rows:
             self._reset_batch()
             return
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self._device)
         mask_B_T = self._mask_B_T[index]
         # Columns that only finished rows used are padding for everyone left: trim them.
         first = int(mask_B_T.any(dim=0).long().argmax())
@@ -481,9 +490,9 @@ class HFPolicy:
 
     def _reset_batch(self) -> None:
         self._cache = None
-        self._mask_B_T = torch.zeros(0, 0, dtype=torch.long)
-        self._pos_B = torch.zeros(0, dtype=torch.long)
-        self._last_B = torch.zeros(0, dtype=torch.long)
+        self._mask_B_T = torch.zeros(0, 0, dtype=torch.long, device=self._device)
+        self._pos_B = torch.zeros(0, dtype=torch.long, device=self._device)
+        self._last_B = torch.zeros(0, dtype=torch.long, device=self._device)
 
     def _shutdown(self) -> None:
         closed = PolicyError("the policy is closed")
@@ -506,15 +515,6 @@ class HFPolicy:
             _settle(self._pause.loop, self._pause.paused, None, PolicyError(*closed.args))
 
 
-def _rng(request: _Request) -> random.Random | None:
-    return None if request.params.temperature == 0 else random.Random(request.seed)
-
-
-def _uniform(row: _Row) -> float:
-    assert row.rng is not None
-    return row.rng.random()
-
-
 def _draw(probs_S_V: torch.Tensor, u_S: torch.Tensor) -> torch.Tensor:
     """One id per row from `probs_S_V`, by inverse CDF at the uniforms `u_S`."""
     cum_S_V = probs_S_V.cumsum(dim=-1)
@@ -535,8 +535,8 @@ def _draw_nucleus(
     as a full sort of the vocabulary costs far more than a small `topk`.
     """
     vocab = probs_S_V.shape[-1]
-    picked_S = torch.empty(len(u_S), dtype=torch.long)
-    todo_R = torch.arange(len(u_S))
+    picked_S = torch.empty(len(u_S), dtype=torch.long, device=u_S.device)
+    todo_R = torch.arange(len(u_S), device=u_S.device)
     for k in (min(64, vocab), min(1024, vocab), vocab):
         probs_R_K, order_R_K = probs_S_V[todo_R].topk(k, dim=-1)
         cum_R_K = probs_R_K.cumsum(dim=-1)

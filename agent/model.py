@@ -94,6 +94,27 @@ def tiny_model_dir() -> Path:
     return cached_build(models_dir() / TINY_NAME, _write_tiny_model)
 
 
+def cached_build(folder: Path, write: Callable[[Path], None]) -> Path:
+    """Return `folder`, first building it with `write(staging_folder)` if it does not exist.
+
+    The build runs in a temporary sibling folder that is renamed into place, under a lock
+    file next to it: other modules may reuse this for any cache folder."""
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(folder.parent / f".{folder.name}.lock"):
+        if folder.is_dir():  # another process built it while we waited for the lock
+            return folder
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            write(staging)
+            # rename is atomic: readers see either no folder or a complete one.
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def load_tokenizer(path: Path | str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer saved in `path`; by default the embedded one (no weight conversion)."""
     folder = tokenizer_dir() if path is None else Path(path)
@@ -205,24 +226,6 @@ def _copy_files(source: Path, target: Path) -> None:
     for item in source.iterdir():
         if item.is_file():
             shutil.copy2(item, target / item.name)
-
-
-def cached_build(folder: Path, write: Callable[[Path], None]) -> Path:
-    """Return `folder`, building it with `write` first if it does not exist yet."""
-    if folder.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(folder.parent / f".{folder.name}.lock"):
-        if folder.is_dir():  # another process built it while we waited for the lock
-            return folder
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            write(staging)
-            # rename is atomic: readers see either no folder or a complete one.
-            staging.rename(folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return folder
 
 
 @contextmanager

@@ -76,8 +76,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     model = load_model(path)
     prompts = make_prompts(tokenizer, args.prompt)
     async with HFPolicy(model, tokenizer, max_batch_size=ROWS, end_token_ids=()) as policy:
-        await turnrl_run(policy, prompts, 4)
-        hf_run(model, prompts, 4)
+        warm = [p[-8:] for p in prompts]
+        await turnrl_run(policy, warm, 2)
+        hf_run(model, warm, 2)
         ours, peer = [], []
         for _ in range(args.repeats):
             peer.append(hf_run(model, prompts, args.new))

@@ -97,7 +97,9 @@ def test_request_joining_mid_decode_matches_teacher_forcing(
 ) -> None:
     """A request that arrives while another decodes joins the running batch (its cache is
     merged in) without changing either row's numbers."""
-    first = SamplingParams(temperature=1.0, max_tokens=24, seed=5)
+    # Long enough that the first row is still decoding when the late one finishes, however
+    # many steps the worker runs before the loop notices.
+    first = SamplingParams(temperature=1.0, max_tokens=300, seed=5)
     late = SamplingParams(temperature=0.8, max_tokens=6, seed=6)
 
     async def main() -> tuple[Completion, Completion, HFPolicy]:

@@ -22,7 +22,7 @@ $(STAMP):
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/turnrl train examples/demo.yaml --demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/turnrl train examples/demo.yaml --overwrite
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

@@ -12,6 +12,15 @@ from rich.console import Console
 
 from turnrl.config import ConfigError, load_config
 
+
+def _quiet_libraries() -> None:
+    # Progress bars from transformers' weight loading would interleave with ours.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console()
 
@@ -45,11 +54,19 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML run config")],
     sets: SetOpt = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip before/after eval")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier run in the same run_dir")
+    ] = False,
 ) -> None:
     """Evaluate, train with RL, evaluate again; store everything in the run folder."""
     from turnrl.train import run_train
 
-    run_train(_load(config, sets or []), console, with_eval=not no_eval)
+    _quiet_libraries()
+    try:
+        run_train(_load(config, sets or []), console, with_eval=not no_eval, overwrite=overwrite)
+    except FileExistsError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
 
 
 @app.command("eval")
@@ -64,6 +81,7 @@ def eval_(
     """Evaluate a policy on held-out items; episodes go to the run folder."""
     from turnrl.train import run_eval
 
+    _quiet_libraries()
     summary = run_eval(_load(config, sets or []), console, checkpoint)
     console.print_json(json.dumps(summary))
 

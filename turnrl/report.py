@@ -7,7 +7,7 @@ the run's `episodes.rec` by `turnrl replay`.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from statistics import fmean
 
 from rich.table import Table
@@ -53,12 +53,13 @@ def before_after_table(before: dict[str, float], after: dict[str, float]) -> Tab
     return table
 
 
-def curves_table(rows: Sequence[dict[str, float]], keys: Sequence[str]) -> Table:
-    """Per-step training curves."""
+def curves_table(rows: Sequence[dict[str, float]], columns: Mapping[str, str]) -> Table:
+    """Per-step training curves; `columns` maps metric keys to column labels."""
     table = Table(title="Training curves (per learner step)")
     table.add_column("step", justify="right")
-    for k in keys:
-        table.add_column(k, justify="right")
+    for label in columns.values():
+        table.add_column(label, justify="right")
+    keys = list(columns)
     for row in rows:
         table.add_row(
             str(int(row.get("step", 0))), *(f"{row.get(k, float('nan')):.3f}" for k in keys)

@@ -11,7 +11,9 @@ written.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,23 +41,31 @@ from turnrl.rl.rollout import collect
 from turnrl.tasks.base import TaskItem, TaskSuite
 from turnrl.tasks.search_qa import SearchQA
 
-CURVE_KEYS = (
-    "reward",
-    "success",
-    "f1",
-    "tool_calls_per_episode",
-    "format_error_rate",
-    "completion_tokens_per_episode",
-    "loss",
-    "rollout_s",
-    "learn_s",
-)
+CURVES = {
+    "reward": "reward",
+    "success": "success",
+    "f1": "f1",
+    "tool_calls_per_episode": "calls/ep",
+    "format_error_rate": "fmt err",
+    "completion_tokens_per_episode": "tok/ep",
+    "loss": "loss",
+    "clip_frac": "clip",
+    "rollout_s": "roll s",
+    "learn_s": "learn s",
+}
+"""Metrics shown in the per-step curves table, with their column labels."""
 
 
 def model_dir(cfg: ModelConfig, checkpoint: Path | None = None) -> Path:
-    """Folder of the weights a run starts from."""
+    """Folder of the weights a run starts from: a checkpoint's loadable model folder (full
+    fine-tuning's `model/`, LoRA's `merged/`), or the configured model."""
     if checkpoint is not None:
-        return checkpoint
+        for sub in ("merged", "model"):
+            if (checkpoint / sub / "config.json").is_file():
+                return checkpoint / sub
+        if (checkpoint / "config.json").is_file():
+            return checkpoint
+        raise FileNotFoundError(f"{checkpoint}: no model checkpoint (config.json) found")
     if cfg.kind == "embedded":
         return embedded_model_dir()
     if cfg.kind == "tiny":
@@ -79,12 +89,20 @@ class Session:
     """The live objects of a run."""
 
     config: RunConfig
+    tokenizer: Any
     store: RunStore
     policy: HFPolicy
     renderer: ChatML
     suite: TaskSuite
     learner: Learner | None
     console: Console
+
+    def save_checkpoint(self, folder: Path) -> Path:
+        """Learner state plus a loadable model folder (with the tokenizer) for `turnrl eval`."""
+        assert self.learner is not None
+        self.learner.save_checkpoint(folder, merged=True)
+        self.tokenizer.save_pretrained(str(model_dir(self.config.model, folder)))
+        return folder
 
     def runner(self, temperature: float) -> EpisodeRunner:
         sampling = SamplingParams(temperature=temperature, top_p=self.config.sampling.top_p)
@@ -113,8 +131,11 @@ def open_session(
     store.write_config(config.to_yaml())
     suite = build_suite(config.task, renderer)
     suite.tools()  # opens (or builds, once) the search index before the event loop starts
+    # Move the start-up heap (torch, transformers, the corpus) out of the collector's view:
+    # per-turn allocations would otherwise trigger gen-2 scans of millions of old objects.
+    gc.freeze()
     try:
-        yield Session(config, store, policy, renderer, suite, learner, console)
+        yield Session(config, tokenizer, store, policy, renderer, suite, learner, console)
     finally:
         policy.close()
         store.close()
@@ -215,7 +236,7 @@ async def train_steps(s: Session) -> list[dict[str, float]]:
             f"rollout {rollout_s:.0f} s  learn {row['learn_s']:.0f} s"
         )
         if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
-            s.learner.save_checkpoint(cfg.run_dir / "checkpoints" / f"step-{step + 1}")
+            s.save_checkpoint(cfg.run_dir / "checkpoints" / f"step-{step + 1}")
     return rows
 
 
@@ -238,9 +259,22 @@ def score(episodes: Sequence[Episode], cfg: RunConfig) -> tuple[list[Episode], l
     return out, returns
 
 
-def run_train(config: RunConfig, console: Console, with_eval: bool = True) -> dict[str, Any]:
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A run folder holds one run: refuse to mix a new run into an old one's records."""
+    if (run_dir / "episodes.rec").exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{run_dir} already holds a run; pass --overwrite or choose another run_dir"
+            )
+        shutil.rmtree(run_dir)
+
+
+def run_train(
+    config: RunConfig, console: Console, with_eval: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
     """`turnrl train`: evaluate, train, evaluate again; print curves and the before/after table."""
     t0 = time.monotonic()
+    prepare_run_dir(config.run_dir, overwrite)
     with open_session(config, console, train=True) as s:
 
         async def main() -> dict[str, Any]:
@@ -250,11 +284,9 @@ def run_train(config: RunConfig, console: Console, with_eval: bool = True) -> di
             return {"before": before, "rows": rows, "after": after}
 
         out = asyncio.run(main())
-        assert s.learner is not None
-        ckpt = config.run_dir / "checkpoints" / "final"
-        s.learner.save_checkpoint(ckpt)
+        ckpt = s.save_checkpoint(config.run_dir / "checkpoints" / "final")
     if out["rows"]:
-        console.print(curves_table(out["rows"], CURVE_KEYS))
+        console.print(curves_table(out["rows"], CURVES))
     if with_eval:
         console.print(before_after_table(out["before"], out["after"]))
     console.print(

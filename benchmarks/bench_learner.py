@@ -41,7 +41,9 @@ def smollm2_sized_model() -> transformers.PreTrainedModel:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(config)
+    model.eval()
+    return model
 
 
 def load(model_choice: str) -> tuple[transformers.PreTrainedModel, str]:

@@ -98,13 +98,19 @@ class ChatML:
         body = self.tokenizer.encode(f"{role}\n{content}")
         return [self.start_id, *body, self.end_id, *self._newline]
 
-    def initial(self, instructions: str, tools: Sequence[dict[str, Any]], user: str) -> list[int]:
-        """Ids of the system and user messages followed by the assistant header."""
-        return [
-            *self.message("system", self.system_text(instructions, tools)),
-            *self.message("user", user),
-            *self._assistant,
-        ]
+    def initial(
+        self,
+        instructions: str,
+        tools: Sequence[dict[str, Any]],
+        user: str,
+        examples: Sequence[tuple[str, str]] = (),
+    ) -> list[int]:
+        """Ids of the system message, any example messages `(role, content)`, the user
+        message, then the assistant header."""
+        ids = self.message("system", self.system_text(instructions, tools))
+        for role, content in examples:
+            ids += self.message(role, content)
+        return [*ids, *self.message("user", user), *self._assistant]
 
     def observation(self, results: Sequence[str], completion_closed: bool) -> list[int]:
         """Ids appended after a completion: close the assistant message if the sample did not,

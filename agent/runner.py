@@ -65,6 +65,8 @@ class EpisodeSpec:
     """Sampling seed; turn t uses `seed + t` so turns do not repeat one another's draws."""
     step: int = 0
     """Training step (-1 for evaluation)."""
+    examples: tuple[tuple[str, str], ...] = ()
+    """Few-shot messages `(role, content)` between the system message and the question."""
 
 
 class EpisodeRunner:
@@ -124,7 +126,9 @@ class EpisodeRunner:
 
     async def _loop(self, s: _State) -> None:
         b = self.budget
-        context = self.renderer.initial(s.spec.instructions, self._schemas, s.spec.question)
+        context = self.renderer.initial(
+            s.spec.instructions, self._schemas, s.spec.question, s.spec.examples
+        )
         pending_prompt = list(context)
         while s.stop_reason is None:
             index = len(s.turns)

@@ -24,6 +24,7 @@ def episode_specs(
     """One spec per rollout; the G rollouts of an item share a group id and differ in seed.
     Group ids are `{tag}/{item id}` with `tag` defaulting to `s{step}`."""
     specs = []
+    examples = tuple(suite.few_shot())
     for i, item in enumerate(items):
         group = f"{tag or f's{step}'}/{item.id}"
         for g in range(group_size):
@@ -37,6 +38,7 @@ def episode_specs(
                     # Seeds far apart so that per-turn offsets never collide across rollouts.
                     seed=seed + 10_000 * (i * group_size + g),
                     step=step,
+                    examples=examples,
                 )
             )
     return specs

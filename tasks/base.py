@@ -54,6 +54,12 @@ class TaskSuite(Protocol):
         """The tools offered to the agent."""
         ...
 
+    def few_shot(self) -> Sequence[tuple[str, str]]:
+        """Example messages `(role, content)` placed between the system message and the
+        question: worked examples (from the train split, never the test split) that show a
+        small model the call and answer syntax. Empty for none."""
+        ...
+
     def grade(self, item: TaskItem, answer: str | None) -> dict[str, float]:
         """Scores of `answer` (None when the agent gave none), including `correct`."""
         ...

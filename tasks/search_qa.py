@@ -26,6 +26,7 @@ both). `seed` alone decides which entities are held out and which questions are 
 
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,7 +37,7 @@ from turnrl.tasks.base import Split, TaskItem
 from turnrl.tasks.factbook import Answer, Country, load_countries
 from turnrl.tasks.grading import normalize_answer, score_answer
 from turnrl.tools.base import Tool
-from turnrl.tools.search import Encode, SearchIndex, SearchTool
+from turnrl.tools.search import Encode, SearchArgs, SearchIndex, SearchTool
 
 SYSTEM_PROMPT = """\
 Answer the user's question about the world's countries. Use the `search` tool: it searches \
@@ -273,6 +274,7 @@ class SearchQA:
             )
         self._encode = encode
         self._index = index
+        self._few_shot: list[tuple[str, str]] | None = None
         self._search_k = search_k
         self._result_tokens = result_tokens
         pool = generate_questions(countries if countries is not None else load_countries())
@@ -301,6 +303,33 @@ class SearchQA:
             self._index, self._encode, max_tokens=self._result_tokens, default_k=self._search_k
         )
         return [tool]
+
+    def few_shot(self) -> Sequence[tuple[str, str]]:
+        """Two worked examples from the train split: one answered directly, one answered
+        after a real search call (its response is the tool's actual output). The direct
+        example comes first: measured on SmolLM2-135M (12 test questions, greedy), with only a
+        search example the model wrote no call and no answer tag; with both, it tagged every
+        answer, which gives GRPO groups returns that differ."""
+        if self._few_shot is None:
+            capitals = [it for it in self._splits["train"] if it.meta.get("template") == "capital"]
+            if len(capitals) < 2 or self._encode is None:
+                self._few_shot = []
+                return self._few_shot
+            direct, searched = capitals[0], capitals[1]
+            tool = self.tools()[0]
+            assert isinstance(tool, SearchTool)
+            query = str(searched.meta["evidence_query"])
+            result = tool.run(SearchArgs(query=query, k=1)).text
+            call = json.dumps({"name": "search", "arguments": {"query": query, "k": 1}})
+            self._few_shot = [
+                ("user", direct.question),
+                ("assistant", f"<answer>{direct.answers[0]}</answer>"),
+                ("user", searched.question),
+                ("assistant", f"<tool_call>{call}</tool_call>"),
+                ("user", f"<tool_response>\n{result}\n</tool_response>"),
+                ("assistant", f"<answer>{searched.answers[0]}</answer>"),
+            ]
+        return self._few_shot
 
     def grade(self, item: TaskItem, answer: str | None) -> dict[str, float]:
         return score_answer(answer, item.answers)

@@ -44,7 +44,7 @@ def run(
 
 
 def test_call_then_answer() -> None:
-    ep, policy = run([CALL, ANSWER])
+    ep, _ = run([CALL, ANSWER])
     assert ep.stop_reason == StopReason.ANSWERED and ep.answer == "42"
     t0, t1 = ep.turns
     assert t0.tool_calls[0].name == "echo" and t0.tool_results[0].text == "hi"
@@ -77,7 +77,7 @@ def test_unclosed_completion_is_closed_in_the_observation() -> None:
 
 
 def test_void_turn_gets_error_observation_and_flag() -> None:
-    ep, policy = run(["I am thinking<|im_end|>", ANSWER])
+    ep, _ = run(["I am thinking<|im_end|>", ANSWER])
     assert ep.turns[0].format_error and "no <tool_call>" in ep.turns[0].format_error
     assert "Error: no <tool_call>" in TOK.decode(ep.turns[0].observation_ids)
     assert ep.stop_reason == StopReason.ANSWERED

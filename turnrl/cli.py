@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -22,7 +23,9 @@ def _quiet_libraries() -> None:
 
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-console = Console()
+# Piped output (make demo | tee, CI logs) gets 120 columns instead of rich's default 80, so
+# the curves table keeps its labels.
+console = Console() if sys.stdout.isatty() else Console(width=120)
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:

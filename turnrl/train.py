@@ -220,7 +220,9 @@ async def train_steps(s: Session) -> list[dict[str, float]]:
         s.store.flush()
         t1 = time.monotonic()
         advantages = [[t.advantage or 0.0 for t in e.turns] for e in episodes]
-        learn = await asyncio.to_thread(s.learner.step, episodes, advantages)
+        with _progress(s.console) as progress:
+            progress.add_task(f"s{step}: learner step ({len(episodes)} episodes)", total=None)
+            learn = await asyncio.to_thread(s.learner.step, episodes, advantages)
         s.policy.set_version(s.learner.version)
         row: dict[str, float] = {"step": float(step), "policy_version": float(s.learner.version)}
         row["reward"] = sum(returns) / len(returns)
@@ -230,9 +232,10 @@ async def train_steps(s: Session) -> list[dict[str, float]]:
         s.store.append_metrics(row)
         s.store.flush()
         rows.append(row)
+        loss = "skipped (no signal)" if row["skipped"] else f"{row['loss']:+.4f}"
         s.console.print(
             f"step {step}: reward {row['reward']:+.3f}  success {row['success']:.3f}  "
-            f"tool calls/ep {row['tool_calls_per_episode']:.2f}  loss {row.get('loss', 0):+.4f}  "
+            f"tool calls/ep {row['tool_calls_per_episode']:.2f}  loss {loss}  "
             f"rollout {rollout_s:.0f} s  learn {row['learn_s']:.0f} s"
         )
         if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:

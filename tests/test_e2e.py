@@ -15,7 +15,7 @@ from turnrl.config import load_config
 from turnrl.replay import replay
 from turnrl.rl.batch import build_token_batch
 from turnrl.rl.learner import Learner, LearnerConfig
-from turnrl.train import run_train
+from turnrl.train import run_eval, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,3 +124,13 @@ def test_embedded_model_takes_a_real_step(tmp_path: Path) -> None:
     assert step1_versions == {int(first["policy_version"])}
     if first["skipped"] == 0.0:
         assert first["grad_norm"] > 0 and abs(first["ratio_mean"] - 1.0) < 1e-3
+
+
+def test_eval_loads_the_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "examples" / "tiny.yaml", {"run_dir": str(tmp_path / "eval")})
+    summary = run_eval(cfg, Console(), tiny_run / "checkpoints" / "final")
+    assert summary["episodes"] == 2.0
+    with RunStore.open_readonly(tmp_path / "eval") as store:
+        assert all(e.step == -1 for e in store.episodes())
+    with pytest.raises(FileNotFoundError, match="no model checkpoint"):
+        run_eval(cfg, Console(), tmp_path)

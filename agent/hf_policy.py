@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import queue
 import random
 import threading
@@ -108,6 +109,10 @@ class HFPolicy:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.model = model
+        # transformers 5.24 renamed the forward's `past_key_values` argument to `cache` (the
+        # old name warns); both spellings are in the supported range.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.policy_version = policy_version
@@ -351,8 +356,8 @@ class HFPolicy:
                 input_ids=self._last_B[:, None],
                 attention_mask=mask_B_T,
                 position_ids=self._pos_B[:, None],
-                past_key_values=self._cache,
                 use_cache=True,
+                **{self._cache_kwarg: self._cache},
             )
             self.n_decode_steps += 1
             self._mask_B_T = mask_B_T

@@ -76,6 +76,7 @@ class ChatML:
         self.end_id = self._special("<|im_end|>")
         self._newline = tokenizer.encode("\n")
         self._assistant = [self.start_id, *tokenizer.encode("assistant\n")]
+        self._prefixes: dict[tuple[str, tuple[tuple[str, str], ...]], list[int]] = {}
 
     def _special(self, marker: str) -> int:
         ids = self.tokenizer.encode(marker, parse_special=True)
@@ -107,10 +108,18 @@ class ChatML:
     ) -> list[int]:
         """Ids of the system message, any example messages `(role, content)`, the user
         message, then the assistant header."""
-        ids = self.message("system", self.system_text(instructions, tools))
-        for role, content in examples:
-            ids += self.message(role, content)
-        return [*ids, *self.message("user", user), *self._assistant]
+        key = (self.system_text(instructions, tools), tuple(examples))
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            # Every episode of a task shares its system message and examples (hundreds of
+            # tokens, most of the runner's per-episode CPU when encoded each time).
+            prefix = self.message("system", key[0])
+            for role, content in examples:
+                prefix += self.message(role, content)
+            if len(self._prefixes) >= 64:
+                self._prefixes.clear()
+            self._prefixes[key] = prefix
+        return [*prefix, *self.message("user", user), *self._assistant]
 
     def observation(self, results: Sequence[str], completion_closed: bool) -> list[int]:
         """Ids appended after a completion: close the assistant message if the sample did not,

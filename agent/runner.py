@@ -139,9 +139,13 @@ class EpisodeRunner:
             if room < MIN_TURN_TOKENS:
                 s.stop(StopReason.CONTEXT_FULL)
                 break
-            params = replace(
-                self.sampling,
+            sp = self.sampling  # built field by field: dataclasses.replace costs ~6 us a turn
+            params = SamplingParams(
+                temperature=sp.temperature,
+                top_p=sp.top_p,
                 max_tokens=min(b.max_new_tokens, room),
+                stop=sp.stop,
+                stop_token_ids=sp.stop_token_ids,
                 seed=None if s.spec.seed is None else s.spec.seed + index,
             )
             t0 = self._clock()

@@ -19,6 +19,7 @@ from turnrl.agent.store import RunStore
 from turnrl.config import RunConfig
 from turnrl.report import summarize
 from turnrl.rl.advantages import Estimator
+from turnrl.rl.scoring import score
 from turnrl.tasks.search_qa import SearchQA
 
 
@@ -33,8 +34,6 @@ def replay(
     run_dir: Path, estimator: Estimator | None = None, outcome_metric: str | None = None
 ) -> dict[str, Any]:
     """Recompute and compare; returns per-step summaries and the mismatch count."""
-    from turnrl.train import score  # the one scoring path, shared with training
-
     config, episodes = load_run(run_dir)
     train_cfg = config.train
     if estimator is not None:
@@ -60,7 +59,7 @@ def replay(
             graded.append(e.model_copy(update={"outcome": outcome}))
         row = {"step": float(step), **summarize(graded)}
         if step >= 0:
-            rescored, returns = score(graded, config)
+            rescored, returns = score(graded, config.rewards, config.train.estimator)
             row["reward"] = sum(returns) / len(returns)
             for old, new in zip(stored, rescored, strict=True):
                 for t_old, t_new in zip(old.turns, new.turns, strict=True):

@@ -34,10 +34,9 @@ from turnrl.agent.runner import EpisodeRunner
 from turnrl.agent.store import RunStore
 from turnrl.config import ModelConfig, RunConfig, TaskConfig
 from turnrl.report import before_after_table, curves_table, summarize
-from turnrl.rl.advantages import turn_advantages
 from turnrl.rl.learner import Learner
-from turnrl.rl.rewards import episode_return, turn_rewards
 from turnrl.rl.rollout import collect
+from turnrl.rl.scoring import score
 from turnrl.tasks.base import TaskItem, TaskSuite
 from turnrl.tasks.search_qa import SearchQA
 
@@ -214,7 +213,7 @@ async def train_steps(s: Session) -> list[dict[str, float]]:
             seed=cfg.seed + 1_000_000 * (step + 1),
         )
         rollout_s = time.monotonic() - t0
-        episodes, returns = score(episodes, cfg)
+        episodes, returns = score(episodes, cfg.rewards, cfg.train.estimator)
         for e in episodes:
             s.store.append_episode(e)
         s.store.flush()
@@ -241,25 +240,6 @@ async def train_steps(s: Session) -> list[dict[str, float]]:
         if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
             s.save_checkpoint(cfg.run_dir / "checkpoints" / f"step-{step + 1}")
     return rows
-
-
-def score(episodes: Sequence[Episode], cfg: RunConfig) -> tuple[list[Episode], list[float]]:
-    """Turn rewards, returns and advantages of graded episodes (pure: `replay` calls it too).
-    The advantages are stored on the turns so replay can check them bit for bit."""
-    rewarded = [turn_rewards(e, cfg.rewards) for e in episodes]
-    returns = [episode_return(e, cfg.rewards.weights) for e in rewarded]
-    advantages = turn_advantages(rewarded, returns, cfg.train.estimator)
-    out = [
-        e.model_copy(
-            update={
-                "turns": [
-                    t.model_copy(update={"advantage": a}) for t, a in zip(e.turns, adv, strict=True)
-                ]
-            }
-        )
-        for e, adv in zip(rewarded, advantages, strict=True)
-    ]
-    return out, returns
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:

@@ -14,6 +14,7 @@ runner is a value built from a policy, a renderer, tools and a config.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from turnrl.agent.chat import ChatML
 from turnrl.agent.parse import parse_completion
 from turnrl.agent.policy import Policy, SamplingParams
 from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn
-from turnrl.tools.base import Tool
+from turnrl.tools.base import EpisodeTool, Tool, ToolSession
 
 MIN_TURN_TOKENS = 8
 """A turn with fewer context tokens left than this cannot say anything useful."""
@@ -76,7 +77,7 @@ class EpisodeRunner:
         self,
         policy: Policy,
         renderer: ChatML,
-        tools: Sequence[Tool],
+        tools: Sequence[Tool | EpisodeTool],
         budget: Budget,
         sampling: SamplingParams,
         clock: Callable[[], float] = time.monotonic,
@@ -84,6 +85,7 @@ class EpisodeRunner:
         self.policy = policy
         self.renderer = renderer
         self.tools = {t.spec.name: t for t in tools}
+        self._episodic = {t.spec.name for t in tools if isinstance(t, EpisodeTool)}
         self.budget = budget
         self.sampling = replace(
             sampling,
@@ -122,6 +124,9 @@ class EpisodeRunner:
             state.stop(StopReason.TIMEOUT, "wall-clock budget exhausted")
         except Exception as e:  # the boundary: one episode's bug must not end the run
             state.stop(StopReason.ERROR, "".join(traceback.format_exception(e)))
+        finally:
+            # Shielded: a cancelled run must still destroy the episode's sandboxes.
+            await asyncio.shield(_close_sessions(state.sessions))
         return state.episode(self._clock())
 
     async def _loop(self, s: _State) -> None:
@@ -219,7 +224,7 @@ class EpisodeRunner:
                 s.stop(StopReason.MAX_TOOL_CALLS)
                 continue
             s.n_calls += 1
-            result = await self._run_call(call)
+            result = await self._run_call(s, call)
             for kind, amount in result.cost.items():
                 s.cost[kind] = s.cost.get(kind, 0.0) + amount
             results.append(result)
@@ -228,7 +233,7 @@ class EpisodeRunner:
                 s.stop(StopReason.BUDGET_EXHAUSTED, f"cost budget reached: {', '.join(over)}")
         return results
 
-    async def _run_call(self, call: ToolCall) -> ToolResult:
+    async def _run_call(self, s: _State, call: ToolCall) -> ToolResult:
         if call.parse_error is not None or call.name is None:
             return _error(call, "parse", f"Error: could not parse tool call: {call.parse_error}")
         tool = self.tools.get(call.name)
@@ -245,7 +250,13 @@ class EpisodeRunner:
         t0 = self._clock()
         try:
             async with asyncio.timeout(spec.timeout_s):
-                out = await tool(args)
+                if call.name in self._episodic:
+                    session = s.sessions.get(call.name)
+                    if session is None:
+                        session = s.sessions[call.name] = tool.session()  # type: ignore[union-attr]
+                    out = await session(args)
+                else:
+                    out = await tool(args)  # type: ignore[operator]
         except TimeoutError:
             latency = self._clock() - t0
             return _error(
@@ -272,6 +283,13 @@ class EpisodeRunner:
             latency_s=latency,
             cost=spec.cost.cost(latency, out.extra_cost),
         )
+
+
+async def _close_sessions(sessions: dict[str, ToolSession]) -> None:
+    for session in sessions.values():
+        # aclose must not raise; a bug in one must not lose the episode or skip the others.
+        with contextlib.suppress(Exception):
+            await session.aclose()
 
 
 def _error(
@@ -301,6 +319,7 @@ class _State:
         self.turns: list[Turn] = []
         self.cost: dict[str, float] = {}
         self.n_calls = 0
+        self.sessions: dict[str, ToolSession] = {}
         self.answer: str | None = None
         self.stop_reason: StopReason | None = None
         self.error: str | None = None

@@ -1,11 +1,12 @@
 """Rollout collection: G episodes per task item through the runner, graded by the suite.
 
-Grading happens here, after the runner (which knows nothing about tasks), and is a pure
-function of the stored answer, so `turnrl replay` can re-grade a run without the model.
+Grading happens here, after the runner (which knows nothing about tasks), and depends only
+on the stored answer, so `turnrl replay` can re-grade a run without the model.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 
 from turnrl.agent.records import Episode
@@ -59,6 +60,19 @@ async def collect(
     specs = episode_specs(suite, items, group_size, step, seed, tag)
     episodes = await runner.run_many(specs, concurrency, on_episode)
     by_id = {it.id: it for it in items}
-    return [
-        e.model_copy(update={"outcome": suite.grade(by_id[e.task_id], e.answer)}) for e in episodes
-    ]
+    outcomes = await grade_all(suite, [(by_id[e.task_id], e.answer) for e in episodes], concurrency)
+    return [e.model_copy(update={"outcome": o}) for e, o in zip(episodes, outcomes, strict=True)]
+
+
+async def grade_all(
+    suite: TaskSuite, pairs: Sequence[tuple[TaskItem, str | None]], concurrency: int
+) -> list[dict[str, float]]:
+    """Grade `(item, answer)` pairs with at most `concurrency` graders running at once (a code
+    grader holds a sandbox while it runs)."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(item: TaskItem, answer: str | None) -> dict[str, float]:
+        async with gate:
+            return await suite.grade(item, answer)
+
+    return list(await asyncio.gather(*(one(i, a) for i, a in pairs)))

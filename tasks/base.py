@@ -1,8 +1,9 @@
 """What a task suite gives the runner: items with gold answers, a system prompt, the tools the
 agent may use, and a grader.
 
-A grader is a pure function of (item, answer) so that a stored run can be re-graded without
-the model; it returns named scores in [0, 1]. Every suite reports `correct` (0 or 1), which the
+A grader is a function of (item, answer) only, so that a stored run can be re-graded without
+the model; it returns named scores in [0, 1]. It is async because some graders execute code
+(in a sandbox, never in the trainer's process). Every suite reports `correct` (0 or 1), which the
 evaluation tables and the default outcome reward read.
 """
 
@@ -60,6 +61,6 @@ class TaskSuite(Protocol):
         small model the call and answer syntax. Empty for none."""
         ...
 
-    def grade(self, item: TaskItem, answer: str | None) -> dict[str, float]:
+    async def grade(self, item: TaskItem, answer: str | None) -> dict[str, float]:
         """Scores of `answer` (None when the agent gave none), including `correct`."""
         ...

@@ -331,5 +331,5 @@ class SearchQA:
             ]
         return self._few_shot
 
-    def grade(self, item: TaskItem, answer: str | None) -> dict[str, float]:
+    async def grade(self, item: TaskItem, answer: str | None) -> dict[str, float]:
         return score_answer(answer, item.answers)

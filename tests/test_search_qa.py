@@ -3,6 +3,7 @@ answers are findable with the search index."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -249,9 +250,13 @@ def test_too_many_items_is_a_clear_error() -> None:
 def test_grade() -> None:
     suite: TaskSuite = SearchQA(seed=0, n_train=10, n_test=10)
     item = TaskItem(id="x", question="q", answers=("Hanoi", "Ha Noi"))
-    assert suite.grade(item, None) == {"exact_match": 0.0, "f1": 0.0, "correct": 0.0}
-    assert suite.grade(item, "ha noi") == {"exact_match": 1.0, "f1": 1.0, "correct": 1.0}
-    assert suite.grade(item, "Hanoi, Vietnam")["correct"] == 0.0
+    assert asyncio.run(suite.grade(item, None)) == {"exact_match": 0.0, "f1": 0.0, "correct": 0.0}
+    assert asyncio.run(suite.grade(item, "ha noi")) == {
+        "exact_match": 1.0,
+        "f1": 1.0,
+        "correct": 1.0,
+    }
+    assert asyncio.run(suite.grade(item, "Hanoi, Vietnam"))["correct"] == 0.0
     assert "<answer>" in suite.system_prompt and "search" in suite.system_prompt
 
 

@@ -84,6 +84,31 @@ class Tool(Protocol):
         ...
 
 
+class ToolSession(Protocol):
+    """One episode's handle on a stateful tool (a Python interpreter, a file system)."""
+
+    async def __call__(self, args: Any) -> ToolOutput:
+        """As `Tool.__call__`; state persists between calls of the same session."""
+        ...
+
+    async def aclose(self) -> None:
+        """Destroy the episode's state. Idempotent; never raises."""
+        ...
+
+
+@runtime_checkable
+class EpisodeTool(Protocol):
+    """A tool whose state belongs to one episode: the runner opens a session at the episode's
+    first call to it and closes it when the episode ends, however it ends."""
+
+    @property
+    def spec(self) -> ToolSpec: ...
+
+    def session(self) -> ToolSession:
+        """A new, empty session. Cheap: expensive resources are taken on its first call."""
+        ...
+
+
 class ToolError(Exception):
     """A tool failed in a way the agent should see."""
 

@@ -8,6 +8,7 @@ different estimator or reward setting, the same command re-scores the run.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from turnrl.agent.store import RunStore
 from turnrl.config import RunConfig
 from turnrl.report import summarize
 from turnrl.rl.advantages import Estimator
+from turnrl.rl.rollout import grade_all
 from turnrl.rl.scoring import score
 from turnrl.tasks.search_qa import SearchQA
 
@@ -52,9 +54,11 @@ def replay(
     mismatched = compared = regraded = 0
     for step in sorted(by_step):
         stored = by_step[step]
+        outcomes = asyncio.run(
+            grade_all(suite, [(items[e.task_id], e.answer) for e in stored], concurrency=8)
+        )
         graded = []
-        for e in stored:
-            outcome = suite.grade(items[e.task_id], e.answer)
+        for e, outcome in zip(stored, outcomes, strict=True):
             regraded += outcome != e.outcome
             graded.append(e.model_copy(update={"outcome": outcome}))
         row = {"step": float(step), **summarize(graded)}

@@ -1,0 +1,188 @@
+"""Bubblewrap sandboxes: the default backend where `bwrap` and user namespaces are available.
+
+Covers: code runs as an unprivileged uid (65534; when the trainer is root, `setpriv` drops to
+it before bwrap starts, because bwrap launched as root lets code write host sysctls, as
+measured here), in new user, pid, mount, network, IPC, UTS and cgroup namespaces with nested
+user namespaces disabled; every capability dropped; a new session (no TIOCSTI into the
+trainer's terminal); it dies with its parent; empty environment; the only host files visible
+are `/usr` (read-only; `/bin`, `/lib`, `/lib64`, `/sbin` are symlinks into it), a private
+`/proc` and a minimal `/dev`; a sized tmpfs `/tmp` is the only writable place; the root is
+remounted read-only. No network device but loopback exists, so no egress and no DNS. Memory,
+pids and CPU are bounded by a cgroup (v1 or v2) created before the first process starts;
+per-call wall and CPU time are enforced by the worker inside, and the worker kills every
+process a call leaves behind.
+
+Does not cover: kernel exploits (namespaces share the host kernel; use docker with a VM
+runtime, or a VM, for hostile code at scale); CPU side channels; without a usable cgroup
+(non-root without delegation) memory falls back to RLIMIT_AS per process and pids are not
+bounded (a fork bomb is then stopped only by the wall limit); `/usr` is readable, so anything
+installed there (documentation, other users' world-readable packages) can be read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from turnrl.sandboxes.backend import PooledSandbox
+from turnrl.sandboxes.base import Limits, SandboxError
+from turnrl.sandboxes.cgroups import PREFIX, Cgroup, CgroupDriver, CgroupLimits, detect
+from turnrl.sandboxes.pool import WORKER_SOURCE, StreamWorker, WorkerHandle
+from turnrl.sandboxes.reaper import CMDLINE_TAG, RunLock, reap
+
+NOBODY = 65534
+
+
+@functools.cache
+def bwrap_usable() -> str | None:
+    """None when bubblewrap can create a sandbox here, else the reason it cannot."""
+    if shutil.which("bwrap") is None:
+        return "bubblewrap is not installed (apt-get install bubblewrap)"
+    try:
+        proc = subprocess.run(
+            bwrap_argv(["/usr/bin/true"], Limits()), capture_output=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"bwrap failed to start: {e}"
+    if proc.returncode != 0:
+        return f"bwrap cannot create namespaces here: {proc.stderr.decode().strip()}"
+    return None
+
+
+def _drop_privileges() -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    return [
+        "setpriv",
+        f"--reuid={NOBODY}",
+        f"--regid={NOBODY}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ]
+
+
+def _namespace_flags() -> list[str]:
+    return [
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--cap-drop",
+        "ALL",
+        "--new-session",
+        "--die-with-parent",
+        "--clearenv",
+    ]
+
+
+def bwrap_argv(program: list[str], limits: Limits, python: str = "/usr/bin/python3") -> list[str]:
+    """The full command that runs `program` inside the hardened profile."""
+    del python  # the program names its interpreter; kept for symmetry with docker's image
+    return [
+        *_drop_privileges(),
+        "bwrap",
+        *_namespace_flags(),
+        "--setenv",
+        "PATH",
+        "/usr/local/bin:/usr/bin:/bin",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        *(x for d in ("bin", "lib", "lib64", "sbin") for x in ("--symlink", f"usr/{d}", f"/{d}")),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--size",
+        str(limits.tmp_mb * 1024 * 1024),
+        "--tmpfs",
+        "/tmp",
+        "--remount-ro",
+        "/",
+        "--chdir",
+        "/tmp",
+        "--",
+        *program,
+    ]
+
+
+class BwrapSandbox(PooledSandbox):
+    """Warm bubblewrap workers in per-worker cgroups."""
+
+    name = "bwrap"
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        pool_size: int = 16,
+        warm: int = 4,
+        cpus: float = 1.0,
+        python: str = "/usr/bin/python3",
+        run: RunLock | None = None,
+        cgroups: CgroupDriver | bool | None = True,
+    ) -> None:
+        reason = bwrap_usable()
+        if reason is not None:
+            raise SandboxError(reason)
+        if not Path(python).is_file() or not python.startswith("/usr/"):
+            raise SandboxError(f"{python}: the sandbox's Python must be a file under /usr")
+        super().__init__(limits or Limits(), pool_size, warm, run)
+        self.interpreter = python
+        self.cpus = cpus
+        self.cgroups = detect() if cgroups is True else (cgroups or None)
+        self._seq = itertools.count()
+        # Leftovers of runs that died (the trainer SIGKILLed): gone before we start.
+        self._reap_dead()
+
+    async def _spawn(self) -> WorkerHandle:
+        lim = self.limits
+        group: Cgroup | None = None
+        if self.cgroups is not None:
+            name = f"{PREFIX}{self.run_id}-{next(self._seq)}"
+            group = await asyncio.to_thread(
+                self.cgroups.create, name, CgroupLimits(lim.memory_mb, lim.pids, self.cpus)
+            )
+        program = [self.interpreter, "-I", "-c", WORKER_SOURCE, "--pidns"]
+        if group is None:
+            program.append("--rlimit-as")
+        program.append(f"{CMDLINE_TAG}{self.run_id}")
+        argv = bwrap_argv(program, lim)
+        if group is not None:
+            # Join the cgroup, then exec: nothing starts outside the limits.
+            joins = " && ".join(f"echo $$ > '{f}'" for f in group.procs_files)
+            argv = ["/bin/sh", "-c", f'{joins} && exec "$@"', "sh", *argv]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            )
+        except OSError as e:
+            if group is not None:
+                await asyncio.to_thread(group.remove)
+            raise SandboxError(f"cannot start bwrap: {e}") from e
+
+        async def destroy() -> None:
+            if group is not None:
+                await asyncio.to_thread(group.remove)
+
+        worker = StreamWorker(proc, destroy, group.oom_kills if group is not None else None)
+        try:
+            await worker.call({"op": "ping"}, timeout_s=30.0)
+        except Exception as e:
+            await worker.destroy()
+            raise SandboxError(f"bwrap worker did not start: {e}") from e
+        return worker
+
+    def _reap_own(self) -> None:
+        reap(self.cgroups, only=self.run_id)
+
+    def _reap_dead(self) -> None:
+        reap(self.cgroups, spare=[self.run_id])

@@ -71,30 +71,30 @@ SandboxConfig = Annotated[
 def open_sandbox(config: SandboxConfig | None = None, run: RunLock | None = None) -> Sandbox:
     """Start the configured backend (workers start lazily, in the caller's event loop)."""
     config = config or AutoConfig()
-    common = {"limits": config.limits, "pool_size": config.pool_size, "warm": config.warm}
+    lim, size, warm = config.limits, config.pool_size, config.warm
     if isinstance(config, BwrapConfig):
         from turnrl.sandboxes.bwrap import BwrapSandbox
 
-        return BwrapSandbox(**common, cpus=config.cpus, python=config.python, run=run)
+        return BwrapSandbox(lim, size, warm, cpus=config.cpus, python=config.python, run=run)
     if isinstance(config, DockerConfig):
         from turnrl.sandboxes.docker import DockerSandbox
 
         return DockerSandbox(
-            **common, cpus=config.cpus, image=config.image, ttl_s=config.ttl_s, run=run
+            lim, size, warm, cpus=config.cpus, image=config.image, ttl_s=config.ttl_s, run=run
         )
     if isinstance(config, SubprocessConfig):
         from turnrl.sandboxes.local import SubprocessSandbox
 
-        return SubprocessSandbox(**common, python=config.python, run=run)
+        return SubprocessSandbox(lim, size, warm, python=config.python, run=run)
     from turnrl.sandboxes.bwrap import bwrap_usable
     from turnrl.sandboxes.docker import docker_usable
 
     why_not_bwrap = bwrap_usable()
     if why_not_bwrap is None:
-        return open_sandbox(BwrapConfig(**common), run)
+        return open_sandbox(BwrapConfig(limits=lim, pool_size=size, warm=warm), run)
     why_not_docker = docker_usable()
     if why_not_docker is None:
-        return open_sandbox(DockerConfig(**common), run)
+        return open_sandbox(DockerConfig(limits=lim, pool_size=size, warm=warm), run)
     raise SandboxError(
         "no sandbox backend is usable here:\n"
         f"  bwrap: {why_not_bwrap}\n  docker: {why_not_docker}\n"

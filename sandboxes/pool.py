@@ -72,9 +72,12 @@ class StreamWorker:
         self._oom_kills = oom_kills
         self._lock = asyncio.Lock()
         self._destroyed = False
+        self._broken = False
 
     async def call(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
+        if self._broken:
+            raise WorkerDied("the worker was killed by an earlier call")
         body = json.dumps(request).encode()
         async with self._lock:
             try:
@@ -85,14 +88,22 @@ class StreamWorker:
                     (n,) = struct.unpack(">I", header)
                     payload = await self.proc.stdout.readexactly(n)
             except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
+                self._broken = True
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()  # hung or half-dead: its resources go in destroy()
                 raise WorkerDied(f"{type(e).__name__}: {e}".rstrip(": ")) from None
+            except asyncio.CancelledError:
+                # The response would arrive later and be read as the next call's: the stream
+                # is out of step, so the worker cannot be used again.
+                self._broken = True
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                raise
         result: dict[str, Any] = json.loads(payload)
         return result
 
     def alive(self) -> bool:
-        return self.proc.returncode is None and not self._destroyed
+        return self.proc.returncode is None and not self._destroyed and not self._broken
 
     def oom_kills(self) -> int:
         return self._oom_kills() if self._oom_kills else 0
@@ -101,7 +112,7 @@ class StreamWorker:
         if self._destroyed:
             return
         self._destroyed = True
-        if self.proc.returncode is None:
+        if self.proc.returncode is None and not self._broken:
             # Politely first: the worker kills what its calls left (the subprocess backend has
             # no namespace or cgroup that would take them down with it).
             with contextlib.suppress(WorkerDied):

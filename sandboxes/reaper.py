@@ -136,10 +136,10 @@ def reap(
                 done.runs.add(run)
     if cgroups is not None:
         for name, group in cgroups.leftovers():
-            run = cgroup_run_id(name)
-            if run is not None and doomed(run):
+            owner = cgroup_run_id(name)
+            if owner is not None and doomed(owner):
                 done.processes += len(group.pids())
                 group.remove()
                 done.cgroups += 1
-                done.runs.add(run)
+                done.runs.add(owner)
     return done

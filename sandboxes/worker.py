@@ -379,11 +379,11 @@ class Worker:
         k.drain(streams)
         wall = time.monotonic() - t0
         cpu = k.cpu() - cpu0
-        code = sig = None
+        exit_code = sig = None
         if dead:
             status = k.kill(self)
             if os.WIFEXITED(status):
-                code = os.WEXITSTATUS(status)
+                exit_code = os.WEXITSTATUS(status)
             elif os.WIFSIGNALED(status):
                 sig = os.WTERMSIG(status)
             if sig == signal.SIGXCPU:
@@ -399,7 +399,7 @@ class Worker:
         return {
             "stdout": out.dump(),
             "stderr": err.dump(),
-            "exit_code": code if dead else 0,
+            "exit_code": exit_code if dead else 0,
             "signal": sig,
             "timed_out": timed_out,
             "wall_s": wall,

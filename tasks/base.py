@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from turnrl.tools.base import Tool
+from turnrl.tools.base import EpisodeTool, Tool
 
 Split = Literal["train", "test"]
 
@@ -51,7 +51,7 @@ class TaskSuite(Protocol):
         """The items of a split, in a fixed order; train and test never share an item."""
         ...
 
-    def tools(self) -> Sequence[Tool]:
+    def tools(self) -> Sequence[Tool | EpisodeTool]:
         """The tools offered to the agent."""
         ...
 

@@ -17,6 +17,8 @@ from turnrl.agent.runner import Budget
 from turnrl.rl.advantages import Estimator
 from turnrl.rl.learner import LearnerConfig
 from turnrl.rl.rewards import RewardConfig
+from turnrl.sandboxes.base import Limits
+from turnrl.sandboxes.config import AutoConfig, SandboxConfig
 
 
 class _Config(BaseModel):
@@ -43,7 +45,17 @@ class PathModel(_Config):
     """Folder with config, safetensors weights and tokenizer."""
 
 
-ModelConfig = Annotated[EmbeddedModel | TinyModel | PathModel, Field(discriminator="kind")]
+class OracleModel(_Config):
+    """A scripted policy that plays each item's gold solution (calling the suite's tool first
+    where it has one): checks a suite, its tools, sandbox and grader end to end. It scores
+    every item, so anything less is a bug in the pipeline. Evaluation only."""
+
+    kind: Literal["oracle"] = "oracle"
+
+
+ModelConfig = Annotated[
+    EmbeddedModel | TinyModel | PathModel | OracleModel, Field(discriminator="kind")
+]
 
 
 class SearchQAConfig(_Config):
@@ -62,7 +74,47 @@ class SearchQAConfig(_Config):
     """Token budget of one search result."""
 
 
-TaskConfig = Annotated[SearchQAConfig, Field(discriminator="kind")]
+class PythonToolConfig(_Config):
+    """The sandboxed `python` tool."""
+
+    stateful: bool = True
+    """Variables persist between an episode's calls (a notebook), or each call starts fresh."""
+    max_tokens: int = Field(384, ge=16)
+    """Token budget of one observation (head and tail kept)."""
+    limits: Limits = Field(default_factory=lambda: Limits(wall_s=10.0, cpu_s=10.0))
+    """Limits of one call."""
+
+
+class HumanEvalConfig(_Config):
+    """HumanEval (164 problems): complete a function; graded by the official tests, run in the
+    sandbox."""
+
+    kind: Literal["humaneval"] = "humaneval"
+    seed: int = 0
+    """Seed of the train/test split."""
+    timeout_s: float = Field(3.0, gt=0)
+    """Time limit of one grading run (the official harness uses 3 s)."""
+    python: PythonToolConfig | None = Field(default_factory=PythonToolConfig)
+    """The python tool offered to the agent; null for none."""
+
+
+class MathPythonConfig(_Config):
+    """Grade-school math word problems (reasoning-gym `gsm_symbolic`), computed with Python."""
+
+    kind: Literal["gsm_symbolic"] = "gsm_symbolic"
+    seed: int = 0
+    """Seed of item generation."""
+    n_train: int = Field(400, ge=1)
+    """Train items generated."""
+    n_test: int = Field(100, ge=1)
+    """Test items generated (disjoint from train)."""
+    python: PythonToolConfig | None = Field(default_factory=PythonToolConfig)
+    """The python tool offered to the agent; null for none."""
+
+
+TaskConfig = Annotated[
+    SearchQAConfig | HumanEvalConfig | MathPythonConfig, Field(discriminator="kind")
+]
 
 
 class SamplingConfig(_Config):
@@ -120,6 +172,8 @@ class RunConfig(_Config):
     task: TaskConfig = Field(default_factory=SearchQAConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    sandbox: SandboxConfig = Field(default_factory=AutoConfig)
+    """Where model-written code runs (only opened by tasks whose tools or grader run code)."""
     budget: Budget = Field(default_factory=Budget)
     concurrency: int = Field(16, ge=1)
     """Episodes in flight at once."""

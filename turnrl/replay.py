@@ -22,7 +22,8 @@ from turnrl.report import summarize
 from turnrl.rl.advantages import Estimator
 from turnrl.rl.rollout import grade_all
 from turnrl.rl.scoring import score
-from turnrl.tasks.search_qa import SearchQA
+from turnrl.sandboxes.config import open_sandbox
+from turnrl.suites import build_suite, needs_sandbox
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, list[Episode]]:
@@ -30,6 +31,19 @@ def load_run(run_dir: Path) -> tuple[RunConfig, list[Episode]]:
     with RunStore.open_readonly(run_dir) as store:
         episodes = list(store.episodes())
     return config, episodes
+
+
+async def _regrade(config: RunConfig, episodes: list[Episode]) -> list[dict[str, float]]:
+    """Grade every stored answer again (in a sandbox, for suites whose grader runs code)."""
+    sandbox = open_sandbox(config.sandbox) if needs_sandbox(config.task) else None
+    try:
+        suite = build_suite(config.task, None, sandbox)
+        items = {it.id: it for split in ("train", "test") for it in suite.items(split)}
+        pairs = [(items[e.task_id], e.answer) for e in episodes]
+        return await grade_all(suite, pairs, concurrency=8)
+    finally:
+        if sandbox is not None:
+            await sandbox.close()
 
 
 def replay(
@@ -44,8 +58,8 @@ def replay(
     if outcome_metric is not None:
         rewards = rewards.model_copy(update={"outcome_metric": outcome_metric})
     config = config.model_copy(update={"train": train_cfg, "rewards": rewards})
-    suite = SearchQA(seed=config.task.seed, n_train=config.task.n_train, n_test=config.task.n_test)
-    items = {it.id: it for split in ("train", "test") for it in suite.items(split)}
+    outcomes = asyncio.run(_regrade(config, episodes))
+    regraded_by_id = {e.episode_id: o for e, o in zip(episodes, outcomes, strict=True)}
 
     by_step: dict[int, list[Episode]] = defaultdict(list)
     for e in episodes:
@@ -54,11 +68,9 @@ def replay(
     mismatched = compared = regraded = 0
     for step in sorted(by_step):
         stored = by_step[step]
-        outcomes = asyncio.run(
-            grade_all(suite, [(items[e.task_id], e.answer) for e in stored], concurrency=8)
-        )
         graded = []
-        for e, outcome in zip(stored, outcomes, strict=True):
+        for e in stored:
+            outcome = regraded_by_id[e.episode_id]
             regraded += outcome != e.outcome
             graded.append(e.model_copy(update={"outcome": outcome}))
         row = {"step": float(step), **summarize(graded)}

@@ -27,18 +27,27 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from turnrl.agent.chat import ChatML, HFTokenizer
 from turnrl.agent.hf_policy import HFPolicy
-from turnrl.agent.model import embedded_model_dir, load_model, load_tokenizer, tiny_model_dir
+from turnrl.agent.model import (
+    embedded_model_dir,
+    load_model,
+    load_tokenizer,
+    tiny_model_dir,
+    tokenizer_dir,
+)
 from turnrl.agent.policy import SamplingParams
 from turnrl.agent.records import Episode
 from turnrl.agent.runner import EpisodeRunner
+from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.agent.store import RunStore
-from turnrl.config import ModelConfig, RunConfig, TaskConfig
+from turnrl.config import ModelConfig, RunConfig
 from turnrl.report import before_after_table, curves_table, summarize
 from turnrl.rl.learner import Learner
 from turnrl.rl.rollout import collect
 from turnrl.rl.scoring import score
+from turnrl.sandboxes.base import Sandbox
+from turnrl.sandboxes.config import open_sandbox
+from turnrl.suites import build_suite, needs_sandbox, oracle_script
 from turnrl.tasks.base import TaskItem, TaskSuite
-from turnrl.tasks.search_qa import SearchQA
 
 CURVES = {
     "reward": "reward",
@@ -69,18 +78,9 @@ def model_dir(cfg: ModelConfig, checkpoint: Path | None = None) -> Path:
         return embedded_model_dir()
     if cfg.kind == "tiny":
         return tiny_model_dir()
+    if cfg.kind == "oracle":
+        raise ValueError("the oracle model has no weights")
     return cfg.path
-
-
-def build_suite(cfg: TaskConfig, tokenizer: ChatML) -> TaskSuite:
-    return SearchQA(
-        seed=cfg.seed,
-        n_train=cfg.n_train,
-        n_test=cfg.n_test,
-        encode=tokenizer.tokenizer.encode,
-        search_k=cfg.search_k,
-        result_tokens=cfg.result_tokens,
-    )
 
 
 @dataclass
@@ -90,11 +90,17 @@ class Session:
     config: RunConfig
     tokenizer: Any
     store: RunStore
-    policy: HFPolicy
+    policy: HFPolicy | ScriptedPolicy
     renderer: ChatML
     suite: TaskSuite
     learner: Learner | None
     console: Console
+    sandbox: Sandbox | None = None
+
+    async def close_sandbox(self) -> None:
+        """Destroy every sandbox of the run; awaited in the event loop that used them."""
+        if self.sandbox is not None:
+            await self.sandbox.close()
 
     def save_checkpoint(self, folder: Path) -> Path:
         """Learner state plus a loadable model folder (with the tokenizer) for `turnrl eval`."""
@@ -117,26 +123,44 @@ def open_session(
     torch.manual_seed(config.seed)
     if config.policy.torch_threads:
         torch.set_num_threads(config.policy.torch_threads)
-    path = model_dir(config.model, checkpoint)
-    console.print(f"[bold]model[/] {path.name}  [bold]run[/] {config.run_dir}")
+    if config.model.kind == "oracle":
+        if train:
+            raise ValueError("the oracle model plays gold answers: use it with `turnrl eval`")
+        path = tokenizer_dir()
+        console.print(
+            f"[bold]model[/] oracle (scripted gold answers)  [bold]run[/] {config.run_dir}"
+        )
+    else:
+        path = model_dir(config.model, checkpoint)
+        console.print(f"[bold]model[/] {path.name}  [bold]run[/] {config.run_dir}")
     tokenizer = load_tokenizer(path)
-    model = load_model(path)
-    learner = Learner(model, config.learner) if train else None
-    policy = HFPolicy(
-        learner.model if learner else model, tokenizer, max_batch_size=config.policy.max_batch_size
-    )
     renderer = ChatML(HFTokenizer(tokenizer))
+    sandbox = open_sandbox(config.sandbox) if needs_sandbox(config.task) else None
+    suite = build_suite(config.task, renderer.tokenizer.encode, sandbox)
+    suite.tools()  # opens (or builds, once) the search index before the event loop starts
+    learner = None
+    policy: HFPolicy | ScriptedPolicy
+    if config.model.kind == "oracle":
+        eot = str(tokenizer.convert_ids_to_tokens(renderer.end_of_turn_id()))
+        policy = ScriptedPolicy(oracle_script(suite, renderer.tokenizer, eot), renderer.tokenizer)
+    else:
+        model = load_model(path)
+        learner = Learner(model, config.learner) if train else None
+        policy = HFPolicy(
+            learner.model if learner else model,
+            tokenizer,
+            max_batch_size=config.policy.max_batch_size,
+        )
     store = RunStore(config.run_dir)
     store.write_config(config.to_yaml())
-    suite = build_suite(config.task, renderer)
-    suite.tools()  # opens (or builds, once) the search index before the event loop starts
     # Move the start-up heap (torch, transformers, the corpus) out of the collector's view:
     # per-turn allocations would otherwise trigger gen-2 scans of millions of old objects.
     gc.freeze()
     try:
-        yield Session(config, tokenizer, store, policy, renderer, suite, learner, console)
+        yield Session(config, tokenizer, store, policy, renderer, suite, learner, console, sandbox)
     finally:
-        policy.close()
+        if isinstance(policy, HFPolicy):
+            policy.close()
         store.close()
 
 
@@ -261,9 +285,12 @@ def run_train(
     with open_session(config, console, train=True) as s:
 
         async def main() -> dict[str, Any]:
-            before = await evaluate(s, "eval-before") if with_eval else {}
-            rows = await train_steps(s)
-            after = await evaluate(s, "eval-after") if with_eval else {}
+            try:
+                before = await evaluate(s, "eval-before") if with_eval else {}
+                rows = await train_steps(s)
+                after = await evaluate(s, "eval-after") if with_eval else {}
+            finally:
+                await s.close_sandbox()
             return {"before": before, "rows": rows, "after": after}
 
         out = asyncio.run(main())
@@ -282,5 +309,12 @@ def run_train(
 def run_eval(config: RunConfig, console: Console, checkpoint: Path | None) -> dict[str, float]:
     """`turnrl eval`: evaluate the configured model (or a checkpoint) on held-out items."""
     with open_session(config, console, train=False, checkpoint=checkpoint) as s:
-        summary = asyncio.run(evaluate(s, "eval"))
+
+        async def main() -> dict[str, float]:
+            try:
+                return await evaluate(s, "eval")
+            finally:
+                await s.close_sandbox()
+
+        summary = asyncio.run(main())
     return summary

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint typecheck install bench-quick clean
+.PHONY: demo test lint typecheck install bench-quick clean sandbox-deps
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,19 @@ typecheck: $(STAMP)
 
 test: $(STAMP) lint typecheck
 	$(VENV)/bin/pytest -q
+
+# System packages of the sandboxes (root, Debian/Ubuntu): bubblewrap, and Docker with a running
+# daemon. Without them the bwrap and docker tests skip; the subprocess backend needs neither.
+sandbox-deps:
+	@if ! command -v bwrap >/dev/null || ! command -v dockerd >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap docker.io; \
+	fi
+	@if ! docker info >/dev/null 2>&1; then \
+		(nohup dockerd >/tmp/turnrl-dockerd.log 2>&1 &); \
+		for i in $$(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done; \
+		docker info >/dev/null 2>&1 || { echo "dockerd did not start:"; tail -20 /tmp/turnrl-dockerd.log; exit 1; }; \
+	fi
+	@echo "sandbox-deps: $$(bwrap --version), $$(docker version --format 'docker {{.Server.Version}}')"
 
 bench-quick: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b --quick || exit 1; done

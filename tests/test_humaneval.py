@@ -105,7 +105,8 @@ def test_split_is_seeded_disjoint_and_covers_all_problems() -> None:
 
 def test_item_shows_the_prompt_verbatim_and_keeps_what_the_grader_needs() -> None:
     item, p = ITEMS["HumanEval/0"], PROBLEMS["HumanEval/0"]
-    assert f"```python\n{p['prompt'].rstrip()}\n```" in item.question
+    code = p["prompt"].strip("\n")
+    assert f"```python\n{code}\n```" in item.question
     assert item.answers == (p["canonical_solution"],)
     assert {k: item.meta[k] for k in ("prompt", "test", "entry_point")} == {
         k: p[k] for k in ("prompt", "test", "entry_point")
@@ -129,9 +130,9 @@ def test_tools_and_system_prompt_follow_the_python_tool() -> None:
     assert suite.system_prompt.endswith(TOOL_PROMPT)
     (call,) = parse_completion(TOOL_PROMPT, 0).tool_calls
     assert call.name == "python" and call.parse_error is None
-    assert "def add" in str(call.arguments["code"])
+    assert "def double" in str(call.arguments["code"])
     example = parse_completion(SUITE.system_prompt, 0).answer
-    assert example is not None and example.startswith("def add(")
+    assert example is not None and example.startswith("def double(")
 
 
 def test_few_shot_is_a_train_problem_answered_as_a_full_definition() -> None:

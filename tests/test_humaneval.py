@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,7 @@ def test_official_completions_give_the_official_program_byte_for_byte(task_id: s
 
 
 @pytest.mark.parametrize("task_id", sorted(PROBLEMS))
-def test_stripped_bodies_and_full_definitions_build_programs_that_parse(task_id: str) -> None:
+def test_stripped_bodies_and_full_definitions_build_the_expected_programs(task_id: str) -> None:
     p = PROBLEMS[task_id]
     body = p["canonical_solution"]
     # What `agent.parse` hands over: the answer stripped, so the first line lost its indent.
@@ -175,6 +176,8 @@ def test_answer_formats() -> None:
     # The block that defines the entry point wins over an earlier usage example.
     two = f"```python\nprint(strlen('ab'))\n```\n```python\n{full}\n```"
     assert check_program(p, two) == p["prompt"] + "\n" + full + tail
+    # Indented as a whole, a definition would nest inside the prompt's stub: dedented.
+    assert check_program(p, textwrap.indent(full, "    ")) == p["prompt"] + "\n" + full + tail
     body = "    return len(string)"
     assert check_program(p, f"```python\n{body}\n```") == official_program(p, body)
     # A body at column 0 (the model did not indent at all) is indented as a whole.
@@ -184,13 +187,6 @@ def test_answer_formats() -> None:
     assert check_program(p, "return (") == official_program(p, "return (")
     assert check_program(p, "") == official_program(p, "")
     assert strip_fences("no fences", "f") == "no fences"
-
-
-def test_full_definition_indented_as_a_whole_is_dedented() -> None:
-    p = PROBLEMS["HumanEval/23"]
-    indented = "    def strlen(string: str) -> int:\n        return len(string)\n"
-    program = check_program(p, indented)
-    assert "\ndef strlen(string: str) -> int:\n    return len(string)\n" in program
 
 
 # --- grading in a sandbox ------------------------------------------------------------------

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from turnrl.agent.parse import parse_completion
+from turnrl.sandboxes.base import ExecResult, Limits
 from turnrl.tasks.base import TaskItem, TaskSuite
 from turnrl.tasks.math_python import (
     CODE_TEMPLATES,
@@ -25,6 +26,7 @@ from turnrl.tasks.math_python import (
     score_numeric,
 )
 from turnrl.tools.base import ToolOutput, ToolSpec
+from turnrl.tools.python import format_result
 
 
 class CodeArgs(BaseModel):
@@ -208,9 +210,11 @@ def test_few_shot_from_train_and_well_formed(suite: MathPython) -> None:
     assert call.format_error is None
     (tool_call,) = call.tool_calls
     assert tool_call.name == "python"
-    assert shots[4][1] == f"<tool_response>\n{computed.answers[0]}\n\n</tool_response>"
-    # The response is what the code really prints.
-    assert run_code(tool_call.arguments["code"]) == f"{computed.answers[0]}\n"
+    # The response is what the python tool shows for what the code really prints.
+    printed = run_code(tool_call.arguments["code"])
+    assert printed == f"{computed.answers[0]}\n"
+    shown = format_result(ExecResult(stdout=printed), Limits())
+    assert shots[4][1] == f"<tool_response>\n{shown}\n</tool_response>"
     assert parse_completion(shots[5][1], 0).answer == computed.answers[0]
     assert suite.few_shot() is shots
 

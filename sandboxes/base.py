@@ -59,9 +59,14 @@ class ExecResult(BaseModel):
     """Wall time of the call."""
     cpu_s: float = 0.0
     """CPU time used by the call's processes (user + system)."""
+    snippet: bool = False
+    """The call ran a Python snippet (`completed` is its success), not a program."""
     completed: bool = False
-    """For snippets: the code ran to its end without raising (SystemExit included). Reported
-    with a per-call nonce, so a snippet that calls `os._exit(0)` early does not complete."""
+    """For snippets: the code ran to its end without raising (SystemExit included), as the
+    worker's child reported after `exec` returned; a snippet that calls `os._exit(0)` early
+    does not complete. The report travels on a descriptor the snippet's own process holds, so
+    code written to forge it can (as in HumanEval's official harness, whose result list lives
+    in the same process): graders that must resist that add a nonce of their own."""
     exception: str | None = None
     """For snippets: `Type: message` of the exception that ended the code, if one did."""
     state_lost: bool = False
@@ -71,10 +76,9 @@ class ExecResult(BaseModel):
 
     @property
     def ok(self) -> bool:
-        """Exited 0 (programs) or completed (snippets), within limits."""
-        return (self.completed or self.exit_code == 0) and not (
-            self.timed_out or self.oom_killed or self.error
-        )
+        """Completed (snippets) or exited 0 (programs), within limits."""
+        success = self.completed if self.snippet else self.exit_code == 0
+        return success and not (self.timed_out or self.oom_killed or self.error)
 
 
 class SandboxError(Exception):

@@ -72,8 +72,6 @@ API_TIMEOUT_S = 60
 """Timeout of one call to the daemon (a container start or removal under load included)."""
 _MUX_HEADER = struct.Struct(">BxxxL")
 _STDOUT = 1
-_CLOCK_SLACK_S = 0.05
-"""Slack on `since` for the daemon's event times (its clock may tick apart from ours)."""
 _USABLE_TTL_S = 10.0
 _usable: tuple[float, str | None] | None = None
 _usable_lock = threading.Lock()
@@ -236,10 +234,10 @@ class DockerWorker:
                 self._broken = True  # cancelled mid-exchange: the stream is out of step
                 raise
         result: dict[str, Any] = json.loads(payload)
-        if self._cgroup is None and result.get("signal") == signal.SIGKILL:
-            # No cgroup to read here (a remote daemon): ask the daemon whether it was OOM.
-            if await asyncio.to_thread(self._ooms_since, started):
-                self._oom_seen += 1
+        # No cgroup to read here (a remote daemon): ask the daemon whether a SIGKILL was OOM.
+        killed = result.get("signal") == signal.SIGKILL
+        if killed and self._cgroup is None and await asyncio.to_thread(self._ooms_since, started):
+            self._oom_seen += 1
         return result
 
     async def _read(self, n: int) -> bytes:
@@ -272,9 +270,10 @@ class DockerWorker:
             self.client.api.kill(self.container_id)
 
     def _ooms_since(self, since: float) -> int:
-        """The daemon's OOM events for this container since `since` (unix time). Blocking."""
+        """The daemon's OOM events for this container since `since` (unix time on our clock,
+        which for a local daemon is its clock too). Blocking."""
         events = self.client.api.events(
-            since=since - _CLOCK_SLACK_S,
+            since=since,
             until=time.time(),
             filters={"container": self.container_id, "event": "oom"},
             decode=True,

@@ -66,9 +66,8 @@ _ETC = {
 class _Rootfs:
     """A tar of host paths laid out as they are on the host, owned by root."""
 
-    def __init__(self) -> None:
-        self.buf = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=tarfile.PAX_FORMAT)
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self.tar = tar
         self.seen: set[str] = set()
 
     def add(self, path: str) -> None:
@@ -105,10 +104,6 @@ class _Rootfs:
         info = tarfile.TarInfo(arcname)
         info.type, info.mode = tarfile.DIRTYPE, mode
         self.tar.addfile(info)
-
-    def close(self) -> bytes:
-        self.tar.close()
-        return self.buf.getvalue()
 
     def _entry(self, path: str) -> None:
         if path in self.seen or path == "/":
@@ -161,22 +156,24 @@ def rootfs(python: str = "/usr/bin/python3", tools: Iterable[str] = TOOLS) -> by
         gcc_s = os.path.join(os.path.dirname(os.path.realpath(libc)), "libgcc_s.so.1")
         if os.path.exists(gcc_s):
             libs.add(gcc_s)
-    fs = _Rootfs()
-    for path in dict.fromkeys([python, "/usr/bin/python3"]):
-        if os.path.exists(path):
-            fs.add(path)
-    for t in tools:
-        if os.path.exists(f"/bin/{t}"):
-            fs.add(f"/bin/{t}")
-    for lib in sorted(libs):
-        fs.add(lib)
-    fs.add_tree(stdlib, skip=_SKIP_STDLIB)
-    for name, content in _ETC.items():
-        fs.text(name, content)
-    fs.directory("tmp", 0o1777)
-    for d in ("proc", "dev", "sys"):
-        fs.directory(d, 0o755)
-    return fs.close()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        fs = _Rootfs(tar)
+        for path in dict.fromkeys([python, "/usr/bin/python3"]):
+            if os.path.exists(path):
+                fs.add(path)
+        for t in tools:
+            if os.path.exists(f"/bin/{t}"):
+                fs.add(f"/bin/{t}")
+        for lib in sorted(libs):
+            fs.add(lib)
+        fs.add_tree(stdlib, skip=_SKIP_STDLIB)
+        for name, content in _ETC.items():
+            fs.text(name, content)
+        fs.directory("tmp", 0o1777)
+        for d in ("proc", "dev", "sys"):
+            fs.directory(d, 0o755)
+    return buf.getvalue()
 
 
 def build_context(python: str = "/usr/bin/python3") -> bytes:
@@ -191,7 +188,9 @@ def build_context(python: str = "/usr/bin/python3") -> bytes:
     return buf.getvalue()
 
 
-def build_image(tag: str = DEFAULT_TAG, python: str = "/usr/bin/python3", client: Any = None) -> str:
+def build_image(
+    tag: str = DEFAULT_TAG, python: str = "/usr/bin/python3", client: Any = None
+) -> str:
     """Build the sandbox image from the host's Python and tag it; returns the image id.
 
     `client` is a `docker.DockerClient` (one from the environment when None)."""

@@ -125,10 +125,10 @@ class StreamWorker:
             await self._on_destroy()
 
 
-def to_result(resp: dict[str, Any], oom: bool) -> ExecResult:
+def to_result(resp: dict[str, Any], oom: bool, snippet: bool) -> ExecResult:
     """An `ExecResult` from a worker's response (`oom`: the backend saw an OOM kill)."""
     if "error" in resp and "stdout" not in resp:
-        return ExecResult(error=str(resp["error"]))
+        return ExecResult(error=str(resp["error"]), snippet=snippet)
     out, out_cut = _stream(resp["stdout"])
     err, err_cut = _stream(resp["stderr"])
     exception = resp.get("exception")
@@ -147,6 +147,7 @@ def to_result(resp: dict[str, Any], oom: bool) -> ExecResult:
         completed=bool(resp.get("completed")) and not oom,
         exception=exception,
         state_lost=bool(resp.get("state_lost")),
+        snippet=snippet,
     )
 
 
@@ -310,8 +311,10 @@ class PoolSession:
                 error=f"sandbox worker {why}; its files and variables are gone",
                 oom_killed=oom,
                 state_lost=True,
+                snippet=request["op"] == "exec",
             )
-        return to_result(resp, oom=worker.oom_kills() > before)
+        snippet = request["op"] == "exec"
+        return to_result(resp, oom=worker.oom_kills() > before, snippet=snippet)
 
     async def close(self) -> None:
         if self._closed:

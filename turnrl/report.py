@@ -25,7 +25,6 @@ def summarize(episodes: Sequence[Episode]) -> dict[str, float]:
     out = {
         "episodes": float(len(episodes)),
         "success": successes / len(episodes),
-        "f1": fmean(e.outcome.get("f1", 0.0) for e in episodes),
         "answered": fmean(e.answer is not None for e in episodes),
         "tool_calls_per_episode": n_calls / len(episodes),
         "successes_per_call": successes / n_calls if n_calls else 0.0,
@@ -35,6 +34,9 @@ def summarize(episodes: Sequence[Episode]) -> dict[str, float]:
         "context_tokens_per_episode": fmean(len(e.token_ids()) for e in episodes),
         "wall_s_per_episode": fmean(e.wall_s for e in episodes),
     }
+    # The suite's other scores (f1 for search, timeouts for code, ...) by their own names.
+    for key in sorted({k for e in episodes for k in e.outcome} - {"correct"} - set(out)):
+        out[key] = fmean(e.outcome.get(key, 0.0) for e in episodes)
     for reason, count in sorted(Counter(e.stop_reason.value for e in episodes).items()):
         out[f"stop/{reason}"] = count / len(episodes)
     return out

@@ -210,8 +210,9 @@ async def evaluate(s: Session, tag: str) -> dict[str, float]:
     s.store.flush()
     summary = summarize(episodes)
     s.console.print(
-        f"[bold]{tag}[/]: success {summary['success']:.3f}  f1 {summary['f1']:.3f}  "
-        f"tool calls/ep {summary['tool_calls_per_episode']:.2f}  "
+        f"[bold]{tag}[/]: success {summary['success']:.3f}  "
+        + (f"f1 {summary['f1']:.3f}  " if "f1" in summary else "")
+        + f"tool calls/ep {summary['tool_calls_per_episode']:.2f}  "
         f"({time.monotonic() - t0:.0f} s, {len(episodes)} episodes)"
     )
     return summary

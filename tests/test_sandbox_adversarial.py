@@ -230,13 +230,13 @@ def _host_zombies_of(run: str) -> list[int]:
     for pid, (ppid, _, _) in table.items():
         kids.setdefault(ppid, []).append(pid)
     todo = [p for p, r in tagged_processes().items() if r == run]
-    zombies = []
+    seen = set(todo)
     while todo:
         for child in kids.get(todo.pop(), []):
-            todo.append(child)
-            if table[child][1] == "Z":
-                zombies.append(child)
-    return zombies
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return sorted(p for p in seen if table.get(p, (0, ""))[1] == "Z")
 
 
 def _host_ipv4s() -> list[str]:

@@ -44,7 +44,9 @@ class DockerConfig(_Backend):
     cpus: float = Field(1.0, gt=0)
     """CPU bandwidth of one container, in cores."""
     image: str = "turnrl-sandbox:latest"
-    """Image to run; built from the host's Python when missing."""
+    """Image to run; `turnrl-sandbox:*` is built from the host's Python when missing."""
+    python: str = "/usr/bin/python3"
+    """The Python inside the image."""
     ttl_s: float = Field(3600.0, gt=0)
     """A container older than this is removed by any run's reaper."""
 
@@ -80,7 +82,14 @@ def open_sandbox(config: SandboxConfig | None = None, run: RunLock | None = None
         from turnrl.sandboxes.docker import DockerSandbox
 
         return DockerSandbox(
-            lim, size, warm, cpus=config.cpus, image=config.image, ttl_s=config.ttl_s, run=run
+            lim,
+            size,
+            warm,
+            cpus=config.cpus,
+            image=config.image,
+            ttl_s=config.ttl_s,
+            run=run,
+            python=config.python,
         )
     if isinstance(config, SubprocessConfig):
         from turnrl.sandboxes.local import SubprocessSandbox

@@ -9,7 +9,8 @@ DNS, and neither the host nor the docker bridge is reachable. The root is read-o
 tmpfs `/tmp` (exec allowed, like bwrap's; nosuid, nodev) and `/dev/shm` are the only writable
 places, and their pages count against the memory limit. Memory (swap disabled), pids and CPU
 bandwidth are bounded by the container's cgroup; per-call wall and CPU time are enforced by the
-worker inside, which also kills every process a call leaves behind. The environment is empty.
+worker inside, which also kills every process a call leaves behind. Nothing of the trainer's
+environment reaches the code (the worker sets PATH, HOME, LANG and TMPDIR itself).
 The worker's stdin is the container's attached stdin (`StdinOnce`), so when the trainer dies
 the worker reads EOF and the container stops; its container, and any past its expiry label,
 is then removed by the next reaper of any run (`turnrl.run_id`, `turnrl.expires` labels).
@@ -42,9 +43,11 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import secrets
 import signal
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -70,6 +73,7 @@ containers or machines, whose locks are invisible here; those are reaped by expi
 NOBODY = "65534:65534"
 API_TIMEOUT_S = 60
 """Timeout of one call to the daemon (a container start or removal under load included)."""
+_RUN_ID = re.compile(r"[a-z0-9]{6,32}")
 _MUX_HEADER = struct.Struct(">BxxxL")
 _STDOUT = 1
 _USABLE_TTL_S = 10.0
@@ -135,8 +139,8 @@ def reap_containers(
     for info in client.api.containers(all=True, filters={"label": label}):
         labels: dict[str, str] = info.get("Labels") or {}
         run = labels.get(RUN_LABEL, "")
-        if run in spare:
-            continue
+        if run in spare or not _RUN_ID.fullmatch(run):
+            continue  # a malformed id must not name a lock path
         if only is None:
             try:
                 expired = float(labels.get(EXPIRES_LABEL, "inf")) < now
@@ -159,8 +163,28 @@ def _remove(client: Any, container_id: str) -> None:
     """Kill and remove a container; gone already, or being removed, is fine."""
     import docker
 
-    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+    with contextlib.suppress(docker.errors.APIError):
         client.api.remove_container(container_id, force=True, v=True)
+
+
+def _attach(api: Any, container_id: str) -> socket.socket:
+    """A socket of our own on the container's stdin and stdout: `POST /attach`, upgraded by the
+    daemon to a raw stream (as docker-py's `attach_socket` does, but keeping the response so
+    that the SDK's side is closed here, not whenever the garbage collector gets to it)."""
+    response = api.post(
+        f"{api.base_url}/v{api.api_version}/containers/{container_id}/attach",
+        params={"stdin": 1, "stdout": 1, "stream": 1},
+        headers={"Connection": "Upgrade", "Upgrade": "tcp"},
+        stream=True,
+    )
+    try:
+        response.raise_for_status()
+        raw = getattr(response.raw._fp.fp.raw, "_sock", None)
+        if not isinstance(raw, socket.socket) or isinstance(raw, ssl.SSLSocket):
+            raise SandboxError("the docker backend needs a daemon on a unix socket or plain TCP")
+        return raw.dup()
+    finally:
+        response.close()
 
 
 def _memory_cgroup(pid: int, container_id: str) -> Cgroup | None:
@@ -219,7 +243,7 @@ class DockerWorker:
         async with self._lock:
             if self._broken or self._destroyed:
                 raise WorkerDied("the worker's channel is closed")
-            started = time.time()
+            started, kills_before = time.time(), self.oom_kills()
             try:
                 self._writer.write(struct.pack(">I", len(body)) + body)
                 async with asyncio.timeout(timeout_s):
@@ -233,12 +257,22 @@ class DockerWorker:
             except BaseException:
                 self._broken = True  # cancelled mid-exchange: the stream is out of step
                 raise
-        result: dict[str, Any] = json.loads(payload)
-        # No cgroup to read here (a remote daemon): ask the daemon whether a SIGKILL was OOM.
-        killed = result.get("signal") == signal.SIGKILL
-        if killed and self._cgroup is None and await asyncio.to_thread(self._ooms_since, started):
-            self._oom_seen += 1
+            result: dict[str, Any] = json.loads(payload)
+            await self._account_ooms(result, started, kills_before)
         return result
+
+    async def _account_ooms(self, result: dict[str, Any], started: float, before: int) -> None:
+        """Keep `oom_kills()` right after a call that began at `started`."""
+        if self._cgroup is not None:
+            if self.oom_kills() > before:
+                # The daemon logs the OOM event a little after the kill: wait until it has, so
+                # that the event cannot be taken for one of a later call (see `_settle`).
+                await asyncio.to_thread(self._await_oom_event, started, 1.0)
+            return
+        # No cgroup to read here (a remote daemon): ask the daemon whether a SIGKILL was OOM.
+        killed = result.get("signal") == signal.SIGKILL and not result.get("timed_out")
+        if killed and await asyncio.to_thread(self._await_oom_event, started, 0.0):
+            self._oom_seen += 1
 
     async def _read(self, n: int) -> bytes:
         """`n` bytes of the worker's stdout, out of the daemon's multiplexed frames."""
@@ -261,27 +295,35 @@ class DockerWorker:
             with contextlib.suppress(Exception):
                 self.client.api.wait(self.container_id, timeout=2)
             with contextlib.suppress(Exception):
-                state = self.client.api.inspect_container(self.container_id)["State"]
-                # OOMKilled stays set once any process of the container was OOM-killed: only
-                # an OOM event during this call says that it took the worker down.
-                if state.get("OOMKilled"):
-                    self._died_of_oom = self._ooms_since(since) > 0
-        with contextlib.suppress(docker.errors.APIError, docker.errors.NotFound):
+                # `OOMKilled` says whether any process of the container was ever OOM-killed;
+                # only an OOM event during this call says that one took the worker down.
+                if self.client.api.inspect_container(self.container_id)["State"]["OOMKilled"]:
+                    self._died_of_oom = self._await_oom_event(since, 0.5)
+        with contextlib.suppress(docker.errors.APIError):
             self.client.api.kill(self.container_id)
 
-    def _ooms_since(self, since: float) -> int:
-        """The daemon's OOM events for this container since `since` (unix time on our clock,
-        which for a local daemon is its clock too). Blocking."""
-        events = self.client.api.events(
-            since=since,
-            until=time.time(),
-            filters={"container": self.container_id, "event": "oom"},
-            decode=True,
-        )
-        try:
-            return sum(1 for _ in events)
-        finally:
-            events.close()
+    def _await_oom_event(self, since: float, wait_s: float) -> bool:
+        """Whether the daemon logs an OOM event of this container since `since` (unix time on
+        our clock, which for a local daemon is its own), polling up to `wait_s`. Blocking."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                events = self.client.api.events(
+                    since=since,
+                    until=time.time(),
+                    filters={"container": self.container_id, "event": "oom"},
+                    decode=True,
+                )
+                try:
+                    if any(True for _ in events):
+                        return True
+                finally:
+                    events.close()
+            except Exception:
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
     def alive(self) -> bool:
         return not (self._destroyed or self._broken or self._reader.at_eof())
@@ -321,8 +363,8 @@ class DockerSandbox(PooledSandbox):
             raise SandboxError(reason)
         import docker
 
-        super().__init__(limits or Limits(), pool_size, warm, run)
         self.client = docker.from_env(timeout=API_TIMEOUT_S)
+        super().__init__(limits or Limits(), pool_size, warm, run)
         self.image, self.cpus, self.ttl_s, self.interpreter = image, cpus, ttl_s, python
         self._image_ready = False
         self._image_lock = threading.Lock()
@@ -347,6 +389,10 @@ class DockerSandbox(PooledSandbox):
                 made.sock.close()
                 await asyncio.to_thread(_remove, self.client, made.container_id)
             raise
+        except SandboxError:
+            raise
+        except Exception as e:  # the daemon refused (a missing runtime, no docker-init...)
+            raise SandboxError(f"cannot start a docker worker: {e}") from e
         try:
             reader, writer = await asyncio.open_connection(sock=started.sock)
         except OSError as e:
@@ -416,14 +462,7 @@ class DockerSandbox(PooledSandbox):
         )
         sock: socket.socket | None = None
         try:
-            attached = container.attach_socket(params={"stdin": 1, "stdout": 1, "stream": 1})
-            raw = getattr(attached, "_sock", attached)
-            if not isinstance(raw, socket.socket):
-                raise SandboxError("the docker backend needs a daemon on a unix socket or TCP")
-            # Our own descriptor: the SDK's objects may close theirs whenever they are freed.
-            sock = raw.dup()
-            attached.close()
-            raw.close()
+            sock = _attach(self.client.api, str(container.id))
             container.start()
             container.reload()
             cgroup = _memory_cgroup(int(container.attrs["State"]["Pid"]), str(container.id))
@@ -434,8 +473,12 @@ class DockerSandbox(PooledSandbox):
             raise
         return _Started(str(container.id), sock, cgroup)
 
+    # Best effort: what a failing daemon keeps is left to the next reaper (or to expiry).
+
     def _reap_own(self) -> None:
-        reap_containers(self.client, only=self.run_id)
+        with contextlib.suppress(Exception):
+            reap_containers(self.client, only=self.run_id)
 
     def _reap_dead(self) -> None:
-        reap_containers(self.client, spare=(self.run_id,))
+        with contextlib.suppress(Exception):
+            reap_containers(self.client, spare=(self.run_id,))

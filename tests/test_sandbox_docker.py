@@ -259,10 +259,10 @@ def test_pids_limit_contains_a_fork_bomb() -> None:
         )
         forked, err = r.stdout.split()
         assert int(forked) < 32 and int(err) == errno.EAGAIN
-        r = await s.run(["sh", "-c", "b() { b | b & }; b"], limits=Limits(wall_s=3.0))
-        assert not r.ok
+        await s.run(["sh", "-c", "b() { b | b & }; b; sleep 2"], limits=Limits(wall_s=3.0))
+        # Usable afterwards (on the same worker or a replacement), with the bomb swept away.
         r = await s.python("import os; print(len([p for p in os.listdir('/proc') if p.isdigit()]))")
-        assert r.ok and int(r.stdout) <= 4  # init, worker, interpreter; the rest swept
+        assert r.ok and int(r.stdout) == 3  # docker-init, the worker, the interpreter
 
     in_session(check, Limits(pids=32))
 
@@ -304,9 +304,8 @@ def test_container_settings_and_labels() -> None:
         assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges"]
         assert host["Init"] and not host["AutoRemove"] and host["LogConfig"]["Type"] == "none"
         assert "size=8m" in host["Tmpfs"]["/tmp"]
-        assert info["Config"]["User"] == "65534:65534" and [
-            e.split("=")[0] for e in info["Config"]["Env"] or []
-        ] in ([], ["PATH"])
+        env_names = [e.split("=")[0] for e in info["Config"]["Env"] or []]
+        assert info["Config"]["User"] == "65534:65534" and env_names in ([], ["PATH"])
 
     in_session(check, Limits(memory_mb=96, pids=40, tmp_mb=8), cpus=0.5, ttl_s=120.0)
 

@@ -101,6 +101,12 @@ def bwrap_argv(program: list[str], limits: Limits, python: str = "/usr/bin/pytho
         "--size",
         str(limits.tmp_mb * 1024 * 1024),
         "--tmpfs",
+        "/dev/shm",
+        "--remount-ro",
+        "/dev",
+        "--size",
+        str(limits.tmp_mb * 1024 * 1024),
+        "--tmpfs",
         "/tmp",
         "--remount-ro",
         "/",
@@ -162,7 +168,8 @@ class BwrapSandbox(PooledSandbox):
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
-                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                cwd="/",
             )
         except OSError as e:
             if group is not None:

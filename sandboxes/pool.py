@@ -117,6 +117,10 @@ class StreamWorker:
             # no namespace or cgroup that would take them down with it).
             with contextlib.suppress(WorkerDied):
                 await self.call({"op": "exit"}, timeout_s=2.0)
+            # Let the launcher (bwrap) exit on its own: killed at once, its inner process is
+            # orphaned to the host's init and lingers as a zombie until that init reaps it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 1.0)
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
         with contextlib.suppress(Exception):
@@ -205,13 +209,16 @@ class WorkerPool:
         """Ping idle workers, replace the ones that do not answer; returns how many died."""
         dead = 0
         for worker in list(self._idle):
+            with contextlib.suppress(ValueError):
+                self._idle.remove(worker)
             try:
                 await worker.call({"op": "ping"}, timeout_s=BACKSTOP_S)
             except WorkerDied:
                 dead += 1
-                with contextlib.suppress(ValueError):
-                    self._idle.remove(worker)
                 await self._drop(worker)
+                continue
+            self._idle.append(worker)
+            self._freed.set()
         self._refill()
         return dead
 
@@ -275,6 +282,7 @@ class PoolSession:
         self.limits = limits
         self._worker: WorkerHandle | None = None
         self._closed = False
+        self._acquiring = asyncio.Lock()
         self.id = next(self._ids)
 
     async def python(self, code: str, limits: Limits | None = None) -> ExecResult:
@@ -295,17 +303,19 @@ class PoolSession:
         if self._closed:
             raise SandboxError("session is closed")
         lim = limits or self.limits
-        if self._worker is None:
-            self._worker = await self._pool.acquire()
-        worker = self._worker
+        async with self._acquiring:
+            if self._worker is None:
+                self._worker = await self._pool.acquire()
+            worker = self._worker
         request["limits"] = lim.model_dump()
         before = worker.oom_kills()
         try:
             resp = await worker.call(request, timeout_s=lim.wall_s + BACKSTOP_S)
         except WorkerDied as e:
             oom = worker.oom_kills() > before
-            self._worker = None
-            await self._pool.release(worker)
+            if self._worker is worker:
+                self._worker = None
+                await self._pool.release(worker)
             why = "killed by the memory limit" if oom else f"died ({e})"
             return ExecResult(
                 error=f"sandbox worker {why}; its files and variables are gone",

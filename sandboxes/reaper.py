@@ -77,8 +77,8 @@ def run_is_alive(run_id: str) -> bool:
 
 def cgroup_run_id(name: str) -> str | None:
     """The run id in a sandbox cgroup's name (`turnrl-<run>-<n>`)."""
-    parts = name[len(PREFIX) :].split("-")
-    return parts[0] if name.startswith(PREFIX) and len(parts) == 2 else None
+    m = re.fullmatch(rf"{PREFIX}([a-z0-9]{{6,32}})-(\d+)", name)
+    return m[1] if m else None
 
 
 def tagged_processes() -> dict[int, str]:
@@ -95,6 +95,26 @@ def tagged_processes() -> dict[int, str]:
             if arg.startswith(CMDLINE_TAG.encode()):
                 out[int(entry)] = arg[len(CMDLINE_TAG) :].decode(errors="replace")
                 break
+    return out
+
+
+def _descendants(root: int) -> list[int]:
+    """Live processes below `root` (by parent pid)."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            if fields[0] != b"Z":
+                kids.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], list(kids.get(root, []))
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
     return out
 
 
@@ -130,6 +150,15 @@ def reap(
 
     for pid, run in tagged_processes().items():
         if doomed(run):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGSTOP)  # no new children while its tree is walked
+            for _ in range(100):
+                tree = _descendants(pid)
+                if not tree:
+                    break
+                for child in tree:
+                    with contextlib.suppress(OSError):
+                        os.kill(child, signal.SIGKILL)
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
                 done.processes += 1

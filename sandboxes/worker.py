@@ -234,6 +234,13 @@ class Worker:
             os.close(stdin_fd)
         resp = self.collect(pid, out_r, err_r, rep_r, limits, t0)
         self.sweep(keep_kernel=True)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        used = usage.ru_utime + usage.ru_stime
+        # The call's leftovers were reaped by the sweep: their CPU time is this call's too.
+        call_cpu = resp["cpu_s"]
+        assert isinstance(call_cpu, float)
+        resp["cpu_s"] = call_cpu + used - self.cpu_seen
+        self.cpu_seen = used
         return resp
 
     def collect(
@@ -396,6 +403,8 @@ class Worker:
             except ValueError:
                 rep = {}
         self.sweep(keep_kernel=True)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.cpu_seen = usage.ru_utime + usage.ru_stime
         return {
             "stdout": out.dump(),
             "stderr": err.dump(),
@@ -492,7 +501,27 @@ def kernel_loop() -> None:
         _, hard = resource.getrlimit(resource.RLIMIT_CPU)
         resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
         rep = execute(req["code"], namespace)
+        end_children()
         os.write(REPORT_FD, json.dumps(rep).encode() + b"\n")
+
+
+def end_children() -> None:
+    """Kill what a stateful snippet left and reap it here: only a parent can reap its
+    children, and the worker's sweep would leave them zombies holding the sandbox's pids."""
+    for _ in range(200):
+        left = descendants(os.getpid(), children_map())
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        if not left:
+            return
+        time.sleep(0.001)
 
 
 def execute(code: str, namespace: dict[str, object]) -> dict[str, object]:

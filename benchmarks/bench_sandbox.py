@@ -87,27 +87,28 @@ async def docker_exec(n: int) -> dict[str, float] | str:
 
 async def throughput(episodes: int, snippets: int) -> dict[str, float]:
     sandbox = BwrapSandbox(pool_size=episodes, warm=episodes)
-    per_episode = max(snippets // episodes, 1)
     try:
         sessions = [await sandbox.session() for _ in range(episodes)]
         # Start every worker first: throughput of calls, not of sandbox starts.
         await asyncio.gather(*(s.python_fresh("pass") for s in sessions))
 
-        async def episode(session: Any) -> None:
-            for _ in range(per_episode):
+        # `snippets` in all, spread as evenly as they go over the episodes.
+        counts = [snippets // episodes + (i < snippets % episodes) for i in range(episodes)]
+
+        async def episode(session: Any, n: int) -> None:
+            for _ in range(n):
                 result = await session.python_fresh(SNIPPET)
                 if result.stdout != "1\n":
                     raise RuntimeError(f"bad result {result}")
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(episode(s) for s in sessions))
+        await asyncio.gather(*(episode(s, n) for s, n in zip(sessions, counts, strict=True)))
         wall = time.perf_counter() - t0
         for s in sessions:
             await s.close()
     finally:
         await sandbox.close()
-    total = per_episode * episodes
-    return {"snippets": total, "episodes": episodes, "wall_s": wall, "per_s": total / wall}
+    return {"snippets": snippets, "episodes": episodes, "wall_s": wall, "per_s": snippets / wall}
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -72,6 +72,9 @@ class ToolResult(Record):
     """Wall time of the call in seconds."""
     cost: dict[str, float] = Field(default_factory=dict)
     """Cost vector of the call by cost kind (`time_s`, `money_usd`, `tokens`, `calls`, ...)."""
+    items: list[str] = Field(default_factory=list)
+    """Ids of what the result showed (search passages, files), in order: what coverage
+    rewards count as seen."""
 
 
 class Turn(Record):
@@ -106,6 +109,11 @@ class Turn(Record):
     None for a well-formed turn."""
     rewards: dict[str, float] = Field(default_factory=dict)
     """Per-turn reward components by name, never pre-summed (filled in by `rl.rewards`)."""
+    signals: dict[str, float] = Field(default_factory=dict)
+    """Per-turn quantities a model measured for credit assignment, stored so that replay
+    needs no model: `gold_prob` (the policy's teacher-forced probability of the gold answer
+    after this turn, for information gain), `value` (a value head's estimate of the state
+    before this turn)."""
     advantage: float | None = None
     """The advantage the learner broadcast to this turn's completion tokens; None until an
     estimator assigned one (and for evaluation episodes)."""

@@ -282,6 +282,7 @@ class EpisodeRunner:
             truncated=out.truncated,
             latency_s=latency,
             cost=spec.cost.cost(latency, out.extra_cost),
+            items=list(out.items),
         )
 
 

@@ -69,6 +69,8 @@ class ToolOutput:
     """True when the tool cut its output."""
     extra_cost: dict[str, float] = field(default_factory=dict)
     """Cost the tool measured itself (e.g. `tokens` returned)."""
+    items: tuple[str, ...] = ()
+    """Ids of what the output showed (search passages, ...), for coverage rewards."""
 
 
 @runtime_checkable

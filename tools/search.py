@@ -310,7 +310,10 @@ class SearchTool:
         hits = self._index.search(args.query, args.k)
         text, truncated = format_hits(hits, self._encode, self._max_tokens)
         return ToolOutput(
-            text=text, truncated=truncated, extra_cost={"tokens": float(len(self._encode(text)))}
+            text=text,
+            truncated=truncated,
+            extra_cost={"tokens": float(len(self._encode(text)))},
+            items=tuple(h.passage.id for h in hits),
         )
 
     async def __call__(self, args: Any) -> ToolOutput:

@@ -127,6 +127,10 @@ class Turn(Record):
     """Seconds spent waiting for the policy."""
     tools_s: float = 0.0
     """Seconds spent in tool calls."""
+    replayed: bool = False
+    """True for a turn copied from a stored episode as the prefix of a branched rollout
+    (`EpisodeSpec.prefix`): its ids stay in the context exactly, but this episode's policy did
+    not sample them, so the learner must not train on them (mask them out)."""
 
     @property
     def n_tool_calls(self) -> int:
@@ -151,7 +155,9 @@ class Episode(Record):
     outcome: dict[str, float] = Field(default_factory=dict)
     """Grader scores (`exact_match`, `f1`, ...); empty when not graded."""
     error: str | None = None
-    """Error text for `POLICY_ERROR`/`ERROR` stops."""
+    """Error text for `POLICY_ERROR`/`ERROR` stops; for a branched rollout, also one
+    `replay mismatch: ...` line per replayed tool call whose observation differed from the
+    stored one."""
     cost: dict[str, float] = Field(default_factory=dict)
     """Total cost per cost kind."""
     wall_s: float = 0.0

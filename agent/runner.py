@@ -4,6 +4,15 @@ An episode alternates policy turns and tool calls until the policy answers or a 
 out. Everything the policy saw is recorded as token ids (`Turn.prompt_ids`, `completion_ids`,
 `observation_ids`), so the concatenation over turns is the exact training context.
 
+Branching: an `EpisodeSpec.prefix` of stored turns starts the episode mid-way. Their token ids
+become the context exactly as stored (never re-rendered or re-tokenized), and their calls to
+per-episode tools (`EpisodeTool`) are replayed into the episode's fresh sessions, so that a
+Python interpreter or a file system is in the state the stored observations describe; shared
+stateless tools are not called again (their stored observations stand). A replayed call whose
+result differs from the stored one is noted in `Episode.error` (`replay mismatch: ...`) and
+the episode goes on: the stored observation is what the context says. The prefix turns stay in
+the episode, marked `replayed`, with their stored costs counted against the budget.
+
 Failures are data: a malformed call, an unknown tool, bad arguments, a tool that raises or
 hangs become observations the agent sees; a policy failure or a runner bug ends that episode
 with a typed `StopReason` and its error text. Nothing escapes `run_episode` except
@@ -68,6 +77,10 @@ class EpisodeSpec:
     """Training step (-1 for evaluation)."""
     examples: tuple[tuple[str, str], ...] = ()
     """Few-shot messages `(role, content)` between the system message and the question."""
+    prefix: tuple[Turn, ...] = ()
+    """Stored turns to start from (a branch, see the module docstring; `TrajectoryGraph.
+    branch_spec` builds it). When given, its first turn's `prompt_ids` are the initial context
+    and `instructions`, `question` and `examples` are not rendered."""
 
 
 class EpisodeRunner:
@@ -131,10 +144,14 @@ class EpisodeRunner:
 
     async def _loop(self, s: _State) -> None:
         b = self.budget
-        context = self.renderer.initial(
-            s.spec.instructions, self._schemas, s.spec.question, s.spec.examples
-        )
-        pending_prompt = list(context)
+        if s.spec.prefix:
+            context = await self._restore(s)
+            pending_prompt: list[int] = []
+        else:
+            context = self.renderer.initial(
+                s.spec.instructions, self._schemas, s.spec.question, s.spec.examples
+            )
+            pending_prompt = list(context)
         while s.stop_reason is None:
             index = len(s.turns)
             if index >= b.max_turns:
@@ -211,6 +228,47 @@ class EpisodeRunner:
                 )
             )
             pending_prompt = []
+
+    async def _restore(self, s: _State) -> list[int]:
+        """Start from `spec.prefix`: its ids as the context, its costs and calls as spent, and
+        its calls to per-episode tools replayed (module docstring). Returns the context."""
+        prefix = s.spec.prefix
+        problem = _prefix_problem(prefix)
+        if problem is not None:
+            s.stop(StopReason.ERROR, f"invalid prefix: {problem}")
+            return []
+        context: list[int] = []
+        for turn in prefix:
+            context += turn.prompt_ids
+            context += turn.completion_ids
+            context += turn.observation_ids
+            for call, stored in zip(turn.tool_calls, turn.tool_results, strict=True):
+                if stored.error == "budget":  # refused, never run: nothing to replay
+                    continue
+                s.n_calls += 1
+                for kind, amount in stored.cost.items():
+                    s.cost[kind] = s.cost.get(kind, 0.0) + amount
+                if call.name in self._episodic:
+                    again = await self._run_call(s, call)
+                    if (again.error, again.text) != (stored.error, stored.text):
+                        s.notes.append(_mismatch(turn.index, call, stored, again))
+                elif call.name not in self.tools and stored.error is None:
+                    s.notes.append(
+                        f"replay mismatch: turn {turn.index} call {call.id}: this runner has "
+                        f"no tool {call.name!r}, its state is not restored"
+                    )
+            s.turns.append(
+                turn.model_copy(
+                    update={
+                        "replayed": True,
+                        "rewards": {},
+                        "signals": {},
+                        "advantage": None,
+                        "tokens_left": self.budget.max_context_tokens - len(context),
+                    }
+                )
+            )
+        return context
 
     async def _run_calls(self, s: _State, calls: Sequence[ToolCall]) -> list[ToolResult]:
         """Run a turn's calls in order (tools may be stateful); every call gets a result."""
@@ -303,6 +361,33 @@ def _error(
     return ToolResult(call_id=call.id, text=text, error=kind, latency_s=latency_s, cost=cost or {})
 
 
+def _prefix_problem(prefix: Sequence[Turn]) -> str | None:
+    """Why `prefix` cannot be continued, or None."""
+    for i, turn in enumerate(prefix):
+        if turn.index != i:
+            return f"turn {i} has index {turn.index}"
+        if (i == 0) != bool(turn.prompt_ids):
+            return f"turn {i}: only the first turn carries prompt ids"
+        if turn.answer is not None:
+            return f"turn {i} answered: nothing can follow it"
+        if not turn.observation_ids:
+            return f"turn {i} has no observation: its episode was cut off there"
+        if len(turn.tool_results) != len(turn.tool_calls):
+            return f"turn {i} has {len(turn.tool_calls)} calls but {len(turn.tool_results)} results"
+    return None
+
+
+def _mismatch(index: int, call: ToolCall, stored: ToolResult, again: ToolResult) -> str:
+    def show(r: ToolResult) -> str:
+        text = r.text if len(r.text) <= 200 else r.text[:200] + "…"
+        return f"{r.error or 'ok'} {text!r}"
+
+    return (
+        f"replay mismatch: turn {index} call {call.id} ({call.name}): "
+        f"stored {show(stored)}, replayed {show(again)}"
+    )
+
+
 def _validation_text(tool: str, e: ValidationError) -> str:
     parts = []
     for err in e.errors():
@@ -324,6 +409,8 @@ class _State:
         self.answer: str | None = None
         self.stop_reason: StopReason | None = None
         self.error: str | None = None
+        self.notes: list[str] = []
+        """Replay mismatches of a branched episode (they end up in `Episode.error`)."""
 
     def stop(self, reason: StopReason, error: str | None = None) -> None:
         if self.stop_reason is None:
@@ -337,7 +424,7 @@ class _State:
             turns=self.turns,
             stop_reason=self.stop_reason or StopReason.ERROR,
             answer=self.answer,
-            error=self.error,
+            error="\n".join(e for e in (self.error, *self.notes) if e) or None,
             cost=dict(self.cost),
             wall_s=now - self.start,
             step=self.spec.step,

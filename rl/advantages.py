@@ -1,73 +1,524 @@
-"""Advantage estimators: pure, vectorised functions from returns to advantages.
+"""Advantage estimators: per-turn advantages from per-turn rewards, selected by config.
 
-Each estimator maps a group-structured batch of episode returns to per-episode advantages;
-`turn_advantages` broadcasts them to every turn (the learner then broadcasts each turn's value
-to its sampled tokens; prompt and observation tokens are masked out there). Step-level
-estimators that give each turn its own value plug in at the same seam.
+`compute_advantages(episodes, rewards_NT, cfg)` is the one entry point: `rewards_NT[n][t]` is
+the weighted scalar reward of turn t of episode n (the outcome sits on the last turn), `cfg`
+one member of the `EstimatorConfig` union, chosen by its `kind`. It pads the batch into
+`[N, T]` tensors (float64, 0 and masked past each episode's end), runs one of the pure
+functions below, and returns one advantage per existing turn; nothing past an episode's end
+is ever assigned. The learner then broadcasts each turn's value to its sampled tokens.
 
-- `grpo`: (R - mean_group) / (std_group + eps) (Shao et al. 2024, DeepSeekMath,
-  arXiv 2402.03300). A group whose returns are all equal gives zeros: it carries no signal.
-- `dr_grpo`: R - mean_group, no std division (Liu et al. 2025, "Understanding R1-Zero-Like
-  Training", arXiv 2503.20783), which removes the bias toward low-variance groups.
+| kind           | A_{i,t}                                                  | module            |
+|----------------|----------------------------------------------------------|-------------------|
+| `grpo`         | (R_i - mean_g) / (std_g + eps)                           | group_advantages  |
+| `dr_grpo`      | R_i - mean_g                                             | group_advantages  |
+| `rloo`         | R_i - mean of the group's other R_j                      | group_advantages  |
+| `reinforce_pp` | return-to-go, normalised over the batch's turns          | group_advantages  |
+| `trloo`        | G_{i,t} - mean of the other episodes' G_{j,t}            | group_advantages  |
+| `gigpo`        | A^E_i + omega * anchor-state-normalised G^gamma_{i,t}    | step_advantages   |
+| `salt`         | mean trajectory advantage over the turn's graph edge     | step_advantages   |
+| `tempo`        | A_GRPO + (Q(s,a) - V(s)) / sigma (or G - V(s))           | step_advantages   |
+| `gae`          | GAE over turns, V(s_t) from `signals["value"]`           | critic_advantages |
+| `tppo`         | `gae`, bootstrapping V at a truncation                   | critic_advantages |
+| `empg`         | entropy modulation of another estimator's advantages     | entropy_advantages |
+
+Formulas and papers are in each module's docstring (modules `turnrl.rl.*`). R_i = sum_t
+r_{i,t} is added with Python's `sum`, the same float as `rl.rewards.episode_return`, so GRPO
+here reproduces the runs scored before per-turn rewards, bit for bit.
+
+Episode length. A baseline may depend on anything except the action it scores, and the agent
+chooses how long its episode runs, so no turn's baseline may depend on its own episode still
+running. Trajectory-level estimators compare whole episodes. TRLOO's per-index baseline
+leaves the episode out (its own length never enters; `TrlooConfig.ended` says how the other,
+already ended, episodes count). GiGPO, SALT and TEMPO group turns by state, never by turn
+index. GAE's baseline is V(s_t). REINFORCE++ and EMPG's centring use one mean over the whole
+batch's turns, the same shift for every turn.
+
+Replayed turns (a branched rollout's restored prefix) count as visits of their states, so
+they inform the statistics of the states they pass through, but get advantage exactly 0 and
+stay out of batch-wide statistics: this episode's policy did not sample them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import Annotated, Literal, TypeAlias
 
+import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from turnrl.agent.records import Episode
+from turnrl.agent.records import Episode, StopReason
+from turnrl.rl.critic_advantages import gae
+from turnrl.rl.entropy_advantages import empg
+from turnrl.rl.group_advantages import (
+    EndedEpisodes,
+    dr_grpo,
+    group_ids_to_index,
+    grpo,
+    reinforce_pp,
+    returns_to_go,
+    rloo,
+    trloo,
+)
+from turnrl.rl.step_advantages import (
+    Anchor,
+    StepScale,
+    TempoForm,
+    TurnGraph,
+    gigpo,
+    salt,
+    tempo,
+    turn_graph,
+)
 
-Estimator = Literal["grpo", "dr_grpo"]
+__all__ = [
+    "ESTIMATORS",
+    "TRUNCATIONS",
+    "VALUE",
+    "VALUE_AFTER",
+    "BaseEstimatorConfig",
+    "DrGrpoConfig",
+    "EmpgConfig",
+    "Estimator",
+    "EstimatorConfig",
+    "GaeConfig",
+    "GigpoConfig",
+    "GrpoConfig",
+    "ReinforcePPConfig",
+    "RlooConfig",
+    "SaltConfig",
+    "TempoConfig",
+    "TppoConfig",
+    "TrlooConfig",
+    "TurnBatch",
+    "TurnGraph",
+    "compute_advantages",
+    "dr_grpo",
+    "estimator_config",
+    "group_ids_to_index",
+    "grpo",
+    "rloo",
+    "turn_advantages",
+    "turn_batch",
+    "turn_graph",
+    "value_targets",
+]
+
+Estimator = Literal[
+    "grpo",
+    "dr_grpo",
+    "rloo",
+    "reinforce_pp",
+    "trloo",
+    "gigpo",
+    "salt",
+    "tempo",
+    "gae",
+    "tppo",
+    "empg",
+]
+
+VALUE = "value"
+"""`Turn.signals` key: the value head's V(state before the turn)."""
+VALUE_AFTER = "value_after"
+"""`Turn.signals` key on an episode's last turn: V(state after it), T-PPO's bootstrap."""
+TRUNCATIONS = frozenset(
+    {
+        StopReason.MAX_TURNS,
+        StopReason.MAX_TOOL_CALLS,
+        StopReason.BUDGET_EXHAUSTED,
+        StopReason.CONTEXT_FULL,
+        StopReason.TIMEOUT,
+    }
+)
+"""Stops where a limit cut the episode short: the state at the cut has a future (T-PPO
+bootstraps it). An answer or an error ends the episode for good."""
 
 
-def group_ids_to_index(group_ids: Sequence[str]) -> torch.Tensor:
-    """Dense group index (0..n_groups-1) for each episode, in order of first appearance."""
-    index: dict[str, int] = {}
-    return torch.tensor([index.setdefault(g, len(index)) for g in group_ids], dtype=torch.long)
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _group_mean_std(
-    returns_N: torch.Tensor, group_N: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n_groups = int(group_N.max()) + 1 if len(group_N) else 0
-    count_G = torch.zeros(n_groups, dtype=returns_N.dtype).index_add_(
-        0, group_N, torch.ones_like(returns_N)
-    )
-    mean_G = torch.zeros(n_groups, dtype=returns_N.dtype).index_add_(0, group_N, returns_N)
-    mean_G = mean_G / count_G
-    dev_N = returns_N - mean_G[group_N]
-    # Population std (ddof=0), as in the GRPO reference implementations.
-    var_G = torch.zeros(n_groups, dtype=returns_N.dtype).index_add_(0, group_N, dev_N**2)
-    std_G = (var_G / count_G).sqrt()
-    return mean_G[group_N], std_G[group_N]
+class GrpoConfig(_Config):
+    """GRPO: group-normalised episode return on every turn."""
+
+    kind: Literal["grpo"] = "grpo"
+    eps: float = Field(1e-6, ge=0)
+    """Added to the group's std before dividing."""
 
 
-def grpo(returns_N: torch.Tensor, group_N: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Group-normalised advantages (R - mean) / (std + eps); zero for constant groups."""
-    mean_N, std_N = _group_mean_std(returns_N, group_N)
-    return torch.where(std_N > 0, (returns_N - mean_N) / (std_N + eps), 0.0)
+class DrGrpoConfig(_Config):
+    """Dr. GRPO: group-centred episode return on every turn."""
+
+    kind: Literal["dr_grpo"] = "dr_grpo"
 
 
-def dr_grpo(returns_N: torch.Tensor, group_N: torch.Tensor) -> torch.Tensor:
-    """Group-centred advantages R - mean (no std normalisation)."""
-    mean_N, _ = _group_mean_std(returns_N, group_N)
-    return returns_N - mean_N
+class RlooConfig(_Config):
+    """RLOO: episode return minus the mean of the group's other returns, on every turn."""
+
+    kind: Literal["rloo"] = "rloo"
 
 
-ESTIMATORS: dict[Estimator, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "grpo": grpo,
-    "dr_grpo": dr_grpo,
+class ReinforcePPConfig(_Config):
+    """REINFORCE++: each turn's return-to-go, normalised over all turns of the batch."""
+
+    kind: Literal["reinforce_pp"] = "reinforce_pp"
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount of the return-to-go, per turn."""
+    eps: float = Field(1e-6, ge=0)
+    """Added to the batch std before dividing."""
+
+
+class TrlooConfig(_Config):
+    """TRLOO: turn-level return-to-go with a leave-one-out baseline per group and turn index."""
+
+    kind: Literal["trloo"] = "trloo"
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount of the return-to-go, per turn."""
+    ended: EndedEpisodes = "exclude"
+    """How the group's episodes that already ended count at a later turn index: left out
+    (`exclude`), or present with return-to-go 0 (`absorbing`)."""
+
+
+class GigpoConfig(_Config):
+    """GiGPO: episode-level GRPO plus a step-level advantage over shared anchor states."""
+
+    kind: Literal["gigpo"] = "gigpo"
+    gamma: float = Field(0.95, ge=0, le=1)
+    """Discount of the step return-to-go (the paper's 0.95)."""
+    omega: float = Field(1.0, ge=0)
+    """Weight of the step-level advantage."""
+    scale: StepScale = "std"
+    """Normaliser of both levels: the group's std (`std`) or none (`none`, Dr. GRPO-style)."""
+    anchor: Anchor = "history"
+    """What makes two turns' states the same: the whole history, or the last observation."""
+    eps: float = Field(1e-6, ge=0)
+    """Added to each std before dividing."""
+
+
+class SaltConfig(_Config):
+    """SALT: the mean trajectory advantage of the episodes sharing a turn's graph edge."""
+
+    kind: Literal["salt"] = "salt"
+    base: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    """The trajectory-level estimator whose advantages are averaged."""
+    eps: float = Field(1e-6, ge=0)
+    """GRPO's eps, where `base` is `grpo`."""
+
+
+class TempoConfig(_Config):
+    """TEMPO: prefix-tree values from the group's rollouts as per-node baselines."""
+
+    kind: Literal["tempo"] = "tempo"
+    form: TempoForm = "td"
+    """`td`: GRPO plus the branch-gated TD term Q(s,a) - V(s) (the paper); `node_baseline`:
+    the return-to-go minus V of the turn's start node."""
+    eps: float = Field(1e-6, ge=0)
+    """Added to the group's std before dividing."""
+
+
+class GaeConfig(_Config):
+    """Turn-level GAE with the value head's V(s_t); every episode end is terminal."""
+
+    kind: Literal["gae"] = "gae"
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount per turn."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE's lambda: 0 is one-step TD, 1 the Monte Carlo return minus V."""
+
+
+class TppoConfig(_Config):
+    """Turn-level GAE that bootstraps a truncated episode (`TRUNCATIONS`) with V at the cut,
+    read from the last turn's `signals["value_after"]`."""
+
+    kind: Literal["tppo"] = "tppo"
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount per turn."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE's lambda."""
+
+
+BaseEstimatorConfig: TypeAlias = Annotated[
+    GrpoConfig
+    | DrGrpoConfig
+    | RlooConfig
+    | ReinforcePPConfig
+    | TrlooConfig
+    | GigpoConfig
+    | SaltConfig
+    | TempoConfig
+    | GaeConfig
+    | TppoConfig,
+    Field(discriminator="kind"),
+]
+"""Every estimator except the EMPG wrapper."""
+
+
+class EmpgConfig(_Config):
+    """EMPG: entropy modulation of another estimator's turn advantages."""
+
+    kind: Literal["empg"] = "empg"
+    base: BaseEstimatorConfig = Field(default_factory=GrpoConfig)
+    """The estimator whose advantages are modulated."""
+    k: float = Field(1.0, ge=0)
+    """Sharpness of the self-calibrating scale g(H) = exp(-k H_norm) / mean."""
+    k_f: float = Field(1.0, ge=0)
+    """Sharpness of the future-clarity bonus f(H) = exp(-k_f H_norm)."""
+    zeta: float = Field(0.1, ge=0)
+    """Weight of the future-clarity bonus."""
+    center: bool = True
+    """Shift the modulated advantages to zero mean over the batch's turns."""
+
+
+EstimatorConfig: TypeAlias = Annotated[
+    BaseEstimatorConfig | EmpgConfig, Field(discriminator="kind")
+]
+"""One config class per estimator, chosen by `kind` (YAML: `estimator: {kind: gigpo, ...}`)."""
+
+ESTIMATORS: dict[Estimator, type[BaseModel]] = {
+    "grpo": GrpoConfig,
+    "dr_grpo": DrGrpoConfig,
+    "rloo": RlooConfig,
+    "reinforce_pp": ReinforcePPConfig,
+    "trloo": TrlooConfig,
+    "gigpo": GigpoConfig,
+    "salt": SaltConfig,
+    "tempo": TempoConfig,
+    "gae": GaeConfig,
+    "tppo": TppoConfig,
+    "empg": EmpgConfig,
 }
+"""The config class of each estimator kind (its defaults are the estimator's defaults)."""
+
+_ADAPTER: TypeAdapter[EstimatorConfig] = TypeAdapter(EstimatorConfig)
+
+
+def estimator_config(value: str | dict[str, object] | BaseModel) -> EstimatorConfig:
+    """A config from a bare kind (`"grpo"`), a dict with `kind`, or a config (returned as is)."""
+    if isinstance(value, str):
+        if value not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {value!r}; known: {sorted(ESTIMATORS)}")
+        value = {"kind": value}
+    elif isinstance(value, BaseModel):
+        value = value.model_dump()
+    return _ADAPTER.validate_python(value)
+
+
+@dataclass(frozen=True)
+class TurnBatch:
+    """A batch of episodes as padded turn tensors (`N` episodes, `T` most turns)."""
+
+    returns_N: torch.Tensor
+    """float64: each episode's return, Python's `sum` of its turn rewards."""
+    rewards_N_T: torch.Tensor
+    """float64: turn rewards; 0 past each episode's end."""
+    mask_N_T: torch.Tensor
+    """bool: True on turns that exist (they all count in group and state statistics)."""
+    train_N_T: torch.Tensor
+    """bool: True on turns the learner trains on: existing and not `replayed` (a branch's
+    restored prefix). Only these get an advantage and count in batch-wide statistics."""
+    group_N: torch.Tensor
+    """int64: dense group index of each episode."""
+    lengths: list[int]
+    """Number of turns of each episode."""
+
+
+def turn_batch(episodes: Sequence[Episode], rewards_NT: Sequence[Sequence[float]]) -> TurnBatch:
+    """Pad `rewards_NT` (one row per episode, one reward per turn) into tensors."""
+    if len(rewards_NT) != len(episodes):
+        raise ValueError(f"{len(rewards_NT)} reward rows for {len(episodes)} episodes")
+    lengths = [len(e.turns) for e in episodes]
+    for episode, row in zip(episodes, rewards_NT, strict=True):
+        if len(row) != len(episode.turns):
+            raise ValueError(
+                f"episode {episode.episode_id}: {len(row)} rewards for {len(episode.turns)} "
+                "turns (one reward per turn is required)"
+            )
+    n_turns = max(lengths, default=0)
+    mask_N_T = torch.tensor(lengths, dtype=torch.long)[:, None] > torch.arange(n_turns)[None, :]
+    rewards_N_T = torch.zeros(mask_N_T.shape, dtype=torch.float64)
+    flat = np.fromiter(chain.from_iterable(rewards_NT), np.float64, int(mask_N_T.sum()))
+    rewards_N_T[mask_N_T] = torch.from_numpy(flat)
+    return TurnBatch(
+        returns_N=torch.tensor([sum(row) for row in rewards_NT], dtype=torch.float64),
+        rewards_N_T=rewards_N_T,
+        mask_N_T=mask_N_T,
+        train_N_T=_train_mask(episodes, mask_N_T),
+        group_N=group_ids_to_index([e.group_id for e in episodes]),
+        lengths=lengths,
+    )
+
+
+def _train_mask(episodes: Sequence[Episode], mask_N_T: torch.Tensor) -> torch.Tensor:
+    # Replayed turns are a prefix (a branch's restored history): an episode whose first turn
+    # was sampled has none, so only branched episodes are read turn by turn.
+    train_N_T = mask_N_T
+    for n, e in enumerate(episodes):
+        if e.turns and e.turns[0].replayed:
+            if train_N_T is mask_N_T:
+                train_N_T = mask_N_T.clone()
+            for t, turn in enumerate(e.turns):
+                train_N_T[n, t] = not turn.replayed
+    return train_N_T
+
+
+def _signal(episode: Episode, t: int, name: str, why: str) -> float:
+    value = episode.turns[t].signals.get(name)
+    if value is None:
+        raise ValueError(
+            f"episode {episode.episode_id} turn {t}: no signals[{name!r}] ({why}); "
+            "store the value head's estimates on the turns before scoring"
+        )
+    return value
+
+
+def _values(
+    episodes: Sequence[Episode], batch: TurnBatch, bootstrap_truncated: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n_turns = batch.mask_N_T.shape[1]
+    rows, bootstrap = [], []
+    for e in episodes:
+        row = [_signal(e, t, VALUE, "GAE needs V of each turn") for t in range(len(e.turns))]
+        rows.append(row + [0.0] * (n_turns - len(row)))
+        cut = bootstrap_truncated and e.stop_reason in TRUNCATIONS and bool(e.turns)
+        why = f"T-PPO bootstraps the {e.stop_reason.value} cut with V after the last turn"
+        bootstrap.append(_signal(e, len(e.turns) - 1, VALUE_AFTER, why) if cut else 0.0)
+    values_N_T = torch.tensor(rows, dtype=torch.float64).reshape(batch.mask_N_T.shape)
+    return values_N_T, torch.tensor(bootstrap, dtype=torch.float64)
+
+
+def _entropies(episodes: Sequence[Episode], n_turns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, measured = [], []
+    for e in episodes:
+        pad = n_turns - len(e.turns)
+        lps = [t.completion_logprobs for t in e.turns]
+        rows.append([-sum(lp) / len(lp) if lp else 0.0 for lp in lps] + [0.0] * pad)
+        measured.append([bool(lp) for lp in lps] + [False] * pad)
+    shape = (len(episodes), n_turns)
+    return (
+        torch.tensor(rows, dtype=torch.float64).reshape(shape),
+        torch.tensor(measured, dtype=torch.bool).reshape(shape),
+    )
+
+
+def _broadcast(advantages_N: torch.Tensor, mask_N_T: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask_N_T, advantages_N[:, None], 0.0)
+
+
+def _trajectory(kind: str, batch: TurnBatch, eps: float) -> torch.Tensor:
+    if kind == "grpo":
+        return grpo(batch.returns_N, batch.group_N, eps)
+    if kind == "dr_grpo":
+        return dr_grpo(batch.returns_N, batch.group_N)
+    return rloo(batch.returns_N, batch.group_N)
+
+
+def _estimate(
+    episodes: Sequence[Episode],
+    batch: TurnBatch,
+    cfg: EstimatorConfig,
+    graph: TurnGraph | None,
+) -> torch.Tensor:
+    mask, train, group = batch.mask_N_T, batch.train_N_T, batch.group_N
+    match cfg:
+        case GrpoConfig(eps=eps):
+            return _broadcast(grpo(batch.returns_N, group, eps), mask)
+        case DrGrpoConfig():
+            return _broadcast(dr_grpo(batch.returns_N, group), mask)
+        case RlooConfig():
+            return _broadcast(rloo(batch.returns_N, group), mask)
+        case ReinforcePPConfig(gamma=gamma, eps=eps):
+            return reinforce_pp(batch.rewards_N_T, train, gamma, eps)
+        case TrlooConfig(gamma=gamma, ended=ended):
+            return trloo(batch.rewards_N_T, mask, group, gamma, ended)
+        case GigpoConfig(anchor=anchor):
+            if graph is None or anchor != "history":
+                graph = turn_graph(episodes, group, anchor)
+            return gigpo(
+                batch.returns_N,
+                batch.rewards_N_T,
+                mask,
+                group,
+                graph.state_N_T,
+                cfg.gamma,
+                cfg.omega,
+                cfg.scale,
+                cfg.eps,
+            )
+        case SaltConfig(base=base, eps=eps):
+            graph = graph or turn_graph(episodes, group)
+            return salt(_trajectory(base, batch, eps), mask, graph.edge_N_T)
+        case TempoConfig(form=form, eps=eps):
+            graph = graph or turn_graph(episodes, group)
+            return tempo(batch.returns_N, batch.rewards_N_T, mask, group, graph, form, eps)
+        case GaeConfig(gamma=gamma, lam=lam):
+            values, bootstrap = _values(episodes, batch, bootstrap_truncated=False)
+            return gae(batch.rewards_N_T, values, mask, bootstrap, gamma, lam)[0]
+        case TppoConfig(gamma=gamma, lam=lam):
+            values, bootstrap = _values(episodes, batch, bootstrap_truncated=True)
+            return gae(batch.rewards_N_T, values, mask, bootstrap, gamma, lam)[0]
+        case EmpgConfig():
+            base_N_T = _estimate(episodes, batch, cfg.base, graph)
+            entropy, measured = _entropies(episodes, mask.shape[1])
+            measured = measured & train
+            return empg(base_N_T, entropy, train, measured, cfg.k, cfg.k_f, cfg.zeta, cfg.center)
+    raise TypeError(f"not an estimator config: {cfg!r}")
+
+
+def _rows(values_N_T: torch.Tensor, lengths: Sequence[int]) -> list[list[float]]:
+    return [row[:n] for row, n in zip(values_N_T.tolist(), lengths, strict=True)]
+
+
+def compute_advantages(
+    episodes: Sequence[Episode],
+    rewards_NT: Sequence[Sequence[float]],
+    cfg: EstimatorConfig,
+    *,
+    graph: TurnGraph | None = None,
+) -> list[list[float]]:
+    """Per-episode, per-turn advantages (module docstring): exactly 0 on `replayed` turns.
+    Episodes of any number of groups, in any order. `graph` (`turn_graph` of the same
+    episodes, history anchors) lets several estimators share one hashing of the turns."""
+    batch = turn_batch(episodes, rewards_NT)
+    advantages_N_T = torch.where(batch.train_N_T, _estimate(episodes, batch, cfg, graph), 0.0)
+    return _rows(advantages_N_T, batch.lengths)
+
+
+def value_targets(
+    episodes: Sequence[Episode], rewards_NT: Sequence[Sequence[float]], cfg: EstimatorConfig
+) -> list[list[float]]:
+    """Value-head regression targets per turn: GAE's lambda-returns A_t + V(s_t) for `gae` and
+    `tppo` (bootstrapped at a cut for `tppo`), else the return-to-go G_t, discounted by the
+    config's gamma where it has one (EMPG: its base's)."""
+    batch = turn_batch(episodes, rewards_NT)
+    inner = cfg.base if isinstance(cfg, EmpgConfig) else cfg
+    match inner:
+        case GaeConfig(gamma=gamma, lam=lam) | TppoConfig(gamma=gamma, lam=lam):
+            values, bootstrap = _values(episodes, batch, isinstance(inner, TppoConfig))
+            targets = gae(batch.rewards_N_T, values, batch.mask_N_T, bootstrap, gamma, lam)[1]
+        case ReinforcePPConfig(gamma=gamma) | TrlooConfig(gamma=gamma) | GigpoConfig(gamma=gamma):
+            targets = returns_to_go(batch.rewards_N_T, gamma)
+        case _:
+            targets = returns_to_go(batch.rewards_N_T, 1.0)
+    return _rows(torch.where(batch.mask_N_T, targets, 0.0), batch.lengths)
 
 
 def turn_advantages(
     episodes: Sequence[Episode], returns: Sequence[float], estimator: Estimator
 ) -> list[list[float]]:
-    """Per-episode, per-turn advantages: the episode's advantage on each of its turns."""
+    """Per-episode, per-turn advantages of a trajectory-level estimator (`grpo`, `dr_grpo`,
+    `rloo`) from episode returns: the episode's advantage on each of its turns. The others
+    need per-turn rewards: `compute_advantages`."""
+    if estimator not in ("grpo", "dr_grpo", "rloo"):
+        raise ValueError(f"{estimator} needs per-turn rewards: use compute_advantages")
     returns_N = torch.tensor(list(returns), dtype=torch.float64)
     group_N = group_ids_to_index([e.group_id for e in episodes])
-    adv_N = ESTIMATORS[estimator](returns_N, group_N).tolist()
-    return [[a] * len(e.turns) for e, a in zip(episodes, adv_N, strict=True)]
+    if estimator == "grpo":
+        adv_N = grpo(returns_N, group_N)
+    elif estimator == "dr_grpo":
+        adv_N = dr_grpo(returns_N, group_N)
+    else:
+        adv_N = rloo(returns_N, group_N)
+    return [[a] * len(e.turns) for e, a in zip(episodes, adv_N.tolist(), strict=True)]

@@ -6,7 +6,9 @@ tensor is aligned to `input_ids_B_T` (*token-aligned*, not target-aligned): posi
 facts about the token `input_ids_B_T[b, t]`:
 
 - `loss_mask_B_T` is True exactly on the positions of sampled (`completion_ids`) tokens; prompt,
-  observation and padding positions are False and are never trained (STYLE §3).
+  observation and padding positions are False and are never trained (STYLE §3). So are the
+  completions of `replayed` turns (the prefix a branched rollout restored from a stored
+  episode): they stay in the context, but this episode's policy did not sample them.
 - `old_logprobs_B_T` holds each sampled token's rollout logprob (`Turn.completion_logprobs`).
 - `advantages_B_T` holds the advantage of the turn the token belongs to: one float per turn is
   broadcast to that turn's sampled tokens (GRPO gives every turn the episode's value; step-level
@@ -16,6 +18,13 @@ The shift: a causal LM's logits at position `t` predict token `t + 1`, so the lo
 `t` is read from the logits at `t - 1`. A consumer therefore pairs hidden states `[:, :-1]` with
 `loss_mask_B_T[:, 1:]` and targets `input_ids_B_T[:, 1:]`. Position 0 has no context and can
 never be trained; an episode whose first token is a sampled one is rejected.
+
+Turn-aligned tensors (`_B_J`, `J` = the most turns of any row) serve the value head:
+`state_positions_B_J[b, j]` is the position of the last token before turn `j`'s completion,
+the end of the state `s_j` the turn starts from (the prompt or the previous observation). A
+causal model's hidden state there has seen exactly `s_j`, and it is the one whose logits
+predict the turn's first sampled token; V(s_j) is read from it. `value_targets_B_J` and
+`value_mask_B_J` carry the optional regression targets, one per turn.
 
 Rows are right-padded with `pad_id`. With causal attention no real token attends to a later
 pad, so the learner needs no attention mask: padded logits are garbage that the mask drops.
@@ -46,7 +55,8 @@ class TokenBatch:
     input_ids_B_T: torch.Tensor
     """int64: each row is one episode's `token_ids()`, then `pad_id` up to the longest row."""
     loss_mask_B_T: torch.Tensor
-    """bool: True exactly where `input_ids_B_T` holds an id the policy sampled."""
+    """bool: True exactly where `input_ids_B_T` holds an id the policy sampled (outside
+    replayed turns)."""
     old_logprobs_B_T: torch.Tensor
     """float32: rollout logprob of each sampled id; 0 where the mask is False."""
     advantages_B_T: torch.Tensor
@@ -58,11 +68,23 @@ class TokenBatch:
     episode_index_B: torch.Tensor
     """int64: index of each row's episode in the sequence the batch was built from, so that
     every trained id can be traced back to the turn that sampled it."""
+    state_positions_B_J: torch.Tensor
+    """int64: position of the last token before turn `j`'s completion (where V(s_j) is read);
+    -1 past the row's last turn, and for a turn with no token before it."""
+    value_targets_B_J: torch.Tensor
+    """float32: value-head regression target of turn `j`; 0 where `value_mask_B_J` is False."""
+    value_mask_B_J: torch.Tensor
+    """bool: True where turn `j` has a value target."""
 
     @property
     def n_tokens(self) -> int:
         """Number of trained (masked-in) tokens."""
         return int(self.loss_mask_B_T.sum())
+
+    @property
+    def n_value_targets(self) -> int:
+        """Number of turns with a value target."""
+        return int(self.value_mask_B_J.sum())
 
     @property
     def n_padded(self) -> int:
@@ -74,7 +96,16 @@ class TokenBatch:
         return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
-def _check(episode: Episode, advantages: Sequence[float]) -> None:
+def _check(
+    episode: Episode, advantages: Sequence[float], targets: Sequence[float | None] | None
+) -> None:
+    if targets is not None and len(targets) != len(episode.turns):
+        raise ValueError(
+            f"episode {episode.episode_id}: {len(targets)} value targets for "
+            f"{len(episode.turns)} turns (one target, or None, per turn is required)"
+        )
+    if targets is not None and not all(v is None or math.isfinite(v) for v in targets):
+        raise ValueError(f"episode {episode.episode_id}: non-finite value target in {targets}")
     if len(advantages) != len(episode.turns):
         raise ValueError(
             f"episode {episode.episode_id}: {len(advantages)} advantages for "
@@ -83,7 +114,7 @@ def _check(episode: Episode, advantages: Sequence[float]) -> None:
     if not all(math.isfinite(a) for a in advantages):
         raise ValueError(f"episode {episode.episode_id}: non-finite advantage in {advantages}")
     for turn in episode.turns:
-        if len(turn.completion_logprobs) != len(turn.completion_ids):
+        if not turn.replayed and len(turn.completion_logprobs) != len(turn.completion_ids):
             raise ValueError(
                 f"episode {episode.episode_id} turn {turn.index}: "
                 f"{len(turn.completion_logprobs)} logprobs for "
@@ -101,15 +132,19 @@ def build_token_batch(
     *,
     pad_id: int = 0,
     episode_indices: Sequence[int] | None = None,
+    value_targets: Sequence[Sequence[float | None]] | None = None,
 ) -> TokenBatch:
     """Lay `episodes` out as right-padded rows, one per episode, in the order given.
 
-    `advantages[i][j]` is the advantage of turn `j` of `episodes[i]`. `episode_indices`
-    labels the rows (default `0..len(episodes)-1`); `micro_batches` passes the positions in
-    the caller's full list.
+    `advantages[i][j]` is the advantage of turn `j` of `episodes[i]`; `value_targets[i][j]`
+    (optional) its value-head target, None for a turn without one. `episode_indices` labels
+    the rows (default `0..len(episodes)-1`); `micro_batches` passes the positions in the
+    caller's full list.
     """
     if len(advantages) != len(episodes):
         raise ValueError(f"{len(advantages)} advantage rows for {len(episodes)} episodes")
+    if value_targets is not None and len(value_targets) != len(episodes):
+        raise ValueError(f"{len(value_targets)} value-target rows for {len(episodes)} episodes")
     if not episodes:
         raise ValueError("cannot build a batch from no episodes")
     if episode_indices is None:
@@ -119,9 +154,14 @@ def build_token_batch(
     old_rows: list[list[float]] = []
     adv_rows: list[list[float]] = []
     turn_rows: list[list[int]] = []
-    for episode, episode_adv in zip(episodes, advantages, strict=True):
-        _check(episode, episode_adv)
+    state_rows: list[list[int]] = []
+    target_rows: list[list[float]] = []
+    target_mask_rows: list[list[bool]] = []
+    for i, (episode, episode_adv) in enumerate(zip(episodes, advantages, strict=True)):
+        episode_targets = None if value_targets is None else value_targets[i]
+        _check(episode, episode_adv, episode_targets)
         ids: list[int] = []
+        states: list[int] = []
         mask: list[bool] = []
         old: list[float] = []
         adv: list[float] = []
@@ -133,11 +173,17 @@ def build_token_batch(
                 len(turn.observation_ids),
             )
             ids += turn.prompt_ids
+            states.append(len(ids) - 1)
             ids += turn.completion_ids
             ids += turn.observation_ids
-            mask += [False] * n_p + [True] * n_c + [False] * n_o
-            old += [0.0] * n_p + list(turn.completion_logprobs) + [0.0] * n_o
-            adv += [0.0] * n_p + [float(a)] * n_c + [0.0] * n_o
+            if turn.replayed:
+                mask += [False] * (n_p + n_c + n_o)
+                old += [0.0] * (n_p + n_c + n_o)
+                adv += [0.0] * (n_p + n_c + n_o)
+            else:
+                mask += [False] * n_p + [True] * n_c + [False] * n_o
+                old += [0.0] * n_p + list(turn.completion_logprobs) + [0.0] * n_o
+                adv += [0.0] * n_p + [float(a)] * n_c + [0.0] * n_o
             turn_of += [j] * (n_p + n_c + n_o)
         if mask and mask[0]:
             raise ValueError(
@@ -149,9 +195,20 @@ def build_token_batch(
         old_rows.append(old)
         adv_rows.append(adv)
         turn_rows.append(turn_of)
+        state_rows.append(states)
+        targets = list(episode_targets) if episode_targets is not None else []
+        for j, target in enumerate(targets):
+            if target is not None and states[j] < 0:
+                raise ValueError(
+                    f"episode {episode.episode_id} turn {j}: a value target for a turn with "
+                    "no token before it (its state is empty)"
+                )
+        target_rows.append([0.0 if v is None else float(v) for v in targets])
+        target_mask_rows.append([v is not None for v in targets])
 
     lengths = [len(r) for r in ids_rows]
     width = max(max(lengths), 1)
+    n_turns = max(max(len(e.turns) for e in episodes), 1)
     return TokenBatch(
         input_ids_B_T=torch.tensor(_pad(ids_rows, pad_id, width), dtype=torch.long),
         loss_mask_B_T=torch.tensor(_pad(mask_rows, False, width), dtype=torch.bool),
@@ -160,6 +217,9 @@ def build_token_batch(
         turn_index_B_T=torch.tensor(_pad(turn_rows, -1, width), dtype=torch.long),
         lengths_B=torch.tensor(lengths, dtype=torch.long),
         episode_index_B=torch.tensor(list(episode_indices), dtype=torch.long),
+        state_positions_B_J=torch.tensor(_pad(state_rows, -1, n_turns), dtype=torch.long),
+        value_targets_B_J=torch.tensor(_pad(target_rows, 0.0, n_turns), dtype=torch.float32),
+        value_mask_B_J=torch.tensor(_pad(target_mask_rows, False, n_turns), dtype=torch.bool),
     )
 
 
@@ -196,6 +256,7 @@ def micro_batches(
     token_budget: int,
     *,
     pad_id: int = 0,
+    value_targets: Sequence[Sequence[float | None]] | None = None,
 ) -> list[TokenBatch]:
     """Split `episodes` into `TokenBatch`es whose padded size respects `token_budget`.
 
@@ -203,6 +264,8 @@ def micro_batches(
     """
     if len(advantages) != len(episodes):
         raise ValueError(f"{len(advantages)} advantage rows for {len(episodes)} episodes")
+    if value_targets is not None and len(value_targets) != len(episodes):
+        raise ValueError(f"{len(value_targets)} value-target rows for {len(episodes)} episodes")
     lengths = [sequence_length(e) for e in episodes]
     return [
         build_token_batch(
@@ -210,6 +273,7 @@ def micro_batches(
             [advantages[i] for i in group],
             pad_id=pad_id,
             episode_indices=group,
+            value_targets=None if value_targets is None else [value_targets[i] for i in group],
         )
         for group in plan_micro_batches(lengths, token_budget)
     ]

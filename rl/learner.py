@@ -4,7 +4,8 @@ Design:
 - The learner trains the *same module object* the in-process policy samples with (in-process
   weight sync): `Learner.model` is the transformers model passed in (for LoRA, peft injects
   the adapter layers into it, so sampling with it uses the adapters), and `Learner.version`
-  counts optimizer steps; the caller passes it to `policy.set_version`. The caller must not
+  counts the optimizer steps that moved the policy; the caller passes it to
+  `policy.set_version`. The caller must not
   sample while `step` runs: the weights change, and the module is in train mode (dropout)
   only for the duration of the step.
 - Tokens are the truth: batches come from `turnrl.rl.batch` (the stored ids, never re-tokenized)
@@ -17,16 +18,25 @@ Design:
   observation and padding positions. It assumes logits = lm_head(last hidden state), true for
   Llama/Qwen/Mistral-style models; `select_before_head=False` is the plain path.
 - One `step` is one optimizer step over all given episodes: gradient accumulation over
-  micro-batches planned by a padded-token budget, each micro-batch's loss divided by the
-  step's total trained-token count (DAPO token-level mean, arXiv 2503.14476), so the
-  accumulated gradient equals the full-batch gradient.
-- A step with no learning signal is skipped: no trained tokens, or every trained token's
-  advantage is 0 with no KL term. No forward pass runs, the optimizer does not move (Adam's
-  momentum would otherwise keep moving weights on a zero gradient), `version` is unchanged,
-  and the metrics say `skipped=1`. GRPO groups whose returns are all equal give such zeros.
+  micro-batches planned by a padded-token budget, each micro-batch's loss weighted by
+  step-wide counts, so the accumulated gradient equals the full-batch gradient. The weighting
+  (`LearnerConfig.loss_weighting`, defined in `turnrl.rl.losses`): `"token"` divides by the
+  step's trained-token count (DAPO token-level mean, arXiv 2503.14476; long episodes weigh
+  more), `"episode"` gives every episode with trained tokens the same share.
+- A step with no learning signal is skipped: no value target, and no trained tokens or every
+  trained token's advantage 0 with no KL term. No forward pass runs, the optimizer does not
+  move (Adam's momentum would otherwise keep moving weights on a zero gradient), `version` is
+  unchanged, and the metrics say `skipped=1`. GRPO groups whose returns are all equal give
+  such zeros.
 - KL to a reference (k3, GRPO arXiv 2402.03300) is on when `kl_coef > 0`: for LoRA the
   reference is the base model (adapters disabled), for full fine-tuning a frozen copy made at
   construction.
+- An optional value head (`turnrl.rl.value_head`) reads V(s_j) from the same forward pass as
+  the logprobs; `step(..., value_targets=...)` adds `coef * MSE`. `values` scores stored
+  episodes without gradients. Its parameters sit in a second optimizer group with their own
+  learning rate and their own gradient clipping (a large value error never shrinks the
+  policy's step); without `backprop_to_policy` the value loss never reaches the policy's
+  weights, and a step whose only signal is the value loss leaves `version` unchanged.
 """
 
 from __future__ import annotations
@@ -49,7 +59,17 @@ from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode
 from turnrl.rl.batch import TokenBatch, micro_batches
-from turnrl.rl.losses import entropy_from_logprobs, kl_penalty, ppo_clip_loss
+from turnrl.rl.losses import (
+    LossWeighting,
+    entropy_from_logprobs,
+    kl_penalty,
+    ppo_clip_loss,
+    sample_weights,
+    value_loss,
+)
+from turnrl.rl.value_head import ValueHead, ValueHeadConfig, state_values
+
+VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class LoraConfig(BaseModel):
@@ -112,6 +132,24 @@ class LearnerConfig(BaseModel):
     """Padded-token budget (rows x longest row) of one forward/backward micro-batch."""
     adaptation: LoraConfig | FullConfig = Field(default_factory=FullConfig, discriminator="kind")
     """What is trained: LoRA adapters or every weight."""
+    loss_weighting: LossWeighting = "token"
+    """How the step's loss is shared (see `turnrl.rl.losses`): `"token"`, every trained token
+    weighs the same (long episodes dominate); `"episode"`, every episode with trained tokens
+    weighs the same (its tokens share 1 / episodes). Applies to the value loss with turns as
+    samples."""
+    value_head: ValueHeadConfig | None = None
+    """A linear value head on the final hidden state for turn-level critics (GAE); None
+    builds none."""
+
+
+def decoder_hidden(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
+    """The decoder's final hidden states (after its last norm) for every position of
+    `batch`: `hidden_B_T_H`, what the LM head and the value head read."""
+    # No attention mask: rows are right-padded, so causal attention never lets a real token
+    # see a pad, and the mask-free call keeps the fused causal attention kernel.
+    decoder = model.get_decoder()
+    hidden: torch.Tensor = decoder(input_ids=batch.input_ids_B_T, use_cache=False).last_hidden_state
+    return hidden
 
 
 def token_logprobs(
@@ -121,22 +159,25 @@ def token_logprobs(
     *,
     select_before_head: bool = True,
     with_entropy: bool = False,
+    hidden_B_T_H: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob of every trained token under `model`, token-aligned like `batch`.
 
     Returns `(logprobs_B_T, entropy_N)`: `logprobs_B_T[b, t]` = log p(input_ids[b, t] |
     input_ids[b, :t]) in float32 where `loss_mask_B_T` is True, else 0; `entropy_N` (detached,
     or None) is the entropy of the predicted distribution at each trained token, in mask order.
+    `hidden_B_T_H` reuses `decoder_hidden(model, batch)` already computed (the value head
+    reads the same pass); it needs `select_before_head`.
     """
     input_ids_B_T = batch.input_ids_B_T
     # The logits at t - 1 predict token t: pair positions [:, :-1] with targets [:, 1:].
     target_mask_B_T1 = batch.loss_mask_B_T[:, 1:]
     targets_N = input_ids_B_T[:, 1:][target_mask_B_T1]
-    # No attention mask: rows are right-padded, so causal attention never lets a real token
-    # see a pad, and the mask-free call keeps the fused causal attention kernel.
+    if hidden_B_T_H is not None and not select_before_head:
+        raise ValueError("hidden_B_T_H is only used with select_before_head=True")
     if select_before_head:
-        decoder = model.get_decoder()
-        hidden_B_T_H = decoder(input_ids=input_ids_B_T, use_cache=False).last_hidden_state
+        if hidden_B_T_H is None:
+            hidden_B_T_H = decoder_hidden(model, batch)
         head = model.get_output_embeddings()
         logits_N_V = head(hidden_B_T_H[:, :-1][target_mask_B_T1])
     else:
@@ -166,7 +207,8 @@ class Learner:
         self.config = config
         self.pad_id = pad_id
         self.version = 0
-        """Number of optimizer steps taken; the policy reports it with each completion."""
+        """Number of optimizer steps that moved the policy's weights (a step that trained the
+        value head alone does not count); the policy reports it with each completion."""
         self.model = model
         """The module the policy samples with and the learner trains."""
         self.peft_model: peft.PeftModel | None = None
@@ -194,14 +236,27 @@ class Learner:
         if not self.trainable_parameters:
             raise ValueError("the model has no trainable parameters")
         self.device = self.trainable_parameters[0].device
+        self.value_head: ValueHead | None = None
+        """The value head (`config.value_head`), outside `model`; None without one."""
+        groups: list[dict[str, Any]] = [{"params": self.trainable_parameters}]
+        if config.value_head is not None:
+            hidden_size = int(model.config.get_text_config().hidden_size)
+            self.value_head = ValueHead(hidden_size, config.value_head).to(self.device)
+            groups.append(
+                {"params": list(self.value_head.parameters()), "lr": config.value_head.lr}
+            )
+        self.value_parameters = (
+            [] if self.value_head is None else list(self.value_head.parameters())
+        )
+        """The value head's parameters (its own optimizer group); empty without a head."""
         # The fused kernel updates every tensor in one pass; on CPU the default per-tensor loop
         # costs ~7x more for a 135M-parameter model (benchmarks/bench_learner.py).
         fused = all(
             p.is_floating_point() and p.device.type in ("cpu", "cuda")
-            for p in self.trainable_parameters
+            for p in self.trainable_parameters + self.value_parameters
         )
         self.optimizer = torch.optim.AdamW(
-            self.trainable_parameters,
+            groups,
             lr=config.lr,
             betas=config.betas,
             weight_decay=config.weight_decay,
@@ -219,24 +274,44 @@ class Learner:
                 return lp
 
     def accumulate_gradients(
-        self, episodes: Sequence[Episode], advantages: Sequence[Sequence[float]]
+        self,
+        episodes: Sequence[Episode],
+        advantages: Sequence[Sequence[float]],
+        value_targets: Sequence[Sequence[float | None]] | None = None,
     ) -> dict[str, float]:
         """Forward and backward over `episodes` in micro-batches, adding the step's gradient
         to each trained parameter's `.grad`; no optimizer step. Returns the step's metrics
-        (without `grad_norm` and `seconds`). `step` is this plus clipping and AdamW."""
+        (without `grad_norm` and `seconds`; `policy_updated` is 1 when the policy's weights
+        got a gradient). `step` is this plus clipping and AdamW."""
         cfg = self.config
-        batches = micro_batches(episodes, advantages, cfg.micro_batch_tokens, pad_id=self.pad_id)
+        head_cfg = cfg.value_head
+        if value_targets is not None and (self.value_head is None or head_cfg is None):
+            raise ValueError("value_targets need a value head (LearnerConfig.value_head)")
+        batches = micro_batches(
+            episodes,
+            advantages,
+            cfg.micro_batch_tokens,
+            pad_id=self.pad_id,
+            value_targets=value_targets,
+        )
         n_tokens = sum(b.n_tokens for b in batches)
+        n_targets = sum(b.n_value_targets for b in batches)
         counts = {
             "n_tokens": float(n_tokens),
             "n_sequences": float(len(episodes)),
             "n_padded_tokens": float(sum(b.n_padded for b in batches)),
         }
-        has_signal = n_tokens > 0 and (
+        policy_signal = n_tokens > 0 and (
             cfg.kl_coef > 0 or any(bool(b.advantages_B_T.any()) for b in batches)
         )
-        if not has_signal:
+        value_signal = n_targets > 0
+        if value_targets is not None:
+            counts["n_value_targets"] = float(n_targets)
+        if not (policy_signal or value_signal):
             return {"skipped": 1.0, "n_micro_batches": 0.0, **counts}
+        # Step-wide counts of the episodes that take a share under "episode" weighting.
+        n_policy_rows = sum(int(b.loss_mask_B_T.any(dim=1).sum()) for b in batches)
+        n_value_rows = sum(int(b.value_mask_B_J.any(dim=1).sum()) for b in batches)
 
         use_kl = cfg.kl_coef > 0
         sums: dict[str, torch.Tensor] = {}
@@ -244,73 +319,163 @@ class Learner:
         self.model.train()
         try:
             for cpu_batch in batches:
-                if cpu_batch.n_tokens == 0:
+                train_policy = policy_signal and cpu_batch.n_tokens > 0
+                train_value = value_signal and cpu_batch.n_value_targets > 0
+                if not (train_policy or train_value):
                     continue
                 batch = cpu_batch.to(self.device)
-                ref_B_T = self._reference_logprobs(batch) if use_kl else None
-                logprobs_B_T, entropy_N = token_logprobs(
-                    self.model, batch, cfg.temperature, with_entropy=True
-                )
-                loss, metrics = ppo_clip_loss(
-                    logprobs_B_T,
-                    batch.old_logprobs_B_T,
-                    batch.advantages_B_T,
-                    batch.loss_mask_B_T,
-                    clip_low=cfg.clip_low,
-                    clip_high=cfg.clip_high,
-                    n_tokens=n_tokens,
-                )
-                if ref_B_T is not None:
-                    kl, kl_metrics = kl_penalty(
-                        logprobs_B_T, ref_B_T, batch.loss_mask_B_T, "k3", n_tokens=n_tokens
+                value_reaches_trunk = head_cfg is not None and head_cfg.backprop_to_policy
+                with torch.set_grad_enabled(train_policy or value_reaches_trunk):
+                    hidden_B_T_H = decoder_hidden(self.model, batch)
+                loss = torch.zeros((), device=self.device)
+                metrics: dict[str, torch.Tensor] = {}
+                if train_policy:
+                    loss, metrics = self._policy_loss(
+                        batch, hidden_B_T_H, n_tokens, n_policy_rows, use_kl
                     )
-                    loss = loss + cfg.kl_coef * kl
-                    metrics.update(kl_metrics)
+                if train_value:
+                    assert head_cfg is not None
+                    hidden = hidden_B_T_H if value_reaches_trunk else hidden_B_T_H.detach()
+                    v_loss, v_metrics = self._value_loss(batch, hidden, n_targets, n_value_rows)
+                    loss = loss + head_cfg.coef * v_loss
+                    metrics.update(v_metrics)
                 loss.backward()
                 metrics["loss"] = loss.detach()
-                assert entropy_N is not None
-                metrics["entropy"] = entropy_N.sum() / n_tokens
                 for k, v in metrics.items():
                     sums[k] = sums[k] + v if k in sums else v
         finally:
             self.model.train(was_training)
         # One host sync for the whole step, not one per micro-batch.
         out = {k: float(v) for k, v in sums.items()}
-        return {"skipped": 0.0, "n_micro_batches": float(len(batches)), **counts, **out}
+        trunk = policy_signal or (
+            value_signal and head_cfg is not None and head_cfg.backprop_to_policy
+        )
+        return {
+            "skipped": 0.0,
+            "n_micro_batches": float(len(batches)),
+            **counts,
+            **out,
+            "policy_updated": float(trunk),
+        }
+
+    def _policy_loss(
+        self,
+        batch: TokenBatch,
+        hidden_B_T_H: torch.Tensor,
+        n_tokens: int,
+        n_rows: int,
+        use_kl: bool,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """PPO-clip (+ KL) of one micro-batch, weighted for the whole step."""
+        cfg = self.config
+        ref_B_T = self._reference_logprobs(batch) if use_kl else None
+        logprobs_B_T, entropy_N = token_logprobs(
+            self.model, batch, cfg.temperature, with_entropy=True, hidden_B_T_H=hidden_B_T_H
+        )
+        # "token" keeps the plain division by the step's token count (bit for bit the
+        # unweighted path); other weightings pass explicit per-token weights.
+        weights_B_T = None
+        if cfg.loss_weighting != "token":
+            weights_B_T = sample_weights(batch.loss_mask_B_T, cfg.loss_weighting, n_tokens, n_rows)
+        denom = None if weights_B_T is not None else n_tokens
+        loss, metrics = ppo_clip_loss(
+            logprobs_B_T,
+            batch.old_logprobs_B_T,
+            batch.advantages_B_T,
+            batch.loss_mask_B_T,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            n_tokens=denom,
+            weights_B_T=weights_B_T,
+        )
+        if ref_B_T is not None:
+            kl, kl_metrics = kl_penalty(
+                logprobs_B_T,
+                ref_B_T,
+                batch.loss_mask_B_T,
+                "k3",
+                n_tokens=denom,
+                weights_B_T=weights_B_T,
+            )
+            loss = loss + cfg.kl_coef * kl
+            metrics.update(kl_metrics)
+        assert entropy_N is not None
+        # entropy_N is in mask order; column 0 is never trained, so the mask's order is it.
+        if weights_B_T is None:
+            metrics["entropy"] = entropy_N.sum() / n_tokens
+        else:
+            metrics["entropy"] = (entropy_N * weights_B_T[batch.loss_mask_B_T]).sum()
+        return loss, metrics
+
+    def _value_loss(
+        self, batch: TokenBatch, hidden_B_T_H: torch.Tensor, n_targets: int, n_rows: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """MSE of V(s_j) against the batch's targets, weighted for the whole step."""
+        assert self.value_head is not None
+        values_B_J = state_values(self.value_head, hidden_B_T_H, batch.state_positions_B_J)
+        weighting = self.config.loss_weighting
+        if weighting == "token":
+            return value_loss(
+                values_B_J, batch.value_targets_B_J, batch.value_mask_B_J, n_targets=n_targets
+            )
+        weights_B_J = sample_weights(batch.value_mask_B_J, weighting, n_targets, n_rows)
+        return value_loss(
+            values_B_J, batch.value_targets_B_J, batch.value_mask_B_J, weights_B_J=weights_B_J
+        )
 
     def step(
-        self, episodes: Sequence[Episode], advantages: Sequence[Sequence[float]]
+        self,
+        episodes: Sequence[Episode],
+        advantages: Sequence[Sequence[float]],
+        value_targets: Sequence[Sequence[float | None]] | None = None,
     ) -> dict[str, float]:
         """One optimizer step over all `episodes`; `advantages[i][j]` is the advantage of turn
-        `j` of episode `i`, broadcast to that turn's sampled tokens.
+        `j` of episode `i`, broadcast to that turn's sampled tokens. `value_targets[i][j]`
+        (needs a value head) is the regression target of V(s_j), the state turn `j` starts
+        from (None: no target for that turn); the step adds `coef * MSE`.
 
         Metrics: loss, clip_frac, approx_kl, ratio_mean, entropy, kl_ref (when `kl_coef >
         0`), grad_norm (before clipping), n_tokens, n_padded_tokens, n_sequences,
-        n_micro_batches, skipped, seconds. Increments `version` unless skipped.
+        n_micro_batches, skipped, policy_updated, seconds; with value targets also value_loss
+        (the MSE before `coef`; `loss` includes `coef` times it), value_mean,
+        value_target_mean, value_grad_norm, n_value_targets. Increments `version` when the
+        policy's weights moved (`policy_updated`): not when skipped, nor when the value head
+        alone trained.
         """
         start = time.perf_counter()
         try:
-            metrics = self.accumulate_gradients(episodes, advantages)
+            metrics = self.accumulate_gradients(episodes, advantages, value_targets)
             if not metrics["skipped"]:
                 max_norm = self.config.max_grad_norm or math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm)
                 metrics["grad_norm"] = float(grad_norm)
+                if value_targets is not None:
+                    value_norm = torch.nn.utils.clip_grad_norm_(self.value_parameters, max_norm)
+                    metrics["value_grad_norm"] = float(value_norm)
+                # Parameters without a gradient (the policy's, in a value-only step with a
+                # detached head) are left alone by AdamW, momentum and weight decay included.
                 self.optimizer.step()
-                self.version += 1
+                if metrics["policy_updated"]:
+                    self.version += 1
         finally:
             self.optimizer.zero_grad(set_to_none=True)
         metrics["seconds"] = time.perf_counter() - start
         return metrics
 
-    def logprobs(self, episodes: Sequence[Episode]) -> list[list[list[float]]]:
-        """Score each turn's stored completion ids under the current weights (teacher
-        forcing), shaped like `Turn.completion_logprobs`: `[episode][turn][token]`. The
-        episodes' own logprobs are ignored. Runs in eval mode without gradients."""
+    def _scoring_batches(self, episodes: Sequence[Episode]) -> list[TokenBatch]:
+        """Micro-batches of `episodes` for scoring: their own logprobs and advantages are
+        ignored (placeholders), only the ids and turn boundaries matter; replayed turns are
+        scored like the others."""
         placeholders = [
             e.model_copy(
                 update={
                     "turns": [
-                        t.model_copy(update={"completion_logprobs": [0.0] * len(t.completion_ids)})
+                        t.model_copy(
+                            update={
+                                "completion_logprobs": [0.0] * len(t.completion_ids),
+                                "replayed": False,
+                            }
+                        )
                         for t in e.turns
                     ]
                 }
@@ -318,12 +483,42 @@ class Learner:
             for e in episodes
         ]
         zero_adv = [[0.0] * len(e.turns) for e in episodes]
-        out: list[list[list[float]]] = [[] for _ in episodes]
-        batches = micro_batches(
+        return micro_batches(
             placeholders, zero_adv, self.config.micro_batch_tokens, pad_id=self.pad_id
         )
+
+    def values(self, episodes: Sequence[Episode]) -> list[list[float]]:
+        """V(s_j) of every turn under the current weights: `[episode][turn]`, the value of the
+        state turn `j` starts from, read at the last token before its completion. Computed
+        from the stored ids in micro-batches, in eval mode, without gradients; store them
+        with `turnrl.rl.value_head.with_values`."""
+        if self.value_head is None:
+            raise ValueError("this learner has no value head (LearnerConfig.value_head)")
+        out: list[list[float]] = [[] for _ in episodes]
         with torch.no_grad():
-            for cpu_batch in batches:
+            for cpu_batch in self._scoring_batches(episodes):
+                batch = cpu_batch.to(self.device)
+                hidden_B_T_H = decoder_hidden(self.model, batch)
+                values_B_J = state_values(self.value_head, hidden_B_T_H, batch.state_positions_B_J)
+                rows = values_B_J.cpu().tolist()
+                positions = cpu_batch.state_positions_B_J.tolist()
+                for b, i in enumerate(cpu_batch.episode_index_B.tolist()):
+                    n = len(episodes[i].turns)
+                    if any(pos < 0 for pos in positions[b][:n]):
+                        raise ValueError(
+                            f"episode {episodes[i].episode_id}: a turn has no token before "
+                            "it, so its state has no value"
+                        )
+                    out[i] = rows[b][:n]
+        return out
+
+    def logprobs(self, episodes: Sequence[Episode]) -> list[list[list[float]]]:
+        """Score each turn's stored completion ids under the current weights (teacher
+        forcing), shaped like `Turn.completion_logprobs`: `[episode][turn][token]`. The
+        episodes' own logprobs are ignored. Runs in eval mode without gradients."""
+        out: list[list[list[float]]] = [[] for _ in episodes]
+        with torch.no_grad():
+            for cpu_batch in self._scoring_batches(episodes):
                 batch = cpu_batch.to(self.device)
                 logprobs_B_T, _ = token_logprobs(self.model, batch, self.config.temperature)
                 rows = logprobs_B_T.cpu()
@@ -342,7 +537,8 @@ class Learner:
         Layout: LoRA writes `adapter/` (peft `save_pretrained`) and, with `merged=True`, also
         `merged/`, a plain model with the adapters folded in (for servers without LoRA);
         full fine-tuning writes `model/` (`save_pretrained`, safetensors; `merged` changes
-        nothing). Both write `optimizer.pt` and `learner.json`.
+        nothing). Both write `optimizer.pt` and `learner.json`, and with a value head
+        `value_head.safetensors` (the head is not part of the model folders).
         """
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
@@ -355,6 +551,11 @@ class Learner:
                 folded.save_pretrained(str(root / "merged"))
         else:
             self.model.save_pretrained(str(root / "model"))
+        if self.value_head is not None:
+            head_state = {
+                k: v.detach().contiguous() for k, v in self.value_head.state_dict().items()
+            }
+            safetensors.torch.save_file(head_state, str(root / VALUE_HEAD_FILE))
         torch.save(self.optimizer.state_dict(), root / "optimizer.pt")
         state = {"version": self.version, "config": self.config.model_dump(mode="json")}
         (root / "learner.json").write_text(json.dumps(state, indent=2))
@@ -365,6 +566,13 @@ class Learner:
         this learner (same model architecture and adaptation). The KL reference is kept: it
         is the model the learner was built on, not the checkpoint."""
         root = Path(directory)
+        head_file = root / VALUE_HEAD_FILE
+        if (self.value_head is not None) != head_file.is_file():
+            raise ValueError(
+                f"value head mismatch: the learner {'has' if self.value_head else 'has no'} "
+                f"value head, the checkpoint {'has' if head_file.is_file() else 'has no'} "
+                f"{VALUE_HEAD_FILE}"
+            )
         if self.peft_model is not None:
             state = safetensors.torch.load_file(root / "adapter" / "adapter_model.safetensors")
             result = peft.set_peft_model_state_dict(self.peft_model, state)
@@ -382,6 +590,9 @@ class Learner:
                     f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
                     f"unexpected {sorted(unexpected)[:5]}"
                 )
+        if self.value_head is not None:
+            head_state = safetensors.torch.load_file(head_file, device=str(self.device))
+            self.value_head.load_state_dict(head_state)
         self.optimizer.load_state_dict(torch.load(root / "optimizer.pt", map_location=self.device))
         meta: dict[str, Any] = json.loads((root / "learner.json").read_text())
         self.version = int(meta["version"])

@@ -8,13 +8,29 @@
   policy, with Schulman's estimators (http://joschu.net/blog/kl-approx.html): with
   `d = ref_logprobs - logprobs`, k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 (unbiased and
   always >= 0; the form GRPO puts in its loss, Shao et al. 2024, arXiv 2402.03300).
+- `value_loss`: squared error of a value head's estimates against their targets (returns-to-go
+  or lambda-returns), the critic term of PPO/A2C (arXiv 1707.06347, 1602.01783).
 
-Aggregation is token-level (DAPO): the sum over every trained token of the step divided by the
-number of trained tokens in the *whole step*, so long and short completions weigh per token,
-not per sequence. `n_tokens` is that step-wide count: a micro-batch of a gradient-accumulation
-step passes it, and the micro-batch losses then sum to the full-batch loss. Token-mean metrics
-use the same denominator, so they sum across micro-batches too. Without `n_tokens` the
-denominator is the batch's own masked count.
+Aggregation, the convention that decides how much each episode weighs (`LossWeighting`):
+
+- `"token"` (default; DAPO's token-level mean, arXiv 2503.14476): every trained token of the
+  step weighs the same, `1 / N` with `N` the number of trained tokens in the *whole step*. An
+  episode's share of the loss is proportional to its trained-token count, so long episodes
+  (many turns, long completions) dominate the step. `n_tokens` is that step-wide `N`: a
+  micro-batch of a gradient-accumulation step passes it, and the micro-batch losses then sum
+  to the full-batch loss. Without `n_tokens` the denominator is the batch's own masked count.
+- `"episode"`: every episode that has trained tokens weighs the same. A token of episode `i`
+  weighs `1 / (n_i * E)`, with `n_i` the trained-token count of episode `i` and `E` the number
+  of episodes in the step that have at least one trained token; episodes without trained
+  tokens take no share. Each episode's tokens sum to `1 / E`, so a 10-turn episode moves the
+  policy as much as a 1-turn one (each of its tokens weighs less in proportion). The loss
+  takes these weights as `weights_B_T` (built by `sample_weights`); an episode is one row and
+  never split across micro-batches, so `n_i` is known in its micro-batch, and with the
+  step-wide `E` the micro-batch losses again sum to the full-batch loss.
+
+Both weightings sum to 1 over the step's trained tokens. The value loss follows the same
+convention with turns as samples: one value per turn that has a target. Metrics (token means
+such as `clip_frac`) use the loss's weights, so they also sum across micro-batches.
 
 Shapes: `_B_T` tensors are token-aligned (see `turnrl.rl.batch`); any shape works as long as
 all arguments share it. `mask` may be bool or 0/1 floats. Metrics are detached 0-d tensors
@@ -30,6 +46,8 @@ import torch
 
 Metrics = dict[str, torch.Tensor]
 KLEstimator = Literal["k1", "k2", "k3"]
+LossWeighting = Literal["token", "episode"]
+"""How the step's loss is shared between tokens and episodes (module docstring)."""
 
 
 def _denominator(mask: torch.Tensor, n_tokens: int | float | None) -> torch.Tensor | float:
@@ -41,6 +59,41 @@ def _denominator(mask: torch.Tensor, n_tokens: int | float | None) -> torch.Tens
     return mask.sum().clamp(min=1).to(torch.float32)
 
 
+def _reducer(
+    mask: torch.Tensor, n_tokens: int | float | None, weights: torch.Tensor | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The step-mean of a per-sample tensor: weighted sum when `weights` are given, else the
+    sum over the mask divided by `n_tokens` (or the mask's own count)."""
+    if weights is None:
+        denom = _denominator(mask, n_tokens)
+        return lambda x_B_T: torch.where(mask, x_B_T, 0.0).sum() / denom
+    if n_tokens is not None:
+        raise ValueError("pass either n_tokens or weights, not both (weights are normalised)")
+    return lambda x_B_T: torch.where(mask, x_B_T * weights, 0.0).sum()
+
+
+def sample_weights(
+    mask_B_X: torch.Tensor, weighting: LossWeighting, n_samples: int, n_rows: int
+) -> torch.Tensor:
+    """Weight of each sample in the step's loss; each row is one episode (module docstring).
+
+    `mask_B_X` marks the samples (trained tokens, or turns with a value target) of one
+    (micro-)batch; `n_samples` is the number of samples in the whole step and `n_rows` the
+    number of episodes of the step with at least one sample. `"token"`: `1 / n_samples` on
+    every sample; `"episode"`: `1 / (samples in the row * n_rows)`. 0 off the mask; float32.
+    """
+    if n_samples <= 0 or n_rows <= 0:
+        raise ValueError(f"need a positive step size, got {n_samples} samples in {n_rows} rows")
+    mask = mask_B_X.bool()
+    if weighting == "token":
+        per_row_B_1 = torch.full_like(mask[:, :1], n_samples, dtype=torch.float32)
+    elif weighting == "episode":
+        per_row_B_1 = mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32) * n_rows
+    else:
+        raise ValueError(f"unknown loss weighting {weighting!r}")
+    return torch.where(mask, 1.0 / per_row_B_1, 0.0)
+
+
 def ppo_clip_loss(
     logprobs_B_T: torch.Tensor,
     old_logprobs_B_T: torch.Tensor,
@@ -49,8 +102,10 @@ def ppo_clip_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     n_tokens: int | float | None = None,
+    weights_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """PPO clipped surrogate loss, token-level mean over the step.
+    """PPO clipped surrogate loss, a weighted mean over the step's trained tokens: the token
+    mean over `n_tokens`, or the sum weighted by `weights_B_T` (`sample_weights`).
 
     Returns `(loss, metrics)`; metrics: `clip_frac` (share of tokens whose clipped branch is
     the active one, i.e. which get no gradient), `approx_kl` (k3 estimate of
@@ -67,14 +122,14 @@ def ppo_clip_loss(
     # wholly through the active branch and `is_clipped` names exactly the zero-gradient tokens.
     is_clipped_B_T = (clipped_B_T > unclipped_B_T) & mask
     per_token_B_T = torch.where(is_clipped_B_T, clipped_B_T, unclipped_B_T)
-    denom = _denominator(mask, n_tokens)
-    loss = torch.where(mask, per_token_B_T, 0.0).sum() / denom
+    mean = _reducer(mask, n_tokens, weights_B_T)
+    loss = mean(per_token_B_T)
     with torch.no_grad():
         approx_kl_B_T = ratio_B_T - 1.0 - log_ratio_B_T
         metrics = {
-            "clip_frac": is_clipped_B_T.sum().to(torch.float32) / denom,
-            "approx_kl": torch.where(mask, approx_kl_B_T, 0.0).sum() / denom,
-            "ratio_mean": torch.where(mask, ratio_B_T, 0.0).sum() / denom,
+            "clip_frac": mean(is_clipped_B_T.to(torch.float32)),
+            "approx_kl": mean(approx_kl_B_T),
+            "ratio_mean": mean(ratio_B_T),
         }
     return loss, metrics
 
@@ -108,8 +163,10 @@ def kl_penalty(
     mask_B_T: torch.Tensor,
     kind: KLEstimator = "k3",
     n_tokens: int | float | None = None,
+    weights_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Token-level mean of a KL(pi_theta || pi_ref) estimator; gradient flows to `logprobs`.
+    """Step mean of a KL(pi_theta || pi_ref) estimator (weighted like `ppo_clip_loss`);
+    gradient flows to `logprobs`.
 
     Returns `(kl, {"kl_ref": kl detached})`; the caller scales it by its coefficient.
     """
@@ -119,8 +176,36 @@ def kl_penalty(
     lp_B_T = torch.where(mask, logprobs_B_T, zero)
     ref_B_T = torch.where(mask, ref_logprobs_B_T, zero)
     kl_B_T = KL_ESTIMATORS[kind](lp_B_T, ref_B_T)
-    kl = torch.where(mask, kl_B_T, 0.0).sum() / _denominator(mask, n_tokens)
+    kl = _reducer(mask, n_tokens, weights_B_T)(kl_B_T)
     return kl, {"kl_ref": kl.detach()}
+
+
+def value_loss(
+    values_B_J: torch.Tensor,
+    targets_B_J: torch.Tensor,
+    mask_B_J: torch.Tensor,
+    n_targets: int | float | None = None,
+    weights_B_J: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Mean squared error `(V - target)^2` over the turns that have a target (`mask_B_J`),
+    averaged like the policy loss: over `n_targets` or weighted by `weights_B_J`. Gradient
+    flows to `values`; the caller scales it by its coefficient.
+
+    Returns `(loss, metrics)`; metrics: `value_loss` (the loss, detached), `value_mean` and
+    `value_target_mean` (the same mean of the values and of the targets).
+    """
+    mask = mask_B_J.bool()
+    mean = _reducer(mask, n_targets, weights_B_J)
+    # Masked positions may hold anything; `where` keeps them out of the value and the gradient.
+    error_B_J = torch.where(mask, values_B_J.float() - targets_B_J.float(), 0.0)
+    loss = mean(error_B_J.square())
+    with torch.no_grad():
+        metrics = {
+            "value_loss": loss.detach(),
+            "value_mean": mean(values_B_J.detach().float()),
+            "value_target_mean": mean(targets_B_J.float()),
+        }
+    return loss, metrics
 
 
 def entropy_from_logprobs(logprobs_N_V: torch.Tensor) -> torch.Tensor:

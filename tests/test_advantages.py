@@ -1,15 +1,35 @@
-"""GRPO / Dr. GRPO against hand-derived numbers, and reward components."""
+"""Advantage estimators against examples worked out by hand from each paper's definition (the
+arithmetic is in the comments), property tests, and the config surface. Step-level (graph)
+estimators: `test_step_advantages.py`."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from turnrl.agent.records import Episode, StopReason, ToolResult, Turn
-from turnrl.rl.advantages import dr_grpo, group_ids_to_index, grpo, turn_advantages
+from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn
+from turnrl.rl.advantages import (
+    ESTIMATORS,
+    EmpgConfig,
+    GaeConfig,
+    GigpoConfig,
+    GrpoConfig,
+    TppoConfig,
+    TrlooConfig,
+    compute_advantages,
+    dr_grpo,
+    estimator_config,
+    group_ids_to_index,
+    grpo,
+    turn_advantages,
+    value_targets,
+)
+from turnrl.rl.entropy_advantages import empg
+from turnrl.rl.group_advantages import reinforce_pp, rloo, trloo
 from turnrl.rl.rewards import RewardConfig, episode_return, turn_rewards
 
 
@@ -99,3 +119,330 @@ def test_turn_advantages_broadcast_per_episode() -> None:
     adv = turn_advantages(eps, [1.0, 0.0], "grpo")
     assert [len(a) for a in adv] == [2, 3]
     assert adv[0] == [adv[0][0]] * 2 and adv[0][0] > 0 > adv[1][0]
+
+
+# --- Builders -------------------------------------------------------------------------------
+
+
+def turn(
+    i: int,
+    step: str,
+    *,
+    logprobs: tuple[float, ...] = (-0.1, -0.2),
+    signals: dict[str, float] | None = None,
+    replayed: bool = False,
+) -> Turn:
+    """`search:Q` (a search call whose observation is a function of Q), `see:Q:OBS` (a search
+    with a chosen observation) or `answer:A`."""
+    kind, _, arg = step.partition(":")
+    calls, results, answer = [], [], None
+    if kind == "answer":
+        answer = arg
+    else:
+        query, _, obs = arg.partition(":")
+        calls = [ToolCall(id=f"t{i}c0", name="search", raw="", arguments={"query": query})]
+        results = [ToolResult(call_id=f"t{i}c0", text=obs or f"results for {query}")]
+    return Turn(
+        index=i,
+        prompt_ids=[1] if i == 0 else [],
+        completion_ids=[2] * len(logprobs),
+        completion_logprobs=list(logprobs),
+        observation_ids=[3],
+        text=step,
+        finish_reason="stop",
+        tool_calls=calls,
+        tool_results=results,
+        answer=answer,
+        signals=signals or {},
+        replayed=replayed,
+    )
+
+
+def ep(
+    group: str,
+    steps: list[str],
+    *,
+    stop: StopReason = StopReason.ANSWERED,
+    name: str = "",
+    **turn_kwargs: list[object],
+) -> Episode:
+    """An episode of `steps`; each keyword gives one value per turn to `turn`."""
+    turns = [
+        turn(i, s, **{k: v[i] for k, v in turn_kwargs.items()})  # type: ignore[arg-type]
+        for i, s in enumerate(steps)
+    ]
+    return Episode(
+        episode_id=name or f"{group}/{'/'.join(steps)}",
+        task_id=group,
+        group_id=group,
+        turns=turns,
+        stop_reason=stop,
+    )
+
+
+def close(actual: list[list[float]], expected: list[list[float]], tol: float = 1e-9) -> bool:
+    return [len(r) for r in actual] == [len(r) for r in expected] and all(
+        math.isclose(a, e, rel_tol=tol, abs_tol=tol)
+        for ra, re in zip(actual, expected, strict=True)
+        for a, e in zip(ra, re, strict=True)
+    )
+
+
+# --- Config surface -------------------------------------------------------------------------
+
+
+def test_estimator_config_from_kind_dict_or_config() -> None:
+    assert estimator_config("grpo") == GrpoConfig()
+    gigpo = estimator_config({"kind": "gigpo", "omega": 0.5, "anchor": "observation"})
+    assert isinstance(gigpo, GigpoConfig) and gigpo.omega == 0.5 and gigpo.gamma == 0.95
+    assert estimator_config(gigpo) == gigpo
+    # A config is a value: dumped (YAML/JSON) and loaded back, equal; EMPG nests its base.
+    empg_cfg = estimator_config({"kind": "empg", "base": {"kind": "trloo", "ended": "absorbing"}})
+    assert isinstance(empg_cfg, EmpgConfig) and empg_cfg.base == TrlooConfig(ended="absorbing")
+    assert estimator_config(empg_cfg.model_dump(mode="json")) == empg_cfg
+    assert sorted(ESTIMATORS) == sorted(estimator_config(k).kind for k in ESTIMATORS)
+    with pytest.raises(ValueError, match="unknown estimator"):
+        estimator_config("ppo")
+    with pytest.raises(ValueError):
+        estimator_config({"kind": "gigpo", "omgea": 1.0})
+
+
+def test_rewards_must_have_one_value_per_turn() -> None:
+    with pytest.raises(ValueError, match="one reward per turn"):
+        compute_advantages([ep("g", ["search:a", "answer:x"])], [[1.0]], GrpoConfig())
+
+
+def test_grpo_on_turn_rewards_reproduces_the_return_path_bit_for_bit() -> None:
+    """Regression lock (do not change without a decision): GRPO from per-turn rewards equals,
+    to the bit, GRPO of the episode returns that runs scored before per-turn credit stored."""
+    rewards = [[0.1, 0.2, 0.7], [0.3], [1e-17, 0.1, 1.0 / 3.0], [0.0, -0.25]]
+    episodes = [ep("g" if i < 3 else "h", ["search:q"] * len(r)) for i, r in enumerate(rewards)]
+    legacy = turn_advantages(episodes, [sum(r) for r in rewards], "grpo")
+    assert compute_advantages(episodes, rewards, GrpoConfig()) == legacy
+
+
+# --- Trajectory-level -----------------------------------------------------------------------
+
+
+def test_rloo_hand_example() -> None:
+    # Group a: returns 1, 0, 0, 1 -> other-means 1/3, 2/3, 2/3, 1/3 -> 2/3, -2/3, -2/3, 2/3.
+    # Group b: a single episode has no other sample -> 0.
+    returns = torch.tensor([1.0, 0.0, 0.0, 1.0, 5.0], dtype=torch.float64)
+    adv = rloo(returns, group_ids_to_index(["a"] * 4 + ["b"])).tolist()
+    assert close([adv], [[2 / 3, -2 / 3, -2 / 3, 2 / 3, 0.0]])
+
+
+def test_reinforce_pp_hand_example() -> None:
+    # Returns-to-go (gamma 1): e1 rewards [0, 1] -> [1, 1]; e2 [0.5] -> [0.5].
+    # Batch of turns [1, 1, 0.5]: mean 5/6, var ((1/6)^2 * 2 + (1/3)^2) / 3 = 1/18.
+    # A = (G - 5/6) * sqrt(18): 1/6 * sqrt(18) = 1/sqrt(2); -1/3 * sqrt(18) = -sqrt(2).
+    rewards = torch.tensor([[0.0, 1.0], [0.5, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True], [True, False]])
+    adv = reinforce_pp(rewards, mask, gamma=1.0, eps=0.0).tolist()
+    r2 = math.sqrt(2)
+    assert close(adv, [[1 / r2, 1 / r2], [-r2, 0.0]])
+
+
+def _trloo_group() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # One group: e1 rewards [0, 0, 1], e2 [0, 1], e3 [0] -> returns-to-go [1,1,1], [1,1], [0].
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+    return rewards, mask, torch.zeros(3, dtype=torch.long)
+
+
+def test_trloo_hand_example_excluding_ended_episodes() -> None:
+    # Index 0, all three: e1 1 - (1 + 0)/2 = 0.5; e2 1 - (1 + 0)/2 = 0.5; e3 0 - (1 + 1)/2 = -1.
+    # Index 1, e1 and e2: 1 - 1 = 0 each. Index 2, e1 alone: no other episode -> baseline 0 -> 1.
+    adv = trloo(*_trloo_group(), gamma=1.0, ended="exclude").tolist()
+    assert close(adv, [[0.5, 0.0, 1.0], [0.5, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+
+
+def test_trloo_hand_example_with_absorbing_ended_episodes() -> None:
+    # Ended episodes count with return-to-go 0. Index 0 as above. Index 1: e1 1 - (1 + 0)/2
+    # = 0.5, e2 the same. Index 2: e1 1 - (0 + 0)/2 = 1.
+    adv = trloo(*_trloo_group(), gamma=1.0, ended="absorbing").tolist()
+    assert close(adv, [[0.5, 0.5, 1.0], [0.5, 0.5, 0.0], [-1.0, 0.0, 0.0]])
+
+
+def test_trloo_discounts_the_return_to_go() -> None:
+    # gamma 0.5: e1 [0, 0, 1] -> [0.25, 0.5, 1]; e2 [0, 1] -> [0.5, 1]; e3 -> [0].
+    # Index 0: e1 0.25 - (0.5 + 0)/2 = 0; e2 0.5 - (0.25 + 0)/2 = 0.375; e3 0 - 0.75/2 = -0.375.
+    # Index 1: e1 0.5 - 1 = -0.5; e2 1 - 0.5 = 0.5. Index 2: e1 alone -> 1.
+    adv = trloo(*_trloo_group(), gamma=0.5).tolist()
+    assert close(adv, [[0.0, -0.5, 1.0], [0.375, 0.5, 0.0], [-0.375, 0.0, 0.0]])
+
+
+_reward = st.floats(-2, 2, allow_nan=False).map(lambda x: round(x, 3))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(st.lists(_reward, min_size=1, max_size=5), min_size=2, max_size=5),
+    extra=st.lists(_reward, min_size=1, max_size=3),
+    ended=st.sampled_from(["exclude", "absorbing"]),
+)
+def test_trloo_baseline_does_not_depend_on_the_episodes_own_length(
+    rows: list[list[float]], extra: list[float], ended: str
+) -> None:
+    """Episode 0 choosing to run longer (more turns, other rewards after its old end) leaves
+    the baseline of each of its earlier turns unchanged: b = G - A depends on the others only."""
+
+    def baselines(rs: list[list[float]]) -> list[float]:
+        width = max(len(r) for r in rs)
+        rewards = torch.tensor([r + [0.0] * (width - len(r)) for r in rs], dtype=torch.float64)
+        mask = torch.tensor([[t < len(r) for t in range(width)] for r in rs], dtype=torch.bool)
+        group = torch.zeros(len(rs), dtype=torch.long)
+        adv = trloo(rewards, mask, group, gamma=1.0, ended=ended)  # type: ignore[arg-type]
+        togo = rewards.flip(1).cumsum(1).flip(1)
+        return (togo - adv)[0, : len(rs[0])].tolist()
+
+    before = baselines(rows)
+    after = baselines([rows[0] + extra, *rows[1:]])[: len(rows[0])]
+    assert close([after], [before], tol=1e-12)
+
+
+# --- GAE / T-PPO ----------------------------------------------------------------------------
+
+
+def _valued(stop: StopReason, value_after: float | None = None) -> Episode:
+    values = [{"value": 0.5}, {"value": 0.6}, {"value": 0.8}]
+    if value_after is not None:
+        values[-1] = {"value": 0.8, "value_after": value_after}
+    return ep("g", ["search:a", "search:b", "answer:x"], stop=stop, signals=values)  # type: ignore[arg-type]
+
+
+def test_gae_hand_example() -> None:
+    # V = [0.5, 0.6, 0.8], V after the end 0 (answered), r = [0, 0, 1], gamma 0.9, lam 0.5.
+    # delta: 0 + 0.9*0.6 - 0.5 = 0.04; 0 + 0.9*0.8 - 0.6 = 0.12; 1 + 0 - 0.8 = 0.2.
+    # A2 = 0.2; A1 = 0.12 + 0.45*0.2 = 0.21; A0 = 0.04 + 0.45*0.21 = 0.1345.
+    # Value targets A + V: 0.6345, 0.81, 1.0.
+    cfg = GaeConfig(gamma=0.9, lam=0.5)
+    episodes, rewards = [_valued(StopReason.ANSWERED)], [[0.0, 0.0, 1.0]]
+    assert close(compute_advantages(episodes, rewards, cfg), [[0.1345, 0.21, 0.2]])
+    assert close(value_targets(episodes, rewards, cfg), [[0.6345, 0.81, 1.0]])
+    # T-PPO treats an answered episode exactly like GAE: nothing to bootstrap.
+    tppo = TppoConfig(gamma=0.9, lam=0.5)
+    assert compute_advantages(episodes, rewards, tppo) == compute_advantages(episodes, rewards, cfg)
+
+
+def test_tppo_bootstraps_a_truncated_episode_with_the_value_at_the_cut() -> None:
+    # Cut by max_turns with V(after) = 0.7, r = [0, 0, 0]:
+    # delta2 = 0 + 0.9*0.7 - 0.8 = -0.17; A2 = -0.17; A1 = 0.12 + 0.45*(-0.17) = 0.0435;
+    # A0 = 0.04 + 0.45*0.0435 = 0.059575.  GAE instead takes the cut as terminal:
+    # delta2 = -0.8; A1 = 0.12 - 0.36 = -0.24; A0 = 0.04 - 0.108 = -0.068.
+    episodes, rewards = [_valued(StopReason.MAX_TURNS, value_after=0.7)], [[0.0, 0.0, 0.0]]
+    tppo = compute_advantages(episodes, rewards, TppoConfig(gamma=0.9, lam=0.5))
+    assert close(tppo, [[0.059575, 0.0435, -0.17]])
+    gae = compute_advantages(episodes, rewards, GaeConfig(gamma=0.9, lam=0.5))
+    assert close(gae, [[-0.068, -0.24, -0.8]])
+
+
+def test_value_based_estimators_say_what_is_missing() -> None:
+    with pytest.raises(ValueError, match="value_after"):
+        compute_advantages([_valued(StopReason.CONTEXT_FULL)], [[0.0] * 3], TppoConfig())
+    with pytest.raises(ValueError, match=r"signals\['value'\]"):
+        compute_advantages([ep("g", ["answer:x"])], [[1.0]], GaeConfig())
+
+
+# --- EMPG -----------------------------------------------------------------------------------
+
+
+def test_empg_hand_example() -> None:
+    # A = [[1, 1], [-1, -]], H = [[0.1, 0.3], [0.5, -]]; k = k_f = 1, zeta = 0.1.
+    # H_norm = (H - 0.1) / 0.4 = [0, 0.5, 1]; exp(-H_norm) = [1, e^-0.5, e^-1] = f.
+    # g = exp(-H_norm) / mean = [1, e^-.5, e^-1] / ((1 + e^-.5 + e^-1) / 3).
+    # A' = g*A + zeta*f(next): e1t0 g0 + 0.1 e^-0.5; e1t1 g1; e2t0 -g2.
+    adv = torch.tensor([[1.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    entropy = torch.tensor([[0.1, 0.3], [0.5, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True], [True, False]])
+    f = [1.0, math.exp(-0.5), math.exp(-1.0)]
+    g = [x / (sum(f) / 3) for x in f]
+    raw = [g[0] + 0.1 * f[1], g[1], -g[2]]
+    out = empg(adv, entropy, mask, mask, k=1.0, k_f=1.0, zeta=0.1, center=False).tolist()
+    assert close(out, [[raw[0], raw[1]], [raw[2], 0.0]], tol=1e-7)
+    # Centred: minus the batch mean of A' over the three turns.
+    m = sum(raw) / 3
+    out = empg(adv, entropy, mask, mask, k=1.0, k_f=1.0, zeta=0.1, center=True).tolist()
+    assert close(out, [[raw[0] - m, raw[1] - m], [raw[2] - m, 0.0]], tol=1e-7)
+
+
+def test_empg_reads_step_entropy_from_sampled_logprobs() -> None:
+    # H = mean surprisal: turn 0 -(-0.1 - 0.3)/2 = 0.2, turn 1 0.4; the other episode 0.6.
+    episodes = [
+        ep("g", ["search:a", "answer:x"], logprobs=[(-0.1, -0.3), (-0.4,)]),  # type: ignore[list-item]
+        ep("g", ["answer:y"], logprobs=[(-0.6, -0.6, -0.6)]),  # type: ignore[list-item]
+    ]
+    rewards = [[0.0, 1.0], [0.0]]
+    grpo_rows = compute_advantages(episodes, rewards, GrpoConfig())
+    adv = torch.tensor([grpo_rows[0], grpo_rows[1] + [0.0]], dtype=torch.float64)
+    entropy = torch.tensor([[0.2, 0.4], [0.6, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True], [True, False]])
+    expected = empg(adv, entropy, mask, mask).tolist()
+    got = compute_advantages(episodes, rewards, EmpgConfig())
+    assert close(got, [expected[0], expected[1][:1]], tol=1e-12)
+
+
+# --- Properties over every estimator --------------------------------------------------------
+
+_STEPS = ["search:a", "search:b", "see:c:same", "see:d:same", "answer:x", "answer:y"]
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> tuple[list[Episode], list[list[float]]]:
+    episodes, rewards = [], []
+    for g in range(draw(st.integers(1, 3))):
+        for n in range(draw(st.integers(1, 4))):
+            steps = draw(st.lists(st.sampled_from(_STEPS), min_size=0, max_size=4))
+            k = len(steps)
+            prefix = draw(st.integers(0, k))  # a branch restores a prefix of replayed turns
+            replayed = [i < prefix for i in range(k)]
+            episodes.append(
+                ep(
+                    f"g{g}",
+                    steps,
+                    stop=draw(st.sampled_from([StopReason.ANSWERED, StopReason.MAX_TURNS])),
+                    name=f"g{g}/{n}",
+                    signals=[{"value": 0.25 * i, "value_after": 0.5} for i in range(k)],
+                    replayed=replayed,
+                    logprobs=[(-0.1 * (i + 1),) * (1 + i % 2) for i in range(k)],
+                )
+            )
+            rewards.append(draw(st.lists(_reward, min_size=k, max_size=k)))
+    return episodes, rewards
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=batches(), kind=st.sampled_from(sorted(ESTIMATORS)))
+def test_absent_and_replayed_turns_never_get_advantage(
+    data: tuple[list[Episode], list[list[float]]], kind: str
+) -> None:
+    episodes, rewards = data
+    cfg = estimator_config(kind)
+    adv = compute_advantages(episodes, rewards, cfg)
+    assert [len(a) for a in adv] == [len(e.turns) for e in episodes]
+    assert all(math.isfinite(a) for row in adv for a in row)
+    for e, row in zip(episodes, adv, strict=True):
+        assert all(a == 0.0 for t, a in zip(e.turns, row, strict=True) if t.replayed)
+    # Deterministic: the same batch again gives the same floats, bit for bit.
+    assert compute_advantages(episodes, rewards, cfg) == adv
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=batches(), kind=st.sampled_from(sorted(ESTIMATORS)))
+def test_thread_count_does_not_change_a_bit(
+    data: tuple[list[Episode], list[list[float]]], kind: str
+) -> None:
+    """Replay runs in another process, maybe with another thread count: reductions must not
+    depend on it."""
+    episodes, rewards = data
+    big = episodes * 3000  # tens of thousands of turns: past torch's parallel grain size
+    big_rewards = rewards * 3000
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = compute_advantages(big, big_rewards, estimator_config(kind))
+        torch.set_num_threads(2)
+        two = compute_advantages(big, big_rewards, estimator_config(kind))
+    finally:
+        torch.set_num_threads(before)
+    assert one == two

@@ -20,6 +20,7 @@ from turnrl.rl.learner import (
     LoraConfig,
     token_logprobs,
 )
+from turnrl.rl.losses import LossWeighting
 
 VOCAB = 512
 
@@ -278,7 +279,8 @@ def test_kl_to_reference_starts_at_zero_then_grows(adaptation: LoraConfig | Full
     assert last["kl_ref"] > 1e-5
 
 
-def test_micro_batch_budget_does_not_change_the_gradient() -> None:
+@pytest.mark.parametrize("weighting", ["token", "episode"])
+def test_micro_batch_budget_does_not_change_the_gradient(weighting: LossWeighting) -> None:
     model = tiny_model()
     episodes = two_episodes(model) + with_model_logprobs(
         model, [make_episode("third", [(3, 7, 2), (0, 4, 0)], seed=3)]
@@ -287,7 +289,8 @@ def test_micro_batch_budget_does_not_change_the_gradient() -> None:
     grads = []
     for budget in (8, 4096):
         learner = Learner(
-            copy.deepcopy(model), LearnerConfig(micro_batch_tokens=budget, kl_coef=0.05)
+            copy.deepcopy(model),
+            LearnerConfig(micro_batch_tokens=budget, kl_coef=0.05, loss_weighting=weighting),
         )
         # Perturb the policy so that ratios and the KL term are not trivially 1 and 0.
         with torch.no_grad():
@@ -340,3 +343,84 @@ def test_checkpoint_round_trip(adaptation: LoraConfig | FullConfig, tmp_path: Pa
 
 def _flat(scores: list[list[list[float]]]) -> list[float]:
     return [v for episode in scores for turn in episode for v in turn]
+
+
+# ---------------------------------------------------------------------------- loss weighting
+
+# "pos" trains 4 + 5 = 9 tokens with A = +1, "neg" 3 + 2 + 6 = 11 tokens with A = -0.5.
+WEIGHTING_ADV = [[1.0, 1.0], [-0.5, -0.5, -0.5]]
+
+
+@pytest.mark.parametrize(
+    ("weighting", "expected"),
+    [
+        # Every token weighs 1/20: -(9 * 1 + 11 * -0.5) / 20 = -3.5 / 20.
+        ("token", -3.5 / 20),
+        # Every episode weighs 1/2, spread over its own tokens: -(1 + -0.5) / 2.
+        ("episode", -0.25),
+    ],
+)
+def test_loss_weighting_at_ratio_one(weighting: LossWeighting, expected: float) -> None:
+    """Regression lock on `loss_weighting` (do not change without a decision): at ratio 1 the
+    loss is minus the weighted mean advantage, under each convention."""
+    learner = Learner(tiny_model(), LearnerConfig(loss_weighting=weighting))
+    metrics = learner.step(two_episodes(learner.model), WEIGHTING_ADV)
+    assert metrics["loss"] == pytest.approx(expected, abs=1e-5)
+    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["n_tokens"] == 20
+
+
+def test_episode_weighting_is_the_mean_of_per_episode_losses() -> None:
+    """The "episode" gradient of a step equals the mean, over its episodes, of the gradient
+    each episode would give alone under "token" weighting; an episode without trained tokens
+    changes nothing (it takes no share)."""
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.cos(torch.arange(p.numel(), dtype=p.dtype)).view_as(p))
+    episodes = two_episodes(tiny_model()) + with_model_logprobs(
+        tiny_model(), [make_episode("third", [(3, 7, 2), (0, 4, 0)], seed=3)]
+    )
+    empty = make_episode("no-completion", [(4, 0, 2)], seed=9)
+    advantages = [*WEIGHTING_ADV, [0.5, -2.0]]
+
+    def grads(
+        eps: list[Episode], adv: list[list[float]], weighting: LossWeighting
+    ) -> dict[str, torch.Tensor]:
+        config = LearnerConfig(loss_weighting=weighting, kl_coef=0.05, micro_batch_tokens=16)
+        learner = Learner(copy.deepcopy(model), config)
+        learner.accumulate_gradients(eps, adv)
+        return {k: p.grad for k, p in learner.model.named_parameters() if p.grad is not None}
+
+    together = grads([*episodes, empty], [*advantages, [1.0]], "episode")
+    alone = [grads([e], [a], "token") for e, a in zip(episodes, advantages, strict=True)]
+    for k, g in together.items():
+        mean = sum(a[k] for a in alone) / len(alone)
+        torch.testing.assert_close(g, mean, rtol=1e-4, atol=1e-7)
+
+
+def test_replayed_turns_are_context_not_training() -> None:
+    """A branched rollout's replayed prefix stays in the context, untrained: the batch equals
+    that of the same ids with the replayed completion moved into the prompt, and it gets no
+    advantage; scoring (`logprobs`) still covers it."""
+    model = tiny_model()
+    (e,) = with_model_logprobs(model, [make_episode("b", [(4, 3, 2), (0, 5, 1)], seed=4)])
+    first, second = e.turns
+    replayed = e.model_copy(update={"turns": [first.model_copy(update={"replayed": True}), second]})
+    folded_first = first.model_copy(
+        update={
+            "prompt_ids": first.prompt_ids + first.completion_ids,
+            "completion_ids": [],
+            "completion_logprobs": [],
+        }
+    )
+    folded = e.model_copy(update={"turns": [folded_first, second]})
+    got = build_token_batch([replayed], [[7.0, 1.0]])
+    want = build_token_batch([folded], [[7.0, 1.0]])
+    for name in ("input_ids_B_T", "loss_mask_B_T", "old_logprobs_B_T", "advantages_B_T"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.n_tokens == 5 and 7.0 not in got.advantages_B_T
+    learner = Learner(model, LearnerConfig())
+    scored = learner.logprobs([replayed])[0]
+    assert [len(lps) for lps in scored] == [3, 5]
+    assert scored[0] == pytest.approx(first.completion_logprobs, abs=1e-5)

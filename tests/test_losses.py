@@ -14,6 +14,8 @@ from turnrl.rl.losses import (
     entropy_from_logprobs,
     kl_penalty,
     ppo_clip_loss,
+    sample_weights,
+    value_loss,
 )
 
 # Six tokens, clip 0.2 on both sides, so ratios are clipped to [0.8, 1.2]; per-token loss is
@@ -207,3 +209,139 @@ def test_n_tokens_must_be_positive() -> None:
     lp = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="n_tokens"):
         ppo_clip_loss(lp, lp, lp, torch.ones(1, 2), n_tokens=0)
+
+
+# ------------------------------------------------------------------------ loss weighting
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor | list[list[float]]) -> None:
+    torch.testing.assert_close(
+        actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_episode_weighting_hand_values() -> None:
+    """Regression lock on the meaning of `loss_weighting`: do not change without a decision.
+
+    Row 0 is an episode with 1 trained token (A=+1), row 1 one with 3 (A=0), ratio 1:
+      token:   every token weighs 1/4:               loss = -(1 + 0 + 0 + 0) / 4 = -0.25
+      episode: row 0's token weighs 1/(1*2) = 1/2,
+               row 1's tokens 1/(3*2) = 1/6 each:    loss = -(1/2 * 1 + 3 * 1/6 * 0) = -0.5
+    The gradient d loss / d logp is -A * w: [-1/4, 0, 0, 0] vs [-1/2, 0, 0, 0].
+    """
+    mask = torch.tensor([[True, False, False], [True, True, True]])
+    adv = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    token_w = sample_weights(mask, "token", n_samples=4, n_rows=2)
+    episode_w = sample_weights(mask, "episode", n_samples=4, n_rows=2)
+    close(token_w, [[0.25, 0, 0], [0.25, 0.25, 0.25]])
+    close(episode_w, [[0.5, 0, 0], [1 / 6, 1 / 6, 1 / 6]])
+    for weights, expected in ((token_w, -0.25), (episode_w, -0.5)):
+        lp = torch.zeros(2, 3, requires_grad=True)
+        loss, metrics = ppo_clip_loss(lp, lp.detach(), adv, mask, weights_B_T=weights)
+        loss.backward()
+        assert loss.item() == pytest.approx(expected)
+        assert lp.grad is not None
+        close(lp.grad, -adv * weights)
+        assert metrics["ratio_mean"].item() == pytest.approx(1.0)
+    # Token weights reproduce the plain token mean.
+    plain, _ = ppo_clip_loss(torch.zeros(2, 3), torch.zeros(2, 3), adv, mask)
+    assert plain.item() == pytest.approx(-0.25)
+
+
+def test_weights_and_n_tokens_are_exclusive() -> None:
+    lp = torch.zeros(1, 2)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="either n_tokens or weights"):
+        ppo_clip_loss(lp, lp, lp, mask, n_tokens=2, weights_B_T=torch.full((1, 2), 0.5))
+    with pytest.raises(ValueError, match="positive"):
+        sample_weights(mask, "episode", n_samples=0, n_rows=0)
+
+
+row_masks = st.lists(st.lists(st.booleans(), min_size=4, max_size=4), min_size=1, max_size=7)
+
+
+@settings(max_examples=80, deadline=None)
+@given(row_masks, st.integers(1, 6))
+def test_weights_split_the_step_by_convention(rows: list[list[bool]], split: int) -> None:
+    """Whatever the micro-batch split, built from step-wide counts: token weights are 1/N on
+    every sample; episode weights give each episode with samples 1/E in all; both sum to 1."""
+    mask = torch.tensor(rows)
+    n, n_rows = int(mask.sum()), int(mask.any(dim=1).sum())
+    if n == 0:
+        return
+    parts = [mask[i : i + split] for i in range(0, len(rows), split)]
+    token = torch.cat([sample_weights(m, "token", n, n_rows) for m in parts])
+    episode = torch.cat([sample_weights(m, "episode", n, n_rows) for m in parts])
+    assert torch.equal(token == 0, ~mask) and torch.equal(episode == 0, ~mask)
+    assert token[mask].tolist() == pytest.approx([1 / n] * n)
+    assert token.sum().item() == pytest.approx(1.0)
+    assert episode.sum().item() == pytest.approx(1.0)
+    per_row = episode.sum(dim=1)
+    assert per_row[mask.any(dim=1)].tolist() == pytest.approx([1 / n_rows] * n_rows)
+
+
+def test_episode_weighted_micro_batches_equal_full_batch() -> None:
+    torch.manual_seed(1)
+    B, T = 6, 9
+    base = torch.randn(B, T)
+    old = base + 0.3 * torch.randn(B, T)
+    ref = base + 0.3 * torch.randn(B, T)
+    adv = torch.randn(B, 1).expand(B, T)
+    mask = torch.rand(B, T) < 0.6
+    mask[2] = False  # an episode without trained tokens takes no share
+    n, n_rows = int(mask.sum()), int(mask.any(dim=1).sum())
+
+    def objective(lp: torch.Tensor, rows: slice) -> torch.Tensor:
+        w = sample_weights(mask[rows], "episode", n, n_rows)
+        pg, _ = ppo_clip_loss(lp[rows], old[rows], adv[rows], mask[rows], 0.2, 0.28, None, w)
+        kl, _ = kl_penalty(lp[rows], ref[rows], mask[rows], "k3", None, w)
+        return pg + 0.1 * kl
+
+    full = base.clone().requires_grad_(True)
+    full_loss = objective(full, slice(None))
+    full_loss.backward()
+    micro = base.clone().requires_grad_(True)
+    total = torch.zeros(())
+    for rows in (slice(0, 2), slice(2, 3), slice(3, 6)):
+        part = objective(micro, rows)
+        part.backward()
+        total = total + part.detach()
+    assert total.item() == pytest.approx(full_loss.item(), abs=1e-6)
+    assert full.grad is not None and micro.grad is not None
+    torch.testing.assert_close(micro.grad, full.grad, rtol=1e-6, atol=1e-7)
+    # And it is the mean over episodes of each episode's own token-mean loss.
+    per_episode = []
+    for b in range(B):
+        if mask[b].any():
+            one = slice(b, b + 1)
+            pg, _ = ppo_clip_loss(base[one], old[one], adv[one], mask[one], 0.2, 0.28)
+            kl, _ = kl_penalty(base[one], ref[one], mask[one], "k3")
+            per_episode.append((pg + 0.1 * kl).item())
+    assert full_loss.item() == pytest.approx(sum(per_episode) / n_rows, abs=1e-6)
+
+
+def test_value_loss_hand_values() -> None:
+    # Values V and targets G of two episodes (turns without a target are masked):
+    #   row 0: V = [1.0, 2.0, 9.0], G = [0.0, 2.0, -]  -> errors 1, 0
+    #   row 1: V = [0.5, 7.0, 7.0], G = [1.5, -, -]    -> error -1
+    # token (each turn weighs 1/3): (1 + 0 + 1) / 3 = 2/3;  dL/dV = 2 (V - G) / 3
+    # episode (row 0's turns 1/4, row 1's 1/2): (1 + 0) / 4 + 1 / 2 = 0.75;  dL/dV = 2 (V - G) w
+    values = torch.tensor([[1.0, 2.0, 9.0], [0.5, 7.0, 7.0]])
+    targets = torch.tensor([[0.0, 2.0, 0.0], [1.5, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    v = values.clone().requires_grad_(True)
+    loss, metrics = value_loss(v, targets, mask)
+    loss.backward()
+    assert loss.item() == pytest.approx(2 / 3)
+    assert metrics["value_loss"].item() == pytest.approx(2 / 3)
+    assert metrics["value_mean"].item() == pytest.approx((1.0 + 2.0 + 0.5) / 3)
+    assert metrics["value_target_mean"].item() == pytest.approx((0.0 + 2.0 + 1.5) / 3)
+    assert v.grad is not None
+    close(v.grad, [[2 / 3, 0, 0], [-2 / 3, 0, 0]])
+    v = values.clone().requires_grad_(True)
+    w = sample_weights(mask, "episode", n_samples=3, n_rows=2)
+    loss, _ = value_loss(v, targets, mask, weights_B_J=w)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.75)
+    assert v.grad is not None
+    close(v.grad, [[0.5, 0, 0], [-1.0, 0, 0]])

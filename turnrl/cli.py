@@ -94,11 +94,19 @@ def replay(
     run: Annotated[Path, typer.Argument(help="Run folder")],
     estimator: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="Recompute with another estimator (grpo, dr_grpo)"),
+        typer.Option(help="Recompute with another estimator (grpo, gigpo, salt, ...)"),
     ] = None,
     outcome_metric: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Recompute with another outcome score (correct, f1)"),
+    ] = None,
+    reward: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(help="A reward component and its weight, NAME=W (repeat); replaces the run's"),
+    ] = None,
+    checkpoint: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Weights that measure gold-answer probabilities (information gain)"),
     ] = None,
 ) -> None:
     """Reload a run; recompute grades, rewards and advantages from the stored tokens."""
@@ -111,13 +119,27 @@ def replay(
     if not (run / "config.yaml").is_file():
         console.print(f"[red]{run}: not a run folder (no config.yaml)[/]")
         raise typer.Exit(2)
-    result = do_replay(run, estimator, outcome_metric)
+    weights = None
+    if reward:
+        weights = {}
+        for pair in reward:
+            name, sep, value = pair.partition("=")
+            try:
+                weights[name] = float(value) if sep else 1.0
+            except ValueError:
+                console.print(f"[red]--reward {pair}: the weight must be a number[/]")
+                raise typer.Exit(2) from None
+    try:
+        result = do_replay(run, estimator, outcome_metric, weights, checkpoint)
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
     for row in result["steps"]:
         name = "eval" if row["step"] < 0 else f"step {int(row['step'])}"
-        reward = f"  reward {row['reward']:+.3f}" if "reward" in row else ""
+        mean_reward = f"  reward {row['reward']:+.3f}" if "reward" in row else ""
         console.print(
             f"{name}: {int(row['episodes'])} episodes  success {row['success']:.3f}  "
-            f"tool calls/ep {row['tool_calls_per_episode']:.2f}{reward}"
+            f"tool calls/ep {row['tool_calls_per_episode']:.2f}{mean_reward}"
         )
     console.print(
         f"{result['episodes']} episodes; advantages differing from stored: "

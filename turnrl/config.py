@@ -11,10 +11,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from turnrl.agent.runner import Budget
-from turnrl.rl.advantages import Estimator
+from turnrl.rl.advantages import EstimatorConfig, GrpoConfig
 from turnrl.rl.learner import LearnerConfig
 from turnrl.rl.rewards import RewardConfig
 from turnrl.sandboxes.base import Limits
@@ -144,8 +151,15 @@ class TrainConfig(_Config):
     """Task items rolled out per step."""
     group_size: int = Field(4, ge=2)
     """Rollouts per item (the GRPO group, G)."""
-    estimator: Estimator = "grpo"
-    """Advantage estimator."""
+    estimator: EstimatorConfig = Field(default_factory=GrpoConfig)
+    """Advantage estimator and its parameters (`estimator: gigpo` or
+    `estimator: {kind: gigpo, omega: 1.0}`; see `turnrl.rl.advantages`)."""
+
+    @field_validator("estimator", mode="before")
+    @classmethod
+    def _bare_kind(cls, value: object) -> object:
+        return {"kind": value} if isinstance(value, str) else value
+
     checkpoint_every: int = Field(0, ge=0)
     """Save a checkpoint every N steps (0: only at the end)."""
 
@@ -189,6 +203,17 @@ class RunConfig(_Config):
                 f"learner.temperature ({self.learner.temperature}) must equal "
                 f"sampling.temperature ({self.sampling.temperature}): the PPO ratio compares "
                 "the learner's logprobs with the rollout's under the same distribution"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _estimator_has_its_inputs(self) -> RunConfig:
+        from turnrl.credit import needs_values
+
+        if needs_values(self.train.estimator) and self.learner.value_head is None:
+            raise ValueError(
+                f"train.estimator {self.train.estimator.kind!r} needs state values: set "
+                "learner.value_head (e.g. `learner: {value_head: {}}`)"
             )
         return self
 

@@ -15,15 +15,21 @@ from typing import Any
 
 import yaml
 
+from turnrl.agent.chat import HFTokenizer
+from turnrl.agent.model import load_model, load_tokenizer, tokenizer_dir
 from turnrl.agent.records import Episode
 from turnrl.agent.store import RunStore
 from turnrl.config import RunConfig
+from turnrl.credit import add_gold_signals, needs_gold_probs
 from turnrl.report import summarize
-from turnrl.rl.advantages import Estimator
+from turnrl.rl.advantages import estimator_config
+from turnrl.rl.rewards import RewardConfig
 from turnrl.rl.rollout import grade_all
 from turnrl.rl.scoring import score
 from turnrl.sandboxes.config import open_sandbox
 from turnrl.suites import build_suite, needs_sandbox
+from turnrl.tasks.base import TaskItem
+from turnrl.train import model_dir
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, list[Episode]]:
@@ -33,33 +39,99 @@ def load_run(run_dir: Path) -> tuple[RunConfig, list[Episode]]:
     return config, episodes
 
 
-async def _regrade(config: RunConfig, episodes: list[Episode]) -> list[dict[str, float]]:
+def _measure(
+    config: RunConfig,
+    episodes: list[Episode],
+    items: dict[str, TaskItem],
+    checkpoint: Path | None,
+) -> list[Episode]:
+    """Episodes with the signals the reward config needs: measured again with `checkpoint`'s
+    weights when given, else the stored ones (`gold_seen` is always recomputed: it reads only
+    the stored tool outputs)."""
+    model = None
+    needs_model = checkpoint is not None and needs_gold_probs(config.rewards)
+    if needs_model:
+        assert checkpoint is not None
+        model = load_model(model_dir(config.model, checkpoint))
+    elif needs_gold_probs(config.rewards):
+        missing = [
+            e.episode_id
+            for e in episodes
+            if e.step >= 0 and e.turns and "gold_prob_initial" not in e.turns[0].signals
+        ]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} stored episodes have no gold-answer probabilities (e.g. "
+                f"{missing[0]}): pass --checkpoint to measure them"
+            )
+        if "saturation" not in config.rewards.weights:
+            return episodes
+    if "saturation" not in config.rewards.weights and model is None:
+        return episodes
+    path = model_dir(config.model, checkpoint) if checkpoint else tokenizer_dir()
+    encode = HFTokenizer(load_tokenizer(path)).encode
+    rewards = config.rewards
+    if model is None:
+        # Keep the stored probabilities: only `gold_seen` is recomputed.
+        rewards = rewards.model_copy(update={"saturation_threshold": None})
+        rewards = RewardConfig.model_validate(
+            {**rewards.model_dump(), "weights": {"saturation": 1.0}}
+        )
+    train = [e for e in episodes if e.step >= 0]
+    measured = add_gold_signals(
+        train,
+        items,
+        rewards,
+        model=model,
+        encode=encode,
+        temperature=config.learner.temperature,
+        micro_batch_tokens=config.learner.micro_batch_tokens,
+    )
+    by_id = {e.episode_id: e for e in measured}
+    return [by_id.get(e.episode_id, e) for e in episodes]
+
+
+async def _regrade(
+    config: RunConfig, episodes: list[Episode]
+) -> tuple[list[dict[str, float]], dict[str, TaskItem]]:
     """Grade every stored answer again (in a sandbox, for suites whose grader runs code)."""
     sandbox = open_sandbox(config.sandbox) if needs_sandbox(config.task) else None
     try:
         suite = build_suite(config.task, None, sandbox)
         items = {it.id: it for split in ("train", "test") for it in suite.items(split)}
         pairs = [(items[e.task_id], e.answer) for e in episodes]
-        return await grade_all(suite, pairs, concurrency=8)
+        return await grade_all(suite, pairs, concurrency=8), items
     finally:
         if sandbox is not None:
             await sandbox.close()
 
 
 def replay(
-    run_dir: Path, estimator: Estimator | None = None, outcome_metric: str | None = None
+    run_dir: Path,
+    estimator: str | dict[str, Any] | None = None,
+    outcome_metric: str | None = None,
+    reward_weights: dict[str, float] | None = None,
+    checkpoint: Path | None = None,
 ) -> dict[str, Any]:
-    """Recompute and compare; returns per-step summaries and the mismatch count."""
+    """Recompute and compare; returns per-step summaries and the mismatch count.
+
+    `estimator` (a kind or a config dict) and `reward_weights` (component -> weight, replacing
+    the run's) re-score the run. Gold-answer probabilities for information gain are the stored
+    ones unless `checkpoint` names weights to measure them with (needed when the run did not
+    weigh `info_gain` and the new weights do)."""
     config, episodes = load_run(run_dir)
     train_cfg = config.train
     if estimator is not None:
-        train_cfg = train_cfg.model_copy(update={"estimator": estimator})
+        train_cfg = train_cfg.model_copy(update={"estimator": estimator_config(estimator)})
     rewards = config.rewards
     if outcome_metric is not None:
         rewards = rewards.model_copy(update={"outcome_metric": outcome_metric})
+    if reward_weights is not None:
+        rewards = RewardConfig.model_validate({**rewards.model_dump(), "weights": reward_weights})
     config = config.model_copy(update={"train": train_cfg, "rewards": rewards})
-    outcomes = asyncio.run(_regrade(config, episodes))
+    outcomes, items = asyncio.run(_regrade(config, episodes))
     regraded_by_id = {e.episode_id: o for e, o in zip(episodes, outcomes, strict=True)}
+    episodes = _measure(config, episodes, items, checkpoint)
 
     by_step: dict[int, list[Episode]] = defaultdict(list)
     for e in episodes:
@@ -68,7 +140,7 @@ def replay(
     mismatched = compared = regraded = 0
     for step in sorted(by_step):
         stored = by_step[step]
-        graded = []
+        graded: list[Episode] = []
         for e in stored:
             outcome = regraded_by_id[e.episode_id]
             regraded += outcome != e.outcome

@@ -40,10 +40,12 @@ from turnrl.agent.runner import EpisodeRunner
 from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.agent.store import RunStore
 from turnrl.config import ModelConfig, RunConfig
+from turnrl.credit import add_gold_signals, needs_values, with_values
 from turnrl.report import before_after_table, curves_table, summarize
+from turnrl.rl.advantages import value_targets
 from turnrl.rl.learner import Learner
 from turnrl.rl.rollout import collect
-from turnrl.rl.scoring import score
+from turnrl.rl.scoring import score, turn_scalar_rewards
 from turnrl.sandboxes.base import Sandbox
 from turnrl.sandboxes.config import open_sandbox
 from turnrl.suites import build_suite, needs_sandbox, oracle_script
@@ -238,15 +240,20 @@ async def train_steps(s: Session) -> list[dict[str, float]]:
             seed=cfg.seed + 1_000_000 * (step + 1),
         )
         rollout_s = time.monotonic() - t0
+        episodes = await asyncio.to_thread(_measure, s, episodes, items)
         episodes, returns = score(episodes, cfg.rewards, cfg.train.estimator)
         for e in episodes:
             s.store.append_episode(e)
         s.store.flush()
         t1 = time.monotonic()
         advantages = [[t.advantage or 0.0 for t in e.turns] for e in episodes]
+        targets = None
+        if cfg.learner.value_head is not None:
+            rewards_NT = turn_scalar_rewards(episodes, cfg.rewards)
+            targets = value_targets(episodes, rewards_NT, cfg.train.estimator)
         with _progress(s.console) as progress:
             progress.add_task(f"s{step}: learner step ({len(episodes)} episodes)", total=None)
-            learn = await asyncio.to_thread(s.learner.step, episodes, advantages)
+            learn = await asyncio.to_thread(s.learner.step, episodes, advantages, targets)
         s.policy.set_version(s.learner.version)
         row: dict[str, float] = {"step": float(step), "policy_version": float(s.learner.version)}
         row["reward"] = sum(returns) / len(returns)
@@ -265,6 +272,25 @@ async def train_steps(s: Session) -> list[dict[str, float]]:
         if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
             s.save_checkpoint(cfg.run_dir / "checkpoints" / f"step-{step + 1}")
     return rows
+
+
+def _measure(s: Session, episodes: list[Episode], items: Sequence[TaskItem]) -> list[Episode]:
+    """The model measurements credit needs (gold-answer probabilities, values), taken with the
+    weights that sampled `episodes`, before the learner changes them."""
+    assert s.learner is not None
+    cfg = s.config
+    episodes = add_gold_signals(
+        episodes,
+        {it.id: it for it in items},
+        cfg.rewards,
+        model=s.learner.model,
+        encode=s.renderer.tokenizer.encode,
+        temperature=cfg.learner.temperature,
+        micro_batch_tokens=cfg.learner.micro_batch_tokens,
+    )
+    if needs_values(cfg.train.estimator):
+        episodes = with_values(episodes, s.learner.values(episodes))
+    return episodes
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:

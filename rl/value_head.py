@@ -1,0 +1,101 @@
+"""A value head for turn-level critics: V(s_j) of the state each turn starts from.
+
+Design:
+- The head is one linear layer `hidden -> 1` on the policy's final hidden state (after the
+  decoder's last norm), the critic of PPO/A2C on a shared trunk (Schulman et al. 2017, arXiv
+  1707.06347; Mnih et al. 2016, arXiv 1602.01783). It is read once per turn, at the last token
+  before the turn's completion (`TokenBatch.state_positions_B_J`): a causal model's hidden state
+  there has seen exactly the state `s_j`, which is what turn-level GAE needs (values of states
+  between turns, not of every token).
+- It lives beside the transformers model, not inside it: `save_pretrained`, LoRA adapters,
+  merged exports and vLLM weight reloads never see it. The learner saves it next to the
+  weights (`value_head.safetensors`) and trains it in its own optimizer parameter group.
+- Values are computed from stored token ids, in batches and without gradients, and stored on
+  the turns (`Turn.signals["value"]`, `with_values`) so that estimators and replay need no
+  model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from turnrl.agent.records import Episode
+
+VALUE_SIGNAL = "value"
+"""The `Turn.signals` key holding V(state before the turn)."""
+
+
+class ValueHeadConfig(BaseModel):
+    """A linear value head on the final hidden state, trained by MSE to per-turn targets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    coef: float = Field(0.5, ge=0)
+    """Weight of the value loss in the step's loss: `loss = policy + coef * MSE(V, target)`."""
+    lr: float = Field(1e-4, gt=0)
+    """AdamW learning rate of the head (its own parameter group in the learner's optimizer).
+    Larger than a policy's usual rate: the head starts from scratch."""
+    init_std: float = Field(0.0, ge=0)
+    """Std of the normal init of the head's weights; 0 starts them at zero, so every state's
+    first value is `init_bias` and the first steps leave the trunk's features untouched."""
+    init_bias: float = 0.0
+    """Initial bias: the value every state starts from when `init_std` is 0 (e.g. the mean
+    return expected at the start of training)."""
+    backprop_to_policy: bool = False
+    """Let the value loss's gradient flow into the policy's trained weights (a shared
+    actor-critic trunk, PPO's usual setting). False trains the head alone on detached
+    hidden states: the value loss then never moves the policy."""
+
+
+class ValueHead(nn.Module):
+    """`hidden_N_H -> values_N` in float32 (module docstring)."""
+
+    def __init__(self, hidden_size: int, config: ValueHeadConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        with torch.no_grad():
+            if config.init_std > 0:
+                nn.init.normal_(self.proj.weight, std=config.init_std)
+            else:
+                nn.init.zeros_(self.proj.weight)
+            self.proj.bias.fill_(config.init_bias)
+
+    def forward(self, hidden_N_H: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.proj(hidden_N_H.float()).squeeze(-1)
+        return out
+
+
+def state_values(
+    head: ValueHead, hidden_B_T_H: torch.Tensor, state_positions_B_J: torch.Tensor
+) -> torch.Tensor:
+    """V(s_j) for every turn: the head applied to the hidden state at each turn's state
+    position. Returns `values_B_J` (float32); 0 where the position is -1 (no such turn)."""
+    valid_B_J = state_positions_B_J >= 0
+    rows_B_J = torch.arange(hidden_B_T_H.shape[0], device=hidden_B_T_H.device)[:, None]
+    hidden_B_J_H = hidden_B_T_H[rows_B_J, state_positions_B_J.clamp(min=0)]
+    values_B_J: torch.Tensor = head(hidden_B_J_H)
+    return torch.where(valid_B_J, values_B_J, 0.0)
+
+
+def with_values(episodes: Sequence[Episode], values: Sequence[Sequence[float]]) -> list[Episode]:
+    """The episodes with `values[i][j]` stored as `turns[j].signals["value"]` (other signals
+    kept), as `Learner.values` returns them."""
+    if len(values) != len(episodes):
+        raise ValueError(f"{len(values)} value rows for {len(episodes)} episodes")
+    out = []
+    for episode, episode_values in zip(episodes, values, strict=True):
+        if len(episode_values) != len(episode.turns):
+            raise ValueError(
+                f"episode {episode.episode_id}: {len(episode_values)} values for "
+                f"{len(episode.turns)} turns"
+            )
+        turns = [
+            t.model_copy(update={"signals": {**t.signals, VALUE_SIGNAL: float(v)}})
+            for t, v in zip(episode.turns, episode_values, strict=True)
+        ]
+        out.append(episode.model_copy(update={"turns": turns}))
+    return out

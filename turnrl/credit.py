@@ -1,0 +1,87 @@
+"""The model measurements that credit assignment needs, taken before scoring.
+
+Most reward components and estimators are pure functions of stored records; three inputs are
+not, and are measured here and stored on the turns (`Turn.signals`) so that replay needs no
+model afterwards:
+
+- `gold_prob` (and `gold_prob_initial` on turn 0): the policy's teacher-forced probability of
+  the gold answer after each turn, for `info_gain` and for `saturation`'s threshold
+  (`turnrl.rl.info_gain`). The gold answer's text is tokenized here: it is a reward input, not
+  training data, and the episode's own ids are never re-tokenized.
+- `gold_seen`: whether a gold answer appeared in a turn's tool output (`saturation`).
+- `value`: a value head's estimate of the state before each turn (`gae`, `tppo`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from transformers import PreTrainedModel
+
+from turnrl.agent.records import Episode
+from turnrl.rl.advantages import EmpgConfig, EstimatorConfig, GaeConfig, TppoConfig
+from turnrl.rl.info_gain import gold_probabilities, with_gold_probs
+from turnrl.rl.rewards import RewardConfig, mark_gold_seen
+from turnrl.tasks.base import TaskItem
+
+ANSWER_PREFIX = "<answer>"
+"""What the policy writes before an answer: teacher-forced between the context (which ends with
+an assistant header after every observation) and the gold answer's ids."""
+
+
+def needs_gold_probs(rewards: RewardConfig) -> bool:
+    weights = rewards.weights
+    return "info_gain" in weights or (
+        "saturation" in weights and rewards.saturation_threshold is not None
+    )
+
+
+def needs_values(estimator: EstimatorConfig) -> bool:
+    inner = estimator.base if isinstance(estimator, EmpgConfig) else estimator
+    return isinstance(inner, GaeConfig | TppoConfig)
+
+
+def add_gold_signals(
+    episodes: Sequence[Episode],
+    items: Mapping[str, TaskItem],
+    rewards: RewardConfig,
+    *,
+    model: PreTrainedModel | None,
+    encode: Callable[[str], Sequence[int]],
+    temperature: float,
+    micro_batch_tokens: int = 8192,
+) -> list[Episode]:
+    """`gold_seen` when `saturation` is weighted, and `gold_prob` (measured with `model`) when
+    `needs_gold_probs`; episodes unchanged otherwise."""
+    out = list(episodes)
+    if "saturation" in rewards.weights:
+        out = [mark_gold_seen(e, items[e.task_id].answers) for e in out]
+    if needs_gold_probs(rewards):
+        if model is None:
+            raise ValueError(
+                "information gain needs the policy's gold-answer probabilities: pass a model "
+                "(`turnrl replay --checkpoint DIR` names the weights that sampled the run)"
+            )
+        gold_ids = [list(encode(items[e.task_id].answers[0])) for e in out]
+        probs = gold_probabilities(
+            model,
+            out,
+            gold_ids,
+            list(encode(ANSWER_PREFIX)),
+            micro_batch_tokens,
+            temperature=temperature,
+        )
+        out = with_gold_probs(out, probs)
+    return out
+
+
+def with_values(episodes: Sequence[Episode], values: Sequence[Sequence[float]]) -> list[Episode]:
+    """Episodes with `signals["value"]` on every turn."""
+    out = []
+    for e, row in zip(episodes, values, strict=True):
+        turns = [
+            t.model_copy(update={"signals": {**t.signals, "value": v}})
+            for t, v in zip(e.turns, row, strict=True)
+        ]
+        out.append(e.model_copy(update={"turns": turns}))
+    return out

@@ -50,16 +50,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from turnrl.agent.records import Episode, StopReason
+from turnrl.rl import group_advantages as group_adv
 from turnrl.rl.critic_advantages import gae
 from turnrl.rl.entropy_advantages import empg
 from turnrl.rl.group_advantages import (
+    Bools,
     EndedEpisodes,
-    dr_grpo,
-    group_ids_to_index,
-    grpo,
+    Floats,
+    Ints,
+    dense_index,
+    divide,
     reinforce_pp,
     returns_to_go,
-    rloo,
+    segment_sum,
     trloo,
 )
 from turnrl.rl.step_advantages import (
@@ -99,7 +102,6 @@ __all__ = [
     "estimator_config",
     "group_ids_to_index",
     "grpo",
-    "rloo",
     "turn_advantages",
     "turn_batch",
     "turn_graph",
@@ -310,17 +312,17 @@ def estimator_config(value: str | dict[str, object] | BaseModel) -> EstimatorCon
 class TurnBatch:
     """A batch of episodes as padded turn tensors (`N` episodes, `T` most turns)."""
 
-    returns_N: torch.Tensor
-    """float64: each episode's return, Python's `sum` of its turn rewards."""
-    rewards_N_T: torch.Tensor
-    """float64: turn rewards; 0 past each episode's end."""
-    mask_N_T: torch.Tensor
-    """bool: True on turns that exist (they all count in group and state statistics)."""
-    train_N_T: torch.Tensor
-    """bool: True on turns the learner trains on: existing and not `replayed` (a branch's
+    returns_N: Floats
+    """Each episode's return: Python's `sum` of its turn rewards."""
+    rewards_N_T: Floats
+    """Turn rewards; 0 past each episode's end."""
+    mask_N_T: Bools
+    """True on turns that exist (they all count in group and state statistics)."""
+    train_N_T: Bools
+    """True on turns the learner trains on: existing and not `replayed` (a branch's
     restored prefix). Only these get an advantage and count in batch-wide statistics."""
-    group_N: torch.Tensor
-    """int64: dense group index of each episode."""
+    group_N: Ints
+    """Dense group index of each episode."""
     lengths: list[int]
     """Number of turns of each episode."""
 
@@ -329,39 +331,40 @@ def turn_batch(episodes: Sequence[Episode], rewards_NT: Sequence[Sequence[float]
     """Pad `rewards_NT` (one row per episode, one reward per turn) into tensors."""
     if len(rewards_NT) != len(episodes):
         raise ValueError(f"{len(rewards_NT)} reward rows for {len(episodes)} episodes")
-    lengths = [len(e.turns) for e in episodes]
-    for episode, row in zip(episodes, rewards_NT, strict=True):
-        if len(row) != len(episode.turns):
-            raise ValueError(
-                f"episode {episode.episode_id}: {len(row)} rewards for {len(episode.turns)} "
-                "turns (one reward per turn is required)"
-            )
+    # One pass over the episodes (each is a scattered object graph: touch it once).
+    lengths: list[int] = []
+    groups: list[str] = []
+    branched: list[int] = []
+    for n, e in enumerate(episodes):
+        turns = e.turns
+        lengths.append(len(turns))
+        groups.append(e.group_id)
+        # Replayed turns are a prefix (a branch's restored history): an episode whose first
+        # turn was sampled has none.
+        if turns and turns[0].replayed:
+            branched.append(n)
+    if [len(row) for row in rewards_NT] != lengths:
+        n = next(i for i, row in enumerate(rewards_NT) if len(row) != lengths[i])
+        raise ValueError(
+            f"episode {episodes[n].episode_id}: {len(rewards_NT[n])} rewards for {lengths[n]} "
+            "turns (one reward per turn is required)"
+        )
     n_turns = max(lengths, default=0)
-    mask_N_T = torch.tensor(lengths, dtype=torch.long)[:, None] > torch.arange(n_turns)[None, :]
-    rewards_N_T = torch.zeros(mask_N_T.shape, dtype=torch.float64)
-    flat = np.fromiter(chain.from_iterable(rewards_NT), np.float64, int(mask_N_T.sum()))
-    rewards_N_T[mask_N_T] = torch.from_numpy(flat)
+    mask_N_T = np.array(lengths, np.int64).reshape(-1, 1) > np.arange(n_turns)[None, :]
+    rewards_N_T = np.zeros(mask_N_T.shape)
+    rewards_N_T[mask_N_T] = np.fromiter(chain.from_iterable(rewards_NT), np.float64, sum(lengths))
+    train_N_T = mask_N_T.copy() if branched else mask_N_T
+    for n in branched:
+        for t, turn in enumerate(episodes[n].turns):
+            train_N_T[n, t] = not turn.replayed
     return TurnBatch(
-        returns_N=torch.tensor([sum(row) for row in rewards_NT], dtype=torch.float64),
+        returns_N=np.array([sum(row) for row in rewards_NT], np.float64),
         rewards_N_T=rewards_N_T,
         mask_N_T=mask_N_T,
-        train_N_T=_train_mask(episodes, mask_N_T),
-        group_N=group_ids_to_index([e.group_id for e in episodes]),
+        train_N_T=train_N_T,
+        group_N=dense_index(groups),
         lengths=lengths,
     )
-
-
-def _train_mask(episodes: Sequence[Episode], mask_N_T: torch.Tensor) -> torch.Tensor:
-    # Replayed turns are a prefix (a branch's restored history): an episode whose first turn
-    # was sampled has none, so only branched episodes are read turn by turn.
-    train_N_T = mask_N_T
-    for n, e in enumerate(episodes):
-        if e.turns and e.turns[0].replayed:
-            if train_N_T is mask_N_T:
-                train_N_T = mask_N_T.clone()
-            for t, turn in enumerate(e.turns):
-                train_N_T[n, t] = not turn.replayed
-    return train_N_T
 
 
 def _signal(episode: Episode, t: int, name: str, why: str) -> float:
@@ -376,7 +379,7 @@ def _signal(episode: Episode, t: int, name: str, why: str) -> float:
 
 def _values(
     episodes: Sequence[Episode], batch: TurnBatch, bootstrap_truncated: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Floats, Floats]:
     n_turns = batch.mask_N_T.shape[1]
     rows, bootstrap = [], []
     for e in episodes:
@@ -385,34 +388,34 @@ def _values(
         cut = bootstrap_truncated and e.stop_reason in TRUNCATIONS and bool(e.turns)
         why = f"T-PPO bootstraps the {e.stop_reason.value} cut with V after the last turn"
         bootstrap.append(_signal(e, len(e.turns) - 1, VALUE_AFTER, why) if cut else 0.0)
-    values_N_T = torch.tensor(rows, dtype=torch.float64).reshape(batch.mask_N_T.shape)
-    return values_N_T, torch.tensor(bootstrap, dtype=torch.float64)
+    values_N_T = np.array(rows, np.float64).reshape(batch.mask_N_T.shape)
+    return values_N_T, np.array(bootstrap, np.float64)
 
 
-def _entropies(episodes: Sequence[Episode], n_turns: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, measured = [], []
-    for e in episodes:
-        pad = n_turns - len(e.turns)
-        lps = [t.completion_logprobs for t in e.turns]
-        rows.append([-sum(lp) / len(lp) if lp else 0.0 for lp in lps] + [0.0] * pad)
-        measured.append([bool(lp) for lp in lps] + [False] * pad)
-    shape = (len(episodes), n_turns)
-    return (
-        torch.tensor(rows, dtype=torch.float64).reshape(shape),
-        torch.tensor(measured, dtype=torch.bool).reshape(shape),
-    )
+def _entropies(episodes: Sequence[Episode], mask_N_T: Bools) -> tuple[Floats, Bools]:
+    """Mean surprisal of each turn's sampled tokens, and which turns sampled any."""
+    logprobs = [t.completion_logprobs for e in episodes for t in e.turns]
+    counts_K = np.fromiter(map(len, logprobs), np.int64, len(logprobs))
+    flat = np.fromiter(chain.from_iterable(logprobs), np.float64, int(counts_K.sum()))
+    turn_of_token = np.repeat(np.arange(len(logprobs)), counts_K)
+    sums_K = segment_sum(flat, turn_of_token, len(logprobs))
+    entropy_N_T = np.zeros(mask_N_T.shape)
+    entropy_N_T[mask_N_T] = divide(-sums_K, counts_K.astype(np.float64), counts_K > 0)
+    measured_N_T = np.zeros(mask_N_T.shape, np.bool_)
+    measured_N_T[mask_N_T] = counts_K > 0
+    return entropy_N_T, measured_N_T
 
 
-def _broadcast(advantages_N: torch.Tensor, mask_N_T: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask_N_T, advantages_N[:, None], 0.0)
+def _broadcast(advantages_N: Floats, mask_N_T: Bools) -> Floats:
+    return np.where(mask_N_T, advantages_N[:, None], 0.0)
 
 
-def _trajectory(kind: str, batch: TurnBatch, eps: float) -> torch.Tensor:
+def _trajectory(kind: str, batch: TurnBatch, eps: float) -> Floats:
     if kind == "grpo":
-        return grpo(batch.returns_N, batch.group_N, eps)
+        return group_adv.grpo(batch.returns_N, batch.group_N, eps)
     if kind == "dr_grpo":
-        return dr_grpo(batch.returns_N, batch.group_N)
-    return rloo(batch.returns_N, batch.group_N)
+        return group_adv.dr_grpo(batch.returns_N, batch.group_N)
+    return group_adv.rloo(batch.returns_N, batch.group_N)
 
 
 def _estimate(
@@ -420,15 +423,15 @@ def _estimate(
     batch: TurnBatch,
     cfg: EstimatorConfig,
     graph: TurnGraph | None,
-) -> torch.Tensor:
+) -> Floats:
     mask, train, group = batch.mask_N_T, batch.train_N_T, batch.group_N
     match cfg:
         case GrpoConfig(eps=eps):
-            return _broadcast(grpo(batch.returns_N, group, eps), mask)
+            return _broadcast(_trajectory("grpo", batch, eps), mask)
         case DrGrpoConfig():
-            return _broadcast(dr_grpo(batch.returns_N, group), mask)
+            return _broadcast(_trajectory("dr_grpo", batch, 0.0), mask)
         case RlooConfig():
-            return _broadcast(rloo(batch.returns_N, group), mask)
+            return _broadcast(_trajectory("rloo", batch, 0.0), mask)
         case ReinforcePPConfig(gamma=gamma, eps=eps):
             return reinforce_pp(batch.rewards_N_T, train, gamma, eps)
         case TrlooConfig(gamma=gamma, ended=ended):
@@ -461,13 +464,13 @@ def _estimate(
             return gae(batch.rewards_N_T, values, mask, bootstrap, gamma, lam)[0]
         case EmpgConfig():
             base_N_T = _estimate(episodes, batch, cfg.base, graph)
-            entropy, measured = _entropies(episodes, mask.shape[1])
+            entropy, measured = _entropies(episodes, mask)
             measured = measured & train
             return empg(base_N_T, entropy, train, measured, cfg.k, cfg.k_f, cfg.zeta, cfg.center)
     raise TypeError(f"not an estimator config: {cfg!r}")
 
 
-def _rows(values_N_T: torch.Tensor, lengths: Sequence[int]) -> list[list[float]]:
+def _rows(values_N_T: Floats, lengths: Sequence[int]) -> list[list[float]]:
     return [row[:n] for row, n in zip(values_N_T.tolist(), lengths, strict=True)]
 
 
@@ -482,7 +485,7 @@ def compute_advantages(
     Episodes of any number of groups, in any order. `graph` (`turn_graph` of the same
     episodes, history anchors) lets several estimators share one hashing of the turns."""
     batch = turn_batch(episodes, rewards_NT)
-    advantages_N_T = torch.where(batch.train_N_T, _estimate(episodes, batch, cfg, graph), 0.0)
+    advantages_N_T = np.where(batch.train_N_T, _estimate(episodes, batch, cfg, graph), 0.0)
     return _rows(advantages_N_T, batch.lengths)
 
 
@@ -502,7 +505,27 @@ def value_targets(
             targets = returns_to_go(batch.rewards_N_T, gamma)
         case _:
             targets = returns_to_go(batch.rewards_N_T, 1.0)
-    return _rows(torch.where(batch.mask_N_T, targets, 0.0), batch.lengths)
+    return _rows(np.where(batch.mask_N_T, targets, 0.0), batch.lengths)
+
+
+def group_ids_to_index(group_ids: Sequence[str]) -> torch.Tensor:
+    """Dense group index (0..n_groups-1) for each episode, in order of first appearance."""
+    return torch.from_numpy(dense_index(group_ids))
+
+
+def grpo(returns_N: torch.Tensor, group_N: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Group-normalised advantages (R - mean) / (std + eps); zero for constant groups (torch
+    in, torch out; `group_advantages.grpo` is the numpy function)."""
+    return torch.from_numpy(group_adv.grpo(_f64(returns_N), group_N.numpy(), eps))
+
+
+def dr_grpo(returns_N: torch.Tensor, group_N: torch.Tensor) -> torch.Tensor:
+    """Group-centred advantages R - mean (torch in, torch out)."""
+    return torch.from_numpy(group_adv.dr_grpo(_f64(returns_N), group_N.numpy()))
+
+
+def _f64(values: torch.Tensor) -> Floats:
+    return values.detach().cpu().numpy().astype(np.float64, copy=False)
 
 
 def turn_advantages(
@@ -513,12 +536,13 @@ def turn_advantages(
     need per-turn rewards: `compute_advantages`."""
     if estimator not in ("grpo", "dr_grpo", "rloo"):
         raise ValueError(f"{estimator} needs per-turn rewards: use compute_advantages")
-    returns_N = torch.tensor(list(returns), dtype=torch.float64)
-    group_N = group_ids_to_index([e.group_id for e in episodes])
-    if estimator == "grpo":
-        adv_N = grpo(returns_N, group_N)
-    elif estimator == "dr_grpo":
-        adv_N = dr_grpo(returns_N, group_N)
-    else:
-        adv_N = rloo(returns_N, group_N)
+    batch = TurnBatch(
+        returns_N=np.array(list(returns), np.float64),
+        rewards_N_T=np.zeros((len(episodes), 0)),
+        mask_N_T=np.zeros((len(episodes), 0), np.bool_),
+        train_N_T=np.zeros((len(episodes), 0), np.bool_),
+        group_N=dense_index([e.group_id for e in episodes]),
+        lengths=[len(e.turns) for e in episodes],
+    )
+    adv_N = _trajectory(estimator, batch, 1e-6)
     return [[a] * len(e.turns) for e, a in zip(episodes, adv_N.tolist(), strict=True)]

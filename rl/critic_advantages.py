@@ -16,31 +16,33 @@ so far, although the state at the cut may well have been on the way to an answer
 
 from __future__ import annotations
 
-import torch
+import numpy as np
+
+from turnrl.rl.group_advantages import Bools, Floats
 
 
 def gae(
-    rewards_N_T: torch.Tensor,
-    values_N_T: torch.Tensor,
-    mask_N_T: torch.Tensor,
-    bootstrap_N: torch.Tensor,
+    rewards_N_T: Floats,
+    values_N_T: Floats,
+    mask_N_T: Bools,
+    bootstrap_N: Floats,
     gamma: float = 1.0,
     lam: float = 0.95,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Floats, Floats]:
     """(advantages_N_T, value_targets_N_T); `bootstrap_N` is V after each episode's last
-    turn. Both outputs are 0 past each episode's end."""
+    turn. Both are 0 past each episode's end."""
     n_episodes, n_turns = rewards_N_T.shape
-    lengths_N = mask_N_T.sum(dim=1)
-    next_N_T = torch.zeros_like(values_N_T)
+    lengths_N = mask_N_T.sum(axis=1)
+    next_N_T = np.zeros_like(values_N_T)
     next_N_T[:, :-1] = values_N_T[:, 1:]
-    rows_M = torch.arange(n_episodes)[lengths_N > 0]
+    rows_M = np.flatnonzero(lengths_N > 0)
     next_N_T[rows_M, lengths_N[rows_M] - 1] = bootstrap_N[rows_M]
-    delta_N_T = torch.where(mask_N_T, rewards_N_T + gamma * next_N_T - values_N_T, 0.0)
-    advantages_N_T = torch.zeros_like(delta_N_T)
-    running_N = torch.zeros(n_episodes, dtype=delta_N_T.dtype)
+    delta_N_T = np.where(mask_N_T, rewards_N_T + gamma * next_N_T - values_N_T, 0.0)
+    advantages_N_T = np.zeros_like(delta_N_T)
+    running_N = np.zeros(n_episodes)
     # Padding sits after each episode's end with delta 0, so the running sum starts at 0 there.
     for t in reversed(range(n_turns)):
         running_N = delta_N_T[:, t] + gamma * lam * running_N
         advantages_N_T[:, t] = running_N
-    targets_N_T = torch.where(mask_N_T, advantages_N_T + values_N_T, 0.0)
+    targets_N_T = np.where(mask_N_T, advantages_N_T + values_N_T, 0.0)
     return advantages_N_T, targets_N_T

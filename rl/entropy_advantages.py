@@ -22,41 +22,36 @@ entropy: it is left out of the statistics, keeps g = 1 and gives no bonus.
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from turnrl.rl.group_advantages import segment_sum
-
-
-def _batch_mean(values_K: torch.Tensor) -> torch.Tensor:
-    total = segment_sum(values_K, torch.zeros_like(values_K, dtype=torch.long), 1)
-    return total / max(values_K.numel(), 1)
+from turnrl.rl.group_advantages import Bools, Floats, batch_mean
 
 
 def empg(
-    advantages_N_T: torch.Tensor,
-    entropy_N_T: torch.Tensor,
-    mask_N_T: torch.Tensor,
-    measured_N_T: torch.Tensor,
+    advantages_N_T: Floats,
+    entropy_N_T: Floats,
+    mask_N_T: Bools,
+    measured_N_T: Bools,
     k: float = 1.0,
     k_f: float = 1.0,
     zeta: float = 0.1,
     center: bool = True,
-) -> torch.Tensor:
+) -> Floats:
     """Modulated advantages; `measured_N_T` marks turns with an entropy (at least one token)."""
     entropy_K = entropy_N_T[measured_N_T]
-    if entropy_K.numel():
+    if entropy_K.size:
         low, high = entropy_K.min(), entropy_K.max()
-        norm_N_T = (entropy_N_T - low) / (high - low + 1e-8)
+        norm_N_T = np.where(measured_N_T, (entropy_N_T - low) / (high - low + 1e-8), 0.0)
     else:
-        norm_N_T = torch.zeros_like(entropy_N_T)
-    scale_N_T = torch.exp(-k * norm_N_T)
-    scale_N_T = torch.where(
-        measured_N_T, scale_N_T / (_batch_mean(scale_N_T[measured_N_T]) + 1e-8), 1.0
+        norm_N_T = np.zeros_like(entropy_N_T)
+    scale_N_T = np.exp(-k * norm_N_T)
+    scale_N_T = np.where(
+        measured_N_T, scale_N_T / (batch_mean(scale_N_T[measured_N_T]) + 1e-8), 1.0
     )
-    clarity_N_T = torch.where(measured_N_T, torch.exp(-k_f * norm_N_T), 0.0)
-    bonus_N_T = torch.zeros_like(clarity_N_T)
+    clarity_N_T = np.where(measured_N_T, np.exp(-k_f * norm_N_T), 0.0)
+    bonus_N_T = np.zeros_like(clarity_N_T)
     bonus_N_T[:, :-1] = zeta * clarity_N_T[:, 1:]
-    out_N_T = torch.where(mask_N_T, scale_N_T * advantages_N_T + bonus_N_T, 0.0)
+    out_N_T = np.where(mask_N_T, scale_N_T * advantages_N_T + bonus_N_T, 0.0)
     if center:
-        out_N_T = torch.where(mask_N_T, out_N_T - _batch_mean(out_N_T[mask_N_T]), 0.0)
+        out_N_T = np.where(mask_N_T, out_N_T - batch_mean(out_N_T[mask_N_T]), 0.0)
     return out_N_T

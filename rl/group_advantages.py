@@ -1,11 +1,16 @@
-"""Trajectory- and turn-index-baselined estimators over padded turn tensors.
+"""Trajectory- and turn-index-baselined estimators over padded turn arrays.
 
 Shapes: `N` episodes, `T` = the most turns of any episode. `rewards_N_T` holds each turn's
 scalar reward (0 past an episode's end), `mask_N_T` is True on turns that exist, `group_N` is
-the dense group index of each episode (`group_ids_to_index`). Every function is pure and
-vectorised over the batch (loops run over the turn axis only), and reduces with `index_add_`,
-which accumulates serially on the CPU: results do not depend on the thread count, so a replay
-in another process reproduces them bit for bit.
+the dense group index of each episode (`dense_index`). Every function is pure and vectorised
+over the batch (loops run over the turn axis only).
+
+They are numpy, float64, on purpose: a batch is ~10^4-10^5 turns, where torch's intra-op
+threads cost more than they save and, on a machine whose cores are busy (the learner, the
+rollout workers), stall each op for milliseconds while a thread waits for a core; numpy runs
+each op on the calling thread. Reductions are `np.bincount`, which accumulates in element
+order: results do not depend on threads or the machine's load, so a replay reproduces them
+bit for bit.
 
 - `grpo`: (R - mean_g) / (std_g + eps), population std; zero for a constant group (Shao et
   al. 2024, DeepSeekMath, arXiv 2402.03300).
@@ -20,138 +25,131 @@ in another process reproduces them bit for bit.
   episodes of the group.
 
 Length bias (TRLOO). A baseline may depend on anything but the action it scores. A
-per-turn-index baseline that includes the episode itself (GRPO-style mean or std over the
+per-turn-index baseline that includes the episode itself (a GRPO-style mean or std over the
 episodes that reached turn t) depends on the agent's own choice to still be running at t, and
-the smaller the set, the larger that bias. TRLOO's baseline for episode i at index t is built
-from the other episodes only, so it is independent of everything episode i did, its length
-included: unbiased. What remains a choice is how the other episodes that already ended count
-at index t (`ended`): `"exclude"` (default; Dr. Kernel's rule) averages over the other
-episodes that reached t, with baseline 0 when none did; `"absorbing"` treats an ended episode
-as sitting in an absorbing state with return-to-go 0, so every other episode of the group
-counts at every index. Both are unbiased; "exclude" tracks E[G_t | still running] and so has
-the lower variance when survival correlates with return.
+the fewer episodes reach t, the larger that bias. TRLOO's baseline for episode i at index t is
+built from the other episodes only, so it is independent of everything episode i did, its
+length included: unbiased. What remains a choice is how the other episodes that already
+ended count at index t (`ended`): `"exclude"` (default; Dr. Kernel's rule) averages over the
+other episodes that reached t, with baseline 0 when none did; `"absorbing"` treats an ended
+episode as sitting in an absorbing state with return-to-go 0, so every other episode of the
+group counts at every index. Both are unbiased; "exclude" tracks E[G_t | still running], the
+lower-variance baseline when survival correlates with return.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, TypeAlias
 
-import torch
+import numpy as np
+import numpy.typing as npt
 
+Floats: TypeAlias = npt.NDArray[np.float64]
+Ints: TypeAlias = npt.NDArray[np.int64]
+Bools: TypeAlias = npt.NDArray[np.bool_]
 EndedEpisodes = Literal["exclude", "absorbing"]
 
 
-def group_ids_to_index(group_ids: Sequence[str]) -> torch.Tensor:
-    """Dense group index (0..n_groups-1) for each episode, in order of first appearance."""
+def dense_index(labels: Sequence[str]) -> Ints:
+    """Dense index (0..n-1) of each label, in order of first appearance."""
     index: dict[str, int] = {}
-    return torch.tensor([index.setdefault(g, len(index)) for g in group_ids], dtype=torch.long)
+    return np.fromiter((index.setdefault(g, len(index)) for g in labels), np.int64, len(labels))
 
 
-def segment_sum(values_K: torch.Tensor, ids_K: torch.Tensor, n: int) -> torch.Tensor:
-    """Sum of `values_K` per id (0..n-1), accumulated in order (deterministic on the CPU)."""
-    return torch.zeros(n, dtype=values_K.dtype).index_add_(0, ids_K, values_K)
+def segment_sum(values_K: Floats, ids_K: Ints, n: int) -> Floats:
+    """Sum of `values_K` per id (0..n-1), accumulated in element order."""
+    return np.bincount(ids_K, weights=values_K, minlength=n).astype(np.float64, copy=False)
 
 
-def segment_mean_std(
-    values_K: torch.Tensor, ids_K: torch.Tensor, n: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def segment_mean_std(values_K: Floats, ids_K: Ints) -> tuple[Floats, Floats, Floats]:
     """Per-id mean, population std and count, gathered back to each element."""
-    count_S = segment_sum(torch.ones_like(values_K), ids_K, n)
-    mean_S = segment_sum(values_K, ids_K, n) / count_S.clamp(min=1)
+    n = int(ids_K.max()) + 1 if ids_K.size else 0
+    count_S = np.maximum(np.bincount(ids_K, minlength=n), 1).astype(np.float64)
+    mean_S = segment_sum(values_K, ids_K, n) / count_S
     dev_K = values_K - mean_S[ids_K]
-    std_S = (segment_sum(dev_K**2, ids_K, n) / count_S.clamp(min=1)).sqrt()
+    std_S = np.sqrt(segment_sum(dev_K**2, ids_K, n) / count_S)
     return mean_S[ids_K], std_S[ids_K], count_S[ids_K]
 
 
-def _n_segments(ids: torch.Tensor) -> int:
-    return int(ids.max()) + 1 if ids.numel() else 0
+def divide(num: Floats, den: Floats, where: Bools) -> Floats:
+    """num / den where `where`, else 0 (the division is not even attempted there)."""
+    return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=where)
 
 
-def _group_mean_std(
-    returns_N: torch.Tensor, group_N: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    mean_N, std_N, _ = segment_mean_std(returns_N, group_N, _n_segments(group_N))
-    return mean_N, std_N
+def batch_mean(values_K: Floats) -> float:
+    """Mean of every element, added in order."""
+    return float(segment_sum(values_K, np.zeros(values_K.size, np.int64), 1)[0]) / max(
+        values_K.size, 1
+    )
 
 
-def episode_returns(rewards_N_T: torch.Tensor) -> torch.Tensor:
-    """R = sum_t r_t, added left to right: the same float as Python's `sum` of a turn list."""
-    returns_N = torch.zeros(rewards_N_T.shape[0], dtype=rewards_N_T.dtype)
-    for t in range(rewards_N_T.shape[1]):
-        returns_N = returns_N + rewards_N_T[:, t]
-    return returns_N
-
-
-def returns_to_go(rewards_N_T: torch.Tensor, gamma: float) -> torch.Tensor:
+def returns_to_go(rewards_N_T: Floats, gamma: float) -> Floats:
     """G_t = r_t + gamma * G_{t+1}; 0 past an episode's end (padding rewards are 0)."""
-    returns_N_T = torch.zeros_like(rewards_N_T)
-    running_N = torch.zeros(rewards_N_T.shape[0], dtype=rewards_N_T.dtype)
+    returns_N_T = np.zeros_like(rewards_N_T)
+    running_N = np.zeros(rewards_N_T.shape[0])
     for t in reversed(range(rewards_N_T.shape[1])):
         running_N = rewards_N_T[:, t] + gamma * running_N
         returns_N_T[:, t] = running_N
     return returns_N_T
 
 
-def grpo(returns_N: torch.Tensor, group_N: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def grpo(returns_N: Floats, group_N: Ints, eps: float = 1e-6) -> Floats:
     """Group-normalised advantages (R - mean) / (std + eps); zero for constant groups."""
-    mean_N, std_N = _group_mean_std(returns_N, group_N)
-    return torch.where(std_N > 0, (returns_N - mean_N) / (std_N + eps), 0.0)
+    mean_N, std_N, _ = segment_mean_std(returns_N, group_N)
+    return divide(returns_N - mean_N, std_N + eps, std_N > 0)
 
 
-def dr_grpo(returns_N: torch.Tensor, group_N: torch.Tensor) -> torch.Tensor:
+def dr_grpo(returns_N: Floats, group_N: Ints) -> Floats:
     """Group-centred advantages R - mean (no std normalisation)."""
-    mean_N, _ = _group_mean_std(returns_N, group_N)
+    mean_N, _, _ = segment_mean_std(returns_N, group_N)
     return returns_N - mean_N
 
 
-def rloo(returns_N: torch.Tensor, group_N: torch.Tensor) -> torch.Tensor:
+def rloo(returns_N: Floats, group_N: Ints) -> Floats:
     """Leave-one-out advantages R_i - (S_g - R_i) / (n_g - 1); zero in a group of one."""
-    n = _n_segments(group_N)
+    n = int(group_N.max()) + 1 if group_N.size else 0
     sum_N = segment_sum(returns_N, group_N, n)[group_N]
-    count_N = segment_sum(torch.ones_like(returns_N), group_N, n)[group_N]
-    others_N = (sum_N - returns_N) / (count_N - 1).clamp(min=1)
-    return torch.where(count_N > 1, returns_N - others_N, 0.0)
+    count_N = np.bincount(group_N, minlength=n)[group_N]
+    others_N = (sum_N - returns_N) / np.maximum(count_N - 1, 1)
+    return np.where(count_N > 1, returns_N - others_N, 0.0)
 
 
 def reinforce_pp(
-    rewards_N_T: torch.Tensor, mask_N_T: torch.Tensor, gamma: float = 1.0, eps: float = 1e-6
-) -> torch.Tensor:
-    """REINFORCE++: (G_t - mean) / (std + eps) with mean and std over every existing turn of
-    the batch (each turn is one sample); 0 where the batch is constant and past each end."""
-    returns_N_T = returns_to_go(rewards_N_T, gamma)
-    flat_K = returns_N_T[mask_N_T]
-    mean_K, std_K, _ = segment_mean_std(flat_K, torch.zeros_like(flat_K, dtype=torch.long), 1)
-    out_N_T = torch.zeros_like(returns_N_T)
-    out_N_T[mask_N_T] = torch.where(std_K > 0, (flat_K - mean_K) / (std_K + eps), 0.0)
+    rewards_N_T: Floats, mask_N_T: Bools, gamma: float = 1.0, eps: float = 1e-6
+) -> Floats:
+    """REINFORCE++: (G_t - mean) / (std + eps) with mean and std over every masked turn of
+    the batch (each turn is one sample); 0 where the batch is constant and off the mask."""
+    flat_K = returns_to_go(rewards_N_T, gamma)[mask_N_T]
+    mean_K, std_K, _ = segment_mean_std(flat_K, np.zeros(flat_K.size, np.int64))
+    out_N_T = np.zeros(mask_N_T.shape)
+    out_N_T[mask_N_T] = divide(flat_K - mean_K, std_K + eps, std_K > 0)
     return out_N_T
 
 
 def trloo(
-    rewards_N_T: torch.Tensor,
-    mask_N_T: torch.Tensor,
-    group_N: torch.Tensor,
+    rewards_N_T: Floats,
+    mask_N_T: Bools,
+    group_N: Ints,
     gamma: float = 1.0,
     ended: EndedEpisodes = "exclude",
-) -> torch.Tensor:
+) -> Floats:
     """TRLOO: A_{i,t} = G_{i,t} - b_{i,t}, b_{i,t} the mean return-to-go at index t of the
     group's other episodes (see the module docstring for `ended`); 0 past each end."""
     n_episodes, n_turns = rewards_N_T.shape
-    returns_N_T = returns_to_go(rewards_N_T, gamma) * mask_N_T
+    returns_N_T = np.where(mask_N_T, returns_to_go(rewards_N_T, gamma), 0.0)
     # One bucket per (group, turn index): bucket = group * T + t.
-    bucket_N_T = group_N[:, None] * n_turns + torch.arange(n_turns)[None, :]
-    n_buckets = _n_segments(group_N) * n_turns
-    sum_N_T = segment_sum(returns_N_T.flatten(), bucket_N_T.flatten(), n_buckets)[bucket_N_T]
+    bucket_N_T = group_N[:, None] * n_turns + np.arange(n_turns)[None, :]
+    n_buckets = (int(group_N.max()) + 1 if group_N.size else 0) * n_turns
+    flat = bucket_N_T.reshape(-1)
+    sum_N_T = segment_sum(returns_N_T.reshape(-1), flat, n_buckets)[bucket_N_T]
     if ended == "exclude":
-        present_N_T = mask_N_T.to(rewards_N_T.dtype)
-        count_N_T = segment_sum(present_N_T.flatten(), bucket_N_T.flatten(), n_buckets)
+        count_N_T = np.bincount(flat, weights=mask_N_T.reshape(-1), minlength=n_buckets)
         others_N_T = count_N_T[bucket_N_T] - 1
     else:
-        group_size_N = segment_sum(
-            torch.ones(n_episodes, dtype=rewards_N_T.dtype), group_N, _n_segments(group_N)
-        )[group_N]
-        others_N_T = (group_size_N - 1)[:, None].expand(n_episodes, n_turns)
-    baseline_N_T = torch.where(
-        others_N_T > 0, (sum_N_T - returns_N_T) / others_N_T.clamp(min=1), 0.0
+        size_N = np.bincount(group_N, minlength=int(group_N.max()) + 1 if group_N.size else 0)
+        others_N_T = np.broadcast_to((size_N[group_N] - 1)[:, None], (n_episodes, n_turns))
+    baseline_N_T = np.where(
+        others_N_T > 0, (sum_N_T - returns_N_T) / np.maximum(others_N_T, 1), 0.0
     )
-    return (returns_N_T - baseline_N_T) * mask_N_T
+    return np.where(mask_N_T, returns_N_T - baseline_N_T, 0.0)

@@ -487,11 +487,13 @@ class Learner:
             placeholders, zero_adv, self.config.micro_batch_tokens, pad_id=self.pad_id
         )
 
-    def values(self, episodes: Sequence[Episode]) -> list[list[float]]:
+    def values(self, episodes: Sequence[Episode], *, bootstrap: bool = False) -> list[list[float]]:
         """V(s_j) of every turn under the current weights: `[episode][turn]`, the value of the
-        state turn `j` starts from, read at the last token before its completion. Computed
-        from the stored ids in micro-batches, in eval mode, without gradients; store them
-        with `turnrl.rl.value_head.with_values`."""
+        state turn `j` starts from, read at the last token before its completion. With
+        `bootstrap`, each row ends with one more value, V(s_T) of the state after the last
+        turn (read at the episode's last token), which a truncated episode's GAE bootstraps
+        from. Computed from the stored ids in micro-batches, in eval mode, without
+        gradients; store them with `turnrl.rl.value_head.with_values`."""
         if self.value_head is None:
             raise ValueError("this learner has no value head (LearnerConfig.value_head)")
         out: list[list[float]] = [[] for _ in episodes]
@@ -499,17 +501,22 @@ class Learner:
             for cpu_batch in self._scoring_batches(episodes):
                 batch = cpu_batch.to(self.device)
                 hidden_B_T_H = decoder_hidden(self.model, batch)
-                values_B_J = state_values(self.value_head, hidden_B_T_H, batch.state_positions_B_J)
+                positions_B_J = batch.state_positions_B_J
+                if bootstrap:
+                    last_B_1 = (batch.lengths_B - 1)[:, None]
+                    positions_B_J = torch.cat([positions_B_J, last_B_1], dim=1)
+                values_B_J = state_values(self.value_head, hidden_B_T_H, positions_B_J)
                 rows = values_B_J.cpu().tolist()
-                positions = cpu_batch.state_positions_B_J.tolist()
+                positions = positions_B_J.cpu().tolist()
                 for b, i in enumerate(cpu_batch.episode_index_B.tolist()):
                     n = len(episodes[i].turns)
-                    if any(pos < 0 for pos in positions[b][:n]):
+                    cols = [*range(n), len(positions[b]) - 1] if bootstrap else list(range(n))
+                    if any(positions[b][c] < 0 for c in cols):
                         raise ValueError(
-                            f"episode {episodes[i].episode_id}: a turn has no token before "
-                            "it, so its state has no value"
+                            f"episode {episodes[i].episode_id}: a state with no token in it "
+                            "has no value"
                         )
-                    out[i] = rows[b][:n]
+                    out[i] = [rows[b][c] for c in cols]
         return out
 
     def logprobs(self, episodes: Sequence[Episode]) -> list[list[list[float]]]:

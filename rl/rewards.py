@@ -42,8 +42,9 @@ component's value lands on the turn whose action earned it. Components:
 
 `outcome`, `format` and `tool_cost` are always filled in (stored runs and reports rely on
 them); the others when `weights` names them. `RewardConfig.weights` combine components into a
-scalar only where an estimator asks for one (`weighted`, `episode_return`); GDPO-style decoupled
-normalisation (`decoupled_returns`, `decoupled_turn_rewards`) is the other way to combine them.
+scalar only where an estimator asks for one (`weighted`, `episode_return`); GDPO-style
+decoupled normalisation (`decoupled_returns`, `decoupled_turn_rewards`, selected by
+`RewardConfig.decoupled`) is the other way to combine them.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ class RewardConfig(BaseModel):
     a handful of turns a smaller gamma is needed for the discount to matter."""
     coverage_decay: float = Field(0.5, gt=0, le=1)
     """`coverage`: the k-th new passage earns decay**k (1: every new passage earns 1)."""
+    decoupled: bool = False
+    """Combine the weighted components GDPO-style (`decoupled_turn_rewards`: each normalised
+    within its group, summed, then normalised over the batch) instead of by a plain weighted
+    sum per turn."""
 
     def model_post_init(self, context: object) -> None:
         unknown = sorted(set(self.weights) - set(COMPONENTS))

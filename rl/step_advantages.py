@@ -3,8 +3,8 @@
 The trajectory graph of a group (`turnrl.agent.graph`) keys every turn by the state it starts
 from (its history of actions and observations) and by the state its action and observation
 lead to. `turn_graph` hashes those keys once per batch into dense integer ids (`TurnGraph`);
-the estimators then reduce over ids with `index_add_` (no Python loop over turns), so GiGPO,
-SALT and TEMPO cost a few vector passes over the batch.
+the estimators then reduce over ids with `np.bincount` (no Python loop over turns; numpy for
+the reasons `group_advantages` gives), so GiGPO, SALT and TEMPO cost a few vector passes.
 
 Notation: G_{i,t} is the return-to-go of episode i from turn t, R_i its return, s_{i,t} the
 state turn t starts from and e_{i,t} its edge (the state the turn leads to). With history keys
@@ -36,14 +36,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Literal
 
 import numpy as np
-import torch
 
 from turnrl.agent.graph import after_keys, observation_key
 from turnrl.agent.records import Episode
-from turnrl.rl.group_advantages import dr_grpo, grpo, returns_to_go, segment_mean_std
+from turnrl.rl.group_advantages import (
+    Bools,
+    Floats,
+    Ints,
+    divide,
+    dr_grpo,
+    grpo,
+    returns_to_go,
+    segment_mean_std,
+)
 
 Anchor = Literal["history", "observation"]
 StepScale = Literal["std", "none"]
@@ -54,15 +63,15 @@ TempoForm = Literal["td", "node_baseline"]
 class TurnGraph:
     """Dense integer ids of every turn's states, unique across the batch's groups."""
 
-    state_N_T: torch.Tensor
-    """int64: id of the state turn t of episode n starts from; -1 past the episode's end."""
-    edge_N_T: torch.Tensor
-    """int64: id of the state the turn leads to (its edge); -1 past the episode's end."""
+    state_N_T: Ints
+    """Id of the state turn t of episode n starts from; -1 past the episode's end."""
+    edge_N_T: Ints
+    """Id of the state the turn leads to (its edge); -1 past the episode's end."""
 
 
 def turn_graph(
     episodes: Sequence[Episode],
-    group_N: torch.Tensor,
+    group_N: Ints,
     anchor: Anchor = "history",
     after_keys_NT: Sequence[Sequence[str]] | None = None,
 ) -> TurnGraph:
@@ -73,33 +82,30 @@ def turn_graph(
     turn t, so one chain per episode gives both). `observation`: a state is the last
     observation alone (turn 0: the group's root), GiGPO's environment-state anchor; the edge
     is then the next observation."""
-    lengths = [len(e.turns) for e in episodes]
-    flat: list[str] = []
+    rows: Sequence[Sequence[str]]
     if after_keys_NT is not None:
-        for row in after_keys_NT:
-            flat += row
+        rows = after_keys_NT
+        if [len(r) for r in rows] != [len(e.turns) for e in episodes]:
+            raise ValueError("after_keys_NT needs one row per episode and one key per turn")
     elif anchor == "history":
-        for episode in episodes:
-            flat += after_keys(episode)
+        rows = [after_keys(e) for e in episodes]
     else:
-        for episode in episodes:
-            flat += [observation_key(t) for t in episode.turns]
-    if len(flat) != sum(lengths):
-        raise ValueError(f"{len(flat)} keys for {sum(lengths)} turns")
+        rows = [[observation_key(t) for t in e.turns] for e in episodes]
+    lengths_N = np.fromiter(map(len, rows), np.int64, len(rows))
+    flat = list(chain.from_iterable(rows))
     # Strings to ints once (C-level dict passes); then (group, code) pairs to dense ids with
     # one sort, so keys are only ever equal within a group. Code 0 is each group's root.
     index = dict(zip(dict.fromkeys(flat), range(1, len(flat) + 1), strict=False))
-    code_K = torch.from_numpy(np.fromiter(map(index.__getitem__, flat), np.int64, len(flat)))
+    code_K = np.fromiter(map(index.__getitem__, flat), np.int64, len(flat))
     n_codes = len(index) + 1
-    lengths_N = torch.tensor(lengths, dtype=torch.long)
-    n_turns = max(lengths, default=0)
-    mask_N_T = lengths_N[:, None] > torch.arange(n_turns)[None, :]
-    pair_K = group_N.repeat_interleave(lengths_N) * n_codes + code_K
-    root_N = group_N * n_codes
-    _, dense = torch.unique(torch.cat([pair_K, root_N]), return_inverse=True)
-    edge_N_T = torch.full((len(episodes), n_turns), -1, dtype=torch.long)
+    pair_K = np.repeat(group_N, lengths_N) * n_codes + code_K
+    _, dense = np.unique(np.concatenate([pair_K, group_N * n_codes]), return_inverse=True)
+    dense = dense.reshape(-1).astype(np.int64)
+    n_turns = int(lengths_N.max()) if lengths_N.size else 0
+    mask_N_T = lengths_N[:, None] > np.arange(n_turns)[None, :]
+    edge_N_T = np.full((len(rows), n_turns), -1, np.int64)
     edge_N_T[mask_N_T] = dense[: len(flat)]
-    state_N_T = torch.full_like(edge_N_T, -1)
+    state_N_T = np.full_like(edge_N_T, -1)
     if n_turns:
         state_N_T[:, 1:] = edge_N_T[:, :-1]
         state_N_T[:, 0] = dense[len(flat) :]
@@ -107,69 +113,61 @@ def turn_graph(
     return TurnGraph(state_N_T=state_N_T, edge_N_T=edge_N_T)
 
 
-def _group_by(
-    values_K: torch.Tensor, ids_K: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n = int(ids_K.max()) + 1 if ids_K.numel() else 0
-    return segment_mean_std(values_K, ids_K, n)
-
-
-def _scatter(values_K: torch.Tensor, mask_N_T: torch.Tensor) -> torch.Tensor:
-    out_N_T = torch.zeros(mask_N_T.shape, dtype=values_K.dtype)
+def _scatter(values_K: Floats, mask_N_T: Bools) -> Floats:
+    out_N_T = np.zeros(mask_N_T.shape)
     out_N_T[mask_N_T] = values_K
     return out_N_T
 
 
+def _per_turn(values_N: Floats, mask_N_T: Bools) -> Floats:
+    return np.broadcast_to(values_N[:, None], mask_N_T.shape)[mask_N_T]
+
+
 def gigpo(
-    returns_N: torch.Tensor,
-    rewards_N_T: torch.Tensor,
-    mask_N_T: torch.Tensor,
-    group_N: torch.Tensor,
-    state_N_T: torch.Tensor,
+    returns_N: Floats,
+    rewards_N_T: Floats,
+    mask_N_T: Bools,
+    group_N: Ints,
+    state_N_T: Ints,
     gamma: float = 0.95,
     omega: float = 1.0,
     scale: StepScale = "std",
     eps: float = 1e-6,
-) -> torch.Tensor:
+) -> Floats:
     """GiGPO: episode advantage of R (`returns_N`, the caller's episode returns) plus omega
     times the step advantage of the discounted return-to-go within its anchor-state group."""
     episode_N = grpo(returns_N, group_N, eps) if scale == "std" else dr_grpo(returns_N, group_N)
     step_K = returns_to_go(rewards_N_T, gamma)[mask_N_T]
-    mean_K, std_K, _ = _group_by(step_K, state_N_T[mask_N_T])
+    mean_K, std_K, _ = segment_mean_std(step_K, state_N_T[mask_N_T])
+    step_K = step_K - mean_K
     if scale == "std":
-        step_K = torch.where(std_K > 0, (step_K - mean_K) / (std_K + eps), 0.0)
-    else:
-        step_K = step_K - mean_K
-    episode_K = episode_N[:, None].expand(mask_N_T.shape)[mask_N_T]
-    return _scatter(episode_K + omega * step_K, mask_N_T)
+        step_K = divide(step_K, std_K + eps, std_K > 0)
+    return _scatter(_per_turn(episode_N, mask_N_T) + omega * step_K, mask_N_T)
 
 
-def salt(
-    advantages_N: torch.Tensor, mask_N_T: torch.Tensor, edge_N_T: torch.Tensor
-) -> torch.Tensor:
+def salt(advantages_N: Floats, mask_N_T: Bools, edge_N_T: Ints) -> Floats:
     """SALT: each turn gets the mean trajectory advantage over the episodes taking its edge."""
-    episode_K = advantages_N[:, None].expand(mask_N_T.shape)[mask_N_T]
-    mean_K, _, _ = _group_by(episode_K, edge_N_T[mask_N_T])
+    mean_K, _, _ = segment_mean_std(_per_turn(advantages_N, mask_N_T), edge_N_T[mask_N_T])
     return _scatter(mean_K, mask_N_T)
 
 
 def tempo(
-    returns_N: torch.Tensor,
-    rewards_N_T: torch.Tensor,
-    mask_N_T: torch.Tensor,
-    group_N: torch.Tensor,
+    returns_N: Floats,
+    rewards_N_T: Floats,
+    mask_N_T: Bools,
+    group_N: Ints,
     graph: TurnGraph,
     form: TempoForm = "td",
     eps: float = 1e-6,
-) -> torch.Tensor:
+) -> Floats:
     """TEMPO: GRPO plus the branch-gated TD term (Q(s,a) - V(s)) / sigma_g (`td`), or the
     return-to-go against its node's value, (G - V(s)) / sigma_g (`node_baseline`)."""
-    _, std_N, _ = _group_by(returns_N, group_N)
-    sigma_K = torch.where(std_N > 0, std_N + eps, 1.0)[:, None].expand(mask_N_T.shape)[mask_N_T]
+    _, std_N, _ = segment_mean_std(returns_N, group_N)
+    sigma_K = _per_turn(np.where(std_N > 0, std_N + eps, 1.0), mask_N_T)
     togo_K = returns_to_go(rewards_N_T, 1.0)[mask_N_T]
-    value_K, _, _ = _group_by(togo_K, graph.state_N_T[mask_N_T])
+    value_K, _, _ = segment_mean_std(togo_K, graph.state_N_T[mask_N_T])
     if form == "node_baseline":
         return _scatter((togo_K - value_K) / sigma_K, mask_N_T)
-    q_K, _, _ = _group_by(togo_K, graph.edge_N_T[mask_N_T])
-    base_K = grpo(returns_N, group_N, eps)[:, None].expand(mask_N_T.shape)[mask_N_T]
+    q_K, _, _ = segment_mean_std(togo_K, graph.edge_N_T[mask_N_T])
+    base_K = _per_turn(grpo(returns_N, group_N, eps), mask_N_T)
     return _scatter(base_K + (q_K - value_K) / sigma_K, mask_N_T)

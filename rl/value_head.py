@@ -27,6 +27,9 @@ from turnrl.agent.records import Episode
 
 VALUE_SIGNAL = "value"
 """The `Turn.signals` key holding V(state before the turn)."""
+VALUE_AFTER_SIGNAL = "value_after"
+"""The `Turn.signals` key, on an episode's last turn only, holding V(state after it): the
+bootstrap value of a truncated episode (`Learner.values(..., bootstrap=True)`)."""
 
 
 class ValueHeadConfig(BaseModel):
@@ -83,19 +86,23 @@ def state_values(
 
 def with_values(episodes: Sequence[Episode], values: Sequence[Sequence[float]]) -> list[Episode]:
     """The episodes with `values[i][j]` stored as `turns[j].signals["value"]` (other signals
-    kept), as `Learner.values` returns them."""
+    kept), as `Learner.values` returns them. A row with one value more than the episode has
+    turns (`bootstrap=True`) stores the last as the last turn's `signals["value_after"]`."""
     if len(values) != len(episodes):
         raise ValueError(f"{len(values)} value rows for {len(episodes)} episodes")
     out = []
     for episode, episode_values in zip(episodes, values, strict=True):
-        if len(episode_values) != len(episode.turns):
+        n = len(episode.turns)
+        if len(episode_values) not in (n, n + 1) or (n == 0 and episode_values):
             raise ValueError(
-                f"episode {episode.episode_id}: {len(episode_values)} values for "
-                f"{len(episode.turns)} turns"
+                f"episode {episode.episode_id}: {len(episode_values)} values for {n} turns "
+                "(one per turn, plus optionally the state after the last)"
             )
-        turns = [
-            t.model_copy(update={"signals": {**t.signals, VALUE_SIGNAL: float(v)}})
-            for t, v in zip(episode.turns, episode_values, strict=True)
-        ]
+        turns = []
+        for j, turn in enumerate(episode.turns):
+            signals = {**turn.signals, VALUE_SIGNAL: float(episode_values[j])}
+            if j == n - 1 and len(episode_values) == n + 1:
+                signals[VALUE_AFTER_SIGNAL] = float(episode_values[n])
+            turns.append(turn.model_copy(update={"signals": signals}))
         out.append(episode.model_copy(update={"turns": turns}))
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -29,7 +30,7 @@ from turnrl.rl.advantages import (
     value_targets,
 )
 from turnrl.rl.entropy_advantages import empg
-from turnrl.rl.group_advantages import reinforce_pp, rloo, trloo
+from turnrl.rl.group_advantages import dense_index, reinforce_pp, rloo, trloo
 from turnrl.rl.rewards import RewardConfig, episode_return, turn_rewards
 
 
@@ -212,13 +213,34 @@ def test_rewards_must_have_one_value_per_turn() -> None:
         compute_advantages([ep("g", ["search:a", "answer:x"])], [[1.0]], GrpoConfig())
 
 
+def _grpo_before_numpy(returns: list[float], groups: list[str]) -> list[float]:
+    """GRPO exactly as runs were scored before per-turn credit (torch, index_add_)."""
+    returns_N = torch.tensor(returns, dtype=torch.float64)
+    index: dict[str, int] = {}
+    group_N = torch.tensor([index.setdefault(g, len(index)) for g in groups], dtype=torch.long)
+    n = len(index)
+    count = torch.zeros(n, dtype=torch.float64).index_add_(0, group_N, torch.ones_like(returns_N))
+    mean = torch.zeros(n, dtype=torch.float64).index_add_(0, group_N, returns_N) / count
+    dev = returns_N - mean[group_N]
+    std = (torch.zeros(n, dtype=torch.float64).index_add_(0, group_N, dev**2) / count).sqrt()
+    mean_N, std_N = mean[group_N], std[group_N]
+    return torch.where(std_N > 0, (returns_N - mean_N) / (std_N + 1e-6), 0.0).tolist()
+
+
 def test_grpo_on_turn_rewards_reproduces_the_return_path_bit_for_bit() -> None:
     """Regression lock (do not change without a decision): GRPO from per-turn rewards equals,
-    to the bit, GRPO of the episode returns that runs scored before per-turn credit stored."""
-    rewards = [[0.1, 0.2, 0.7], [0.3], [1e-17, 0.1, 1.0 / 3.0], [0.0, -0.25]]
-    episodes = [ep("g" if i < 3 else "h", ["search:q"] * len(r)) for i, r in enumerate(rewards)]
-    legacy = turn_advantages(episodes, [sum(r) for r in rewards], "grpo")
-    assert compute_advantages(episodes, rewards, GrpoConfig()) == legacy
+    to the bit, GRPO as runs stored before per-turn credit computed it from episode returns,
+    so replaying those runs reproduces their advantages."""
+    rewards = [[0.1, 0.2, 0.7], [0.3], [1e-17, 0.1, 1.0 / 3.0], [0.0, -0.25], [0.7, 0.01]]
+    groups = ["g", "g", "g", "h", "h"]
+    episodes = [
+        ep(g, ["search:q"] * len(r), name=str(i))
+        for i, (g, r) in enumerate(zip(groups, rewards, strict=True))
+    ]
+    before = _grpo_before_numpy([sum(r) for r in rewards], groups)
+    expected = [[a] * len(r) for a, r in zip(before, rewards, strict=True)]
+    assert compute_advantages(episodes, rewards, GrpoConfig()) == expected
+    assert turn_advantages(episodes, [sum(r) for r in rewards], "grpo") == expected
 
 
 # --- Trajectory-level -----------------------------------------------------------------------
@@ -227,8 +249,8 @@ def test_grpo_on_turn_rewards_reproduces_the_return_path_bit_for_bit() -> None:
 def test_rloo_hand_example() -> None:
     # Group a: returns 1, 0, 0, 1 -> other-means 1/3, 2/3, 2/3, 1/3 -> 2/3, -2/3, -2/3, 2/3.
     # Group b: a single episode has no other sample -> 0.
-    returns = torch.tensor([1.0, 0.0, 0.0, 1.0, 5.0], dtype=torch.float64)
-    adv = rloo(returns, group_ids_to_index(["a"] * 4 + ["b"])).tolist()
+    returns = np.array([1.0, 0.0, 0.0, 1.0, 5.0])
+    adv = rloo(returns, dense_index(["a"] * 4 + ["b"])).tolist()
     assert close([adv], [[2 / 3, -2 / 3, -2 / 3, 2 / 3, 0.0]])
 
 
@@ -236,18 +258,18 @@ def test_reinforce_pp_hand_example() -> None:
     # Returns-to-go (gamma 1): e1 rewards [0, 1] -> [1, 1]; e2 [0.5] -> [0.5].
     # Batch of turns [1, 1, 0.5]: mean 5/6, var ((1/6)^2 * 2 + (1/3)^2) / 3 = 1/18.
     # A = (G - 5/6) * sqrt(18): 1/6 * sqrt(18) = 1/sqrt(2); -1/3 * sqrt(18) = -sqrt(2).
-    rewards = torch.tensor([[0.0, 1.0], [0.5, 0.0]], dtype=torch.float64)
-    mask = torch.tensor([[True, True], [True, False]])
+    rewards = np.array([[0.0, 1.0], [0.5, 0.0]])
+    mask = np.array([[True, True], [True, False]])
     adv = reinforce_pp(rewards, mask, gamma=1.0, eps=0.0).tolist()
     r2 = math.sqrt(2)
     assert close(adv, [[1 / r2, 1 / r2], [-r2, 0.0]])
 
 
-def _trloo_group() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _trloo_group() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # One group: e1 rewards [0, 0, 1], e2 [0, 1], e3 [0] -> returns-to-go [1,1,1], [1,1], [0].
-    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-    mask = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
-    return rewards, mask, torch.zeros(3, dtype=torch.long)
+    rewards = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = np.array([[True, True, True], [True, True, False], [True, False, False]])
+    return rewards, mask, np.zeros(3, np.int64)
 
 
 def test_trloo_hand_example_excluding_ended_episodes() -> None:
@@ -289,11 +311,11 @@ def test_trloo_baseline_does_not_depend_on_the_episodes_own_length(
 
     def baselines(rs: list[list[float]]) -> list[float]:
         width = max(len(r) for r in rs)
-        rewards = torch.tensor([r + [0.0] * (width - len(r)) for r in rs], dtype=torch.float64)
-        mask = torch.tensor([[t < len(r) for t in range(width)] for r in rs], dtype=torch.bool)
-        group = torch.zeros(len(rs), dtype=torch.long)
+        rewards = np.array([r + [0.0] * (width - len(r)) for r in rs])
+        mask = np.array([[t < len(r) for t in range(width)] for r in rs])
+        group = np.zeros(len(rs), np.int64)
         adv = trloo(rewards, mask, group, gamma=1.0, ended=ended)  # type: ignore[arg-type]
-        togo = rewards.flip(1).cumsum(1).flip(1)
+        togo = np.flip(np.cumsum(np.flip(rewards, 1), 1), 1)
         return (togo - adv)[0, : len(rs[0])].tolist()
 
     before = baselines(rows)
@@ -352,9 +374,9 @@ def test_empg_hand_example() -> None:
     # H_norm = (H - 0.1) / 0.4 = [0, 0.5, 1]; exp(-H_norm) = [1, e^-0.5, e^-1] = f.
     # g = exp(-H_norm) / mean = [1, e^-.5, e^-1] / ((1 + e^-.5 + e^-1) / 3).
     # A' = g*A + zeta*f(next): e1t0 g0 + 0.1 e^-0.5; e1t1 g1; e2t0 -g2.
-    adv = torch.tensor([[1.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
-    entropy = torch.tensor([[0.1, 0.3], [0.5, 0.0]], dtype=torch.float64)
-    mask = torch.tensor([[True, True], [True, False]])
+    adv = np.array([[1.0, 1.0], [-1.0, 0.0]])
+    entropy = np.array([[0.1, 0.3], [0.5, 0.0]])
+    mask = np.array([[True, True], [True, False]])
     f = [1.0, math.exp(-0.5), math.exp(-1.0)]
     g = [x / (sum(f) / 3) for x in f]
     raw = [g[0] + 0.1 * f[1], g[1], -g[2]]
@@ -374,9 +396,9 @@ def test_empg_reads_step_entropy_from_sampled_logprobs() -> None:
     ]
     rewards = [[0.0, 1.0], [0.0]]
     grpo_rows = compute_advantages(episodes, rewards, GrpoConfig())
-    adv = torch.tensor([grpo_rows[0], grpo_rows[1] + [0.0]], dtype=torch.float64)
-    entropy = torch.tensor([[0.2, 0.4], [0.6, 0.0]], dtype=torch.float64)
-    mask = torch.tensor([[True, True], [True, False]])
+    adv = np.array([grpo_rows[0], grpo_rows[1] + [0.0]])
+    entropy = np.array([[0.2, 0.4], [0.6, 0.0]])
+    mask = np.array([[True, True], [True, False]])
     expected = empg(adv, entropy, mask, mask).tolist()
     got = compute_advantages(episodes, rewards, EmpgConfig())
     assert close(got, [expected[0], expected[1][:1]], tol=1e-12)
@@ -432,10 +454,10 @@ def test_absent_and_replayed_turns_never_get_advantage(
 def test_thread_count_does_not_change_a_bit(
     data: tuple[list[Episode], list[list[float]]], kind: str
 ) -> None:
-    """Replay runs in another process, maybe with another thread count: reductions must not
-    depend on it."""
+    """Replay runs in another process, maybe with another torch thread count (the learner's
+    setting): no estimator's reductions may depend on it."""
     episodes, rewards = data
-    big = episodes * 3000  # tens of thousands of turns: past torch's parallel grain size
+    big = episodes * 3000  # ~10^4-10^5 turns: past torch's parallel grain size
     big_rewards = rewards * 3000
     before = torch.get_num_threads()
     try:

@@ -125,6 +125,8 @@ def test_config_rejects_unknown_components_and_negative_prices() -> None:
     # Base components are always filled; others when named (even at weight 0).
     assert cfg.components() == ["outcome", "format", "tool_cost", "coverage"]
     assert RewardConfig.model_validate(cfg.model_dump()) == cfg
+    assert not RewardConfig().decoupled
+    assert RewardConfig.model_validate({"decoupled": True}).decoupled
 
 
 # --- per-episode components --------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_advantages import close, ep
@@ -17,11 +17,9 @@ from turnrl.rl.advantages import (
     SaltConfig,
     TempoConfig,
     compute_advantages,
-    dr_grpo,
-    group_ids_to_index,
-    grpo,
     turn_graph,
 )
+from turnrl.rl.group_advantages import dense_index, dr_grpo, grpo
 from turnrl.rl.step_advantages import gigpo, salt
 
 R2 = math.sqrt(2)
@@ -104,16 +102,16 @@ def test_gigpo_equals_grpo_when_no_state_is_shared(
     """Every anchor group a singleton -> the step term is exactly 0 -> GiGPO is the
     episode-level estimator (GRPO, or Dr. GRPO for scale "none") on every turn."""
     width = max(len(r) for _, r in rows)
-    rewards = torch.tensor([r + [0.0] * (width - len(r)) for _, r in rows], dtype=torch.float64)
-    mask = torch.tensor(
-        [[t < len(r) for t in range(width)] for _, r in rows], dtype=torch.bool
-    ).reshape(len(rows), width)
-    group = group_ids_to_index([str(g) for g, _ in rows])
-    returns = torch.tensor([sum(r) for _, r in rows], dtype=torch.float64)
-    unique_states = torch.arange(len(rows) * width).reshape(len(rows), width)
+    rewards = np.array([r + [0.0] * (width - len(r)) for _, r in rows]).reshape(len(rows), width)
+    mask = np.array([[t < len(r) for t in range(width)] for _, r in rows], np.bool_).reshape(
+        len(rows), width
+    )
+    group = dense_index([str(g) for g, _ in rows])
+    returns = np.array([sum(r) for _, r in rows])
+    unique_states = np.arange(len(rows) * width).reshape(len(rows), width)
     adv = gigpo(returns, rewards, mask, group, unique_states, gamma, omega, scale)  # type: ignore[arg-type]
     episode = grpo(returns, group) if scale == "std" else dr_grpo(returns, group)
-    assert torch.equal(adv, torch.where(mask, episode[:, None], 0.0))
+    assert np.array_equal(adv, np.where(mask, episode[:, None], 0.0))
 
 
 def test_salt_hand_example() -> None:
@@ -133,12 +131,12 @@ def test_salt_hand_example() -> None:
 @given(st.lists(st.tuples(st.floats(-5, 5), st.integers(0, 4)), min_size=1, max_size=10))
 def test_salt_without_shared_edges_is_its_base(rows: list[tuple[float, int]]) -> None:
     width = max(n for _, n in rows)
-    advantages = torch.tensor([a for a, _ in rows], dtype=torch.float64)
-    mask = torch.tensor([[t < n for t in range(width)] for _, n in rows], dtype=torch.bool).reshape(
+    advantages = np.array([a for a, _ in rows])
+    mask = np.array([[t < n for t in range(width)] for _, n in rows], np.bool_).reshape(
         len(rows), width
     )
-    edges = torch.arange(len(rows) * width).reshape(len(rows), width)
-    assert torch.equal(salt(advantages, mask, edges), torch.where(mask, advantages[:, None], 0.0))
+    edges = np.arange(len(rows) * width).reshape(len(rows), width)
+    assert np.array_equal(salt(advantages, mask, edges), np.where(mask, advantages[:, None], 0.0))
 
 
 def test_tempo_hand_example() -> None:
@@ -180,7 +178,7 @@ def test_tempo_td_term_is_zero_where_the_tree_does_not_branch(
     rewards = [[0.0] * (len(steps) - 1) + [r] for steps, r in rows]
     td = compute_advantages(episodes, rewards, TempoConfig())
     base = compute_advantages(episodes, rewards, GrpoConfig())
-    graph = turn_graph(episodes, group_ids_to_index(["g"] * len(episodes)))
+    graph = turn_graph(episodes, dense_index(["g"] * len(episodes)))
     children: dict[int, set[int]] = {}
     states, edges = graph.state_N_T.flatten().tolist(), graph.edge_N_T.flatten().tolist()
     for s, e in zip(states, edges, strict=True):
@@ -195,7 +193,7 @@ def test_tempo_td_term_is_zero_where_the_tree_does_not_branch(
 def test_identical_episodes_make_one_path_and_groups_stay_apart() -> None:
     same = ["search:a", "search:b", "answer:x"]
     episodes = [ep("g", same, name=str(i)) for i in range(4)] + [ep("h", same, name="h")]
-    graph = turn_graph(episodes, group_ids_to_index([e.group_id for e in episodes]))
+    graph = turn_graph(episodes, dense_index([e.group_id for e in episodes]))
     g_states = graph.state_N_T[:4]
     assert (g_states == g_states[0]).all() and len(set(g_states[0].tolist())) == 3
     # Keys are compared within a group only: the same history in group h is another path.

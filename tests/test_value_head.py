@@ -13,7 +13,7 @@ from turnrl.agent.records import Episode, StopReason, Turn
 from turnrl.rl.batch import build_token_batch, micro_batches
 from turnrl.rl.learner import FullConfig, Learner, LearnerConfig, LoraConfig
 from turnrl.rl.losses import LossWeighting
-from turnrl.rl.value_head import VALUE_SIGNAL, ValueHeadConfig, with_values
+from turnrl.rl.value_head import VALUE_AFTER_SIGNAL, VALUE_SIGNAL, ValueHeadConfig, with_values
 
 
 def episode(name: str, shapes: list[tuple[int, int, int]], seed: int) -> Episode:
@@ -140,10 +140,11 @@ def test_values_read_the_hidden_state_before_each_turn(tiny_model: PreTrainedMod
     learner = learner_for(tiny_model, ValueHeadConfig(init_std=0.1, init_bias=0.2))
     episodes = two()
     values = learner.values(episodes)
+    with_after = learner.values(episodes, bootstrap=True)
     assert learner.value_head is not None
     w = learner.value_head.proj.weight.detach()[0]
     b = float(learner.value_head.proj.bias.detach()[0])
-    for e, got in zip(episodes, values, strict=True):
+    for e, got, got_after in zip(episodes, values, with_after, strict=True):
         ids = torch.tensor([e.token_ids()])
         with torch.no_grad():
             hidden_T_H = learner.model.get_decoder()(input_ids=ids).last_hidden_state[0]
@@ -154,6 +155,9 @@ def test_values_read_the_hidden_state_before_each_turn(tiny_model: PreTrainedMod
             pos += len(t.completion_ids) + len(t.observation_ids)
         assert got == pytest.approx(expected, abs=1e-5)
         assert len(set(got)) == len(got)  # the head really reads the hidden state
+        # The bootstrap value: the state after the last turn ends at the episode's last token.
+        after = float(hidden_T_H[-1] @ w) + b
+        assert got_after == pytest.approx([*expected, after], abs=1e-5)
 
 
 def test_values_depend_only_on_the_state(tiny_model: PreTrainedModel) -> None:
@@ -169,6 +173,10 @@ def test_values_depend_only_on_the_state(tiny_model: PreTrainedModel) -> None:
         for j in range(len(e.turns)):
             cut = e.model_copy(update={"turns": e.turns[: j + 1]})
             assert learner.values([cut])[0] == pytest.approx(values[: j + 1], abs=1e-5)
+            # The state after turn j is the state before turn j + 1 (its prompt is empty).
+            if j + 1 < len(e.turns):
+                after = learner.values([cut], bootstrap=True)[0][-1]
+                assert after == pytest.approx(values[j + 1], abs=1e-5)
 
 
 def test_zero_init_values_are_the_bias(tiny_model: PreTrainedModel) -> None:
@@ -194,6 +202,11 @@ def test_with_values_stores_them_as_signals() -> None:
         {"gold_prob": 0.1, VALUE_SIGNAL: 2.0},
     ]
     assert [t.signals[VALUE_SIGNAL] for t in out[1].turns] == [3.0, 4.0, 5.0]
+    assert all(VALUE_AFTER_SIGNAL not in t.signals for e in out for t in e.turns)
+    # One value more: the bootstrap value goes on the last turn.
+    out = with_values(episodes, [[1.0, 2.0, 9.0], [3.0, 4.0, 5.0]])
+    assert out[0].turns[-1].signals == {"value": 2.0, VALUE_AFTER_SIGNAL: 9.0}
+    assert VALUE_AFTER_SIGNAL not in out[0].turns[0].signals
     with pytest.raises(ValueError, match="values for"):
         with_values(episodes, [[1.0], [3.0, 4.0, 5.0]])
 

@@ -3,9 +3,10 @@
 `compute_advantages(episodes, rewards_NT, cfg)` is the one entry point: `rewards_NT[n][t]` is
 the weighted scalar reward of turn t of episode n (the outcome sits on the last turn), `cfg`
 one member of the `EstimatorConfig` union, chosen by its `kind`. It pads the batch into
-`[N, T]` tensors (float64, 0 and masked past each episode's end), runs one of the pure
-functions below, and returns one advantage per existing turn; nothing past an episode's end
-is ever assigned. The learner then broadcasts each turn's value to its sampled tokens.
+`[N, T]` numpy arrays (float64, 0 and masked past each episode's end; numpy rather than torch
+for the reason `group_advantages` gives), runs one of the pure functions below, and returns
+one advantage per existing turn; nothing past an episode's end is ever assigned. The learner
+then broadcasts each turn's value to its sampled tokens.
 
 | kind           | A_{i,t}                                                  | module            |
 |----------------|----------------------------------------------------------|-------------------|
@@ -298,7 +299,8 @@ _ADAPTER: TypeAdapter[EstimatorConfig] = TypeAdapter(EstimatorConfig)
 
 
 def estimator_config(value: str | dict[str, object] | BaseModel) -> EstimatorConfig:
-    """A config from a bare kind (`"grpo"`), a dict with `kind`, or a config (returned as is)."""
+    """A validated config from a bare kind (`"grpo"`, its defaults), a dict with `kind`, or a
+    config."""
     if isinstance(value, str):
         if value not in ESTIMATORS:
             raise ValueError(f"unknown estimator {value!r}; known: {sorted(ESTIMATORS)}")
@@ -310,7 +312,7 @@ def estimator_config(value: str | dict[str, object] | BaseModel) -> EstimatorCon
 
 @dataclass(frozen=True)
 class TurnBatch:
-    """A batch of episodes as padded turn tensors (`N` episodes, `T` most turns)."""
+    """A batch of episodes as padded turn arrays (`N` episodes, `T` most turns)."""
 
     returns_N: Floats
     """Each episode's return: Python's `sum` of its turn rewards."""
@@ -328,7 +330,7 @@ class TurnBatch:
 
 
 def turn_batch(episodes: Sequence[Episode], rewards_NT: Sequence[Sequence[float]]) -> TurnBatch:
-    """Pad `rewards_NT` (one row per episode, one reward per turn) into tensors."""
+    """Pad `rewards_NT` (one row per episode, one reward per turn) into arrays."""
     if len(rewards_NT) != len(episodes):
         raise ValueError(f"{len(rewards_NT)} reward rows for {len(episodes)} episodes")
     # One pass over the episodes (each is a scattered object graph: touch it once).

@@ -80,13 +80,16 @@ def test_info_gain_on_a_run_without_probabilities_needs_a_checkpoint(tmp_path: P
     assert out["turns_compared"] > 0
 
 
-def test_gae_needs_a_value_head(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["gae", "tppo"])
+def test_critic_estimators_need_a_value_head(kind: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="value_head"):
-        load_config(ROOT / "examples" / "tiny.yaml", {"train.estimator": "gae"})
-    run_dir = train(tmp_path, {"train.estimator": "gae", "learner.value_head": {}})
+        load_config(ROOT / "examples" / "tiny.yaml", {"train.estimator": kind})
+    run_dir = train(tmp_path, {"train.estimator": kind, "learner.value_head": {}})
     with RunStore.open_readonly(run_dir) as store:
         episodes = list(store.episodes())
         metrics = store.metrics()
     assert all("value" in t.signals for e in episodes for t in e.turns)
+    # The bootstrap value at the cut of a truncated episode (T-PPO) is stored too.
+    assert all("value_after" in e.turns[-1].signals for e in episodes)
     assert "value_loss" in metrics[0]
     assert replay(run_dir)["advantages_differing"] == 0

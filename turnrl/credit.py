@@ -9,7 +9,8 @@ model afterwards:
   (`turnrl.rl.info_gain`). The gold answer's text is tokenized here: it is a reward input, not
   training data, and the episode's own ids are never re-tokenized.
 - `gold_seen`: whether a gold answer appeared in a turn's tool output (`saturation`).
-- `value`: a value head's estimate of the state before each turn (`gae`, `tppo`).
+- `value` (and `value_after` on the last turn): a value head's estimate of the state before
+  each turn (`gae`, `tppo`), measured by `Learner.values` (`turnrl.rl.value_head.with_values`).
 """
 
 from __future__ import annotations
@@ -72,16 +73,4 @@ def add_gold_signals(
             temperature=temperature,
         )
         out = with_gold_probs(out, probs)
-    return out
-
-
-def with_values(episodes: Sequence[Episode], values: Sequence[Sequence[float]]) -> list[Episode]:
-    """Episodes with `signals["value"]` on every turn."""
-    out = []
-    for e, row in zip(episodes, values, strict=True):
-        turns = [
-            t.model_copy(update={"signals": {**t.signals, "value": v}})
-            for t, v in zip(e.turns, row, strict=True)
-        ]
-        out.append(e.model_copy(update={"turns": turns}))
     return out

@@ -40,12 +40,13 @@ from turnrl.agent.runner import EpisodeRunner
 from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.agent.store import RunStore
 from turnrl.config import ModelConfig, RunConfig
-from turnrl.credit import add_gold_signals, needs_values, with_values
+from turnrl.credit import add_gold_signals
 from turnrl.report import before_after_table, curves_table, summarize
 from turnrl.rl.advantages import value_targets
 from turnrl.rl.learner import Learner
 from turnrl.rl.rollout import collect
 from turnrl.rl.scoring import score, turn_scalar_rewards
+from turnrl.rl.value_head import with_values
 from turnrl.sandboxes.base import Sandbox
 from turnrl.sandboxes.config import open_sandbox
 from turnrl.suites import build_suite, needs_sandbox, oracle_script
@@ -288,8 +289,9 @@ def _measure(s: Session, episodes: list[Episode], items: Sequence[TaskItem]) -> 
         temperature=cfg.learner.temperature,
         micro_batch_tokens=cfg.learner.micro_batch_tokens,
     )
-    if needs_values(cfg.train.estimator):
-        episodes = with_values(episodes, s.learner.values(episodes))
+    if s.learner.value_head is not None:
+        # One value more per episode: the state after the last turn, T-PPO's bootstrap at a cut.
+        episodes = with_values(episodes, s.learner.values(episodes, bootstrap=True))
     return episodes
 
 

@@ -124,6 +124,12 @@ def _turn_text(turn: Turn) -> str:
     return "".join(parts)
 
 
+def chain_key(parent: str, turn: Turn) -> str:
+    """The key of the state after `turn` taken from the state keyed `parent` (what the runner
+    stores as `Turn.state_key`)."""
+    return _chain(parent, turn)
+
+
 def _chain(parent: str, turn: Turn) -> str:
     data = f"{parent}\x1e{_turn_text(turn)}".encode("utf-8", "surrogatepass")
     return blake2b(data, digest_size=12).hexdigest()
@@ -151,6 +157,9 @@ def _after(episode: Episode) -> tuple[str, ...]:
     memo = _memo.get(ident)
     if memo is not None and memo() is episode:
         return memo.keys
+    stored = [t.state_key for t in episode.turns]
+    if all(k is not None for k in stored):  # recorded by the runner: nothing to hash
+        return tuple(k for k in stored if k is not None)
     keys = []
     parent = ROOT
     for turn in episode.turns:  # `_chain`, inlined: this loop is the cold cost of a batch

@@ -109,6 +109,10 @@ class Turn(Record):
     None for a well-formed turn."""
     rewards: dict[str, float] = Field(default_factory=dict)
     """Per-turn reward components by name, never pre-summed (filled in by `rl.rewards`)."""
+    state_key: str | None = None
+    """Key of the trajectory-graph state after this turn (`turnrl.agent.graph`), hashed by the
+    runner as the turn is recorded (while its data is in cache), so that credit assignment on
+    a large batch need not hash every turn again; None in records from before it existed."""
     signals: dict[str, float] = Field(default_factory=dict)
     """Per-turn quantities a model measured for credit assignment, stored so that replay
     needs no model: `gold_prob` (the policy's teacher-forced probability of the gold answer

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from turnrl.agent.chat import ChatML
+from turnrl.agent.graph import ROOT, chain_key
 from turnrl.agent.parse import parse_completion
 from turnrl.agent.policy import Policy, SamplingParams
 from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn
@@ -207,26 +208,26 @@ class EpisodeRunner:
                     observation = []
                     s.stop(StopReason.CONTEXT_FULL)
             context += ids + observation
-            s.turns.append(
-                Turn(
-                    index=index,
-                    prompt_ids=pending_prompt,
-                    completion_ids=ids,
-                    completion_logprobs=list(completion.logprobs),
-                    observation_ids=observation,
-                    text=text,
-                    finish_reason=completion.finish_reason,
-                    tool_calls=parsed.tool_calls,
-                    tool_results=results,
-                    answer=parsed.answer,
-                    format_error=parsed.format_error,
-                    cost_so_far=dict(s.cost),
-                    tokens_left=b.max_context_tokens - len(context),
-                    policy_version=completion.policy_version,
-                    generate_s=generate_s,
-                    tools_s=tools_s,
-                )
+            turn = Turn(
+                index=index,
+                prompt_ids=pending_prompt,
+                completion_ids=ids,
+                completion_logprobs=list(completion.logprobs),
+                observation_ids=observation,
+                text=text,
+                finish_reason=completion.finish_reason,
+                tool_calls=parsed.tool_calls,
+                tool_results=results,
+                answer=parsed.answer,
+                format_error=parsed.format_error,
+                cost_so_far=dict(s.cost),
+                tokens_left=b.max_context_tokens - len(context),
+                policy_version=completion.policy_version,
+                generate_s=generate_s,
+                tools_s=tools_s,
             )
+            parent = s.turns[-1].state_key if s.turns else ROOT
+            s.turns.append(turn.model_copy(update={"state_key": chain_key(parent or ROOT, turn)}))
             pending_prompt = []
 
     async def _restore(self, s: _State) -> list[int]:
@@ -257,9 +258,11 @@ class EpisodeRunner:
                         f"replay mismatch: turn {turn.index} call {call.id}: this runner has "
                         f"no tool {call.name!r}, its state is not restored"
                     )
+            parent = s.turns[-1].state_key if s.turns else ROOT
             s.turns.append(
                 turn.model_copy(
                     update={
+                        "state_key": turn.state_key or chain_key(parent or ROOT, turn),
                         "replayed": True,
                         "rewards": {},
                         "signals": {},

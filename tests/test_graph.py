@@ -482,3 +482,34 @@ def test_branch_restores_a_real_python_session() -> None:
     assert branched.error is None, branched.error
     assert branched.turns[0].replayed and not branched.turns[1].replayed
     assert [r.text for r in branched.turns[1].tool_results] == ["42"]
+
+
+def test_runner_records_the_state_keys_the_graph_would_compute() -> None:
+    """`Turn.state_key`, hashed by the runner as each turn is recorded, equals the key the graph
+    computes from the turn's contents; records without it are hashed on demand."""
+    from fakes import CharTokenizer, EchoTool
+
+    from turnrl.agent.chat import ChatML
+    from turnrl.agent.graph import after_keys, clear_key_cache
+    from turnrl.agent.policy import SamplingParams
+    from turnrl.agent.runner import Budget, EpisodeRunner, EpisodeSpec
+    from turnrl.agent.scripted import ScriptedPolicy
+
+    tok = CharTokenizer()
+    call = '<tool_call>{"name": "echo", "arguments": {"text": "hi"}}</tool_call><|im_end|>'
+    replies = iter([call, "no tags<|im_end|>", call, "<answer>42</answer><|im_end|>"])
+    runner = EpisodeRunner(
+        ScriptedPolicy(lambda ctx: next(replies), tok),
+        ChatML(tok),
+        [EchoTool()],
+        Budget(max_context_tokens=100_000, max_turns=8),
+        SamplingParams(),
+    )
+    episode = asyncio.run(runner.run_episode(EpisodeSpec("e", "g", "t", "I", "Q?")))
+    stored = [t.state_key for t in episode.turns]
+    assert len(stored) == 4 and all(k is not None for k in stored)
+    bare = episode.model_copy(
+        update={"turns": [t.model_copy(update={"state_key": None}) for t in episode.turns]}
+    )
+    clear_key_cache()
+    assert after_keys(bare) == stored

@@ -24,7 +24,8 @@ import transformers
 
 from turnrl.agent.records import Episode, StopReason, Turn
 from turnrl.rl.batch import TokenBatch, micro_batches
-from turnrl.rl.learner import Learner, LearnerConfig, LoraConfig, token_logprobs
+from turnrl.rl.learner import Learner, LearnerConfig, LoraConfig
+from turnrl.rl.logprobs import token_logprobs
 
 
 def smollm2_sized_model() -> transformers.PreTrainedModel:

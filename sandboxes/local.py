@@ -64,9 +64,13 @@ class SubprocessSandbox(PooledSandbox):
         worker = StreamWorker(proc, destroy)
         try:
             await worker.call({"op": "ping"}, timeout_s=30.0)
-        except Exception as e:
+        except BaseException as e:
+            # Cancelled while starting (a pool closing): still close the process and its pipes,
+            # or the transport outlives the event loop.
             await worker.destroy()
-            raise SandboxError(f"worker did not start: {e}") from e
+            if isinstance(e, Exception):
+                raise SandboxError(f"worker did not start: {e}") from e
+            raise
         return worker
 
     def _reap_own(self) -> None:

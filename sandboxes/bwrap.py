@@ -32,7 +32,7 @@ from pathlib import Path
 from turnrl.sandboxes.backend import PooledSandbox
 from turnrl.sandboxes.base import Limits, SandboxError
 from turnrl.sandboxes.cgroups import PREFIX, Cgroup, CgroupDriver, CgroupLimits, detect
-from turnrl.sandboxes.pool import WORKER_SOURCE, StreamWorker, WorkerHandle
+from turnrl.sandboxes.pool import WORKER_SOURCE, StreamWorker, WorkerHandle, answering
 from turnrl.sandboxes.reaper import CMDLINE_TAG, RunLock, reap
 
 NOBODY = 65534
@@ -181,16 +181,7 @@ class BwrapSandbox(PooledSandbox):
                 await asyncio.to_thread(group.remove)
 
         worker = StreamWorker(proc, destroy, group.oom_kills if group is not None else None)
-        try:
-            await worker.call({"op": "ping"}, timeout_s=30.0)
-        except BaseException as e:
-            # Cancelled while starting (a pool closing): still close the process and its pipes,
-            # or the transport outlives the event loop.
-            await worker.destroy()
-            if isinstance(e, Exception):
-                raise SandboxError(f"bwrap worker did not start: {e}") from e
-            raise
-        return worker
+        return await answering(worker, "bwrap worker")
 
     def _reap_own(self) -> None:
         reap(self.cgroups, only=self.run_id)

@@ -59,7 +59,7 @@ from turnrl.sandboxes.backend import PooledSandbox
 from turnrl.sandboxes.base import Limits, SandboxError
 from turnrl.sandboxes.cgroups import ROOT, Cgroup
 from turnrl.sandboxes.docker_image import DEFAULT_TAG, build_image
-from turnrl.sandboxes.pool import WORKER_SOURCE, WorkerDied, WorkerHandle
+from turnrl.sandboxes.pool import WORKER_SOURCE, WorkerDied, WorkerHandle, answering
 from turnrl.sandboxes.reaper import CMDLINE_TAG, Reaped, RunLock, lock_dir, run_is_alive
 
 RUN_LABEL = "turnrl.run_id"
@@ -400,14 +400,7 @@ class DockerSandbox(PooledSandbox):
             await asyncio.to_thread(_remove, self.client, started.container_id)
             raise SandboxError(f"cannot attach to the docker worker: {e}") from e
         worker = DockerWorker(self.client, started, reader, writer)
-        try:
-            await worker.call({"op": "ping"}, timeout_s=30.0)
-        except BaseException as e:
-            await worker.destroy()
-            if isinstance(e, Exception):
-                raise SandboxError(f"docker worker did not start: {e}") from e
-            raise
-        return worker
+        return await answering(worker, "docker worker")
 
     def _ensure_image(self) -> None:
         """Build the image when it is missing and ours to build. Blocking."""

@@ -19,7 +19,7 @@ import tempfile
 
 from turnrl.sandboxes.backend import PooledSandbox
 from turnrl.sandboxes.base import Limits, SandboxError
-from turnrl.sandboxes.pool import WORKER_SOURCE, StreamWorker, WorkerHandle
+from turnrl.sandboxes.pool import WORKER_SOURCE, StreamWorker, WorkerHandle, answering
 from turnrl.sandboxes.reaper import CMDLINE_TAG, RunLock, reap
 
 
@@ -62,16 +62,7 @@ class SubprocessSandbox(PooledSandbox):
             await asyncio.to_thread(shutil.rmtree, workdir, True)
 
         worker = StreamWorker(proc, destroy)
-        try:
-            await worker.call({"op": "ping"}, timeout_s=30.0)
-        except BaseException as e:
-            # Cancelled while starting (a pool closing): still close the process and its pipes,
-            # or the transport outlives the event loop.
-            await worker.destroy()
-            if isinstance(e, Exception):
-                raise SandboxError(f"worker did not start: {e}") from e
-            raise
-        return worker
+        return await answering(worker, "worker")
 
     def _reap_own(self) -> None:
         reap(None, only=self.run_id)

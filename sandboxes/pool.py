@@ -23,7 +23,7 @@ import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from turnrl.sandboxes.base import ExecResult, Limits, SandboxError
 from turnrl.sandboxes.output import join_capture
@@ -56,6 +56,9 @@ class WorkerHandle(Protocol):
     async def destroy(self) -> None:
         """Kill everything the worker holds and release its resources. Idempotent."""
         ...
+
+
+W = TypeVar("W", bound=WorkerHandle)
 
 
 class StreamWorker:
@@ -127,6 +130,20 @@ class StreamWorker:
             await asyncio.wait_for(self.proc.wait(), 5.0)
         if self._on_destroy is not None:
             await self._on_destroy()
+
+
+async def answering(worker: W, what: str) -> W:
+    """`worker` once it answers a ping; otherwise it is destroyed and `SandboxError` raised.
+    Cancelled while starting (a pool closing), it is destroyed too: its process and pipes must
+    not outlive the event loop."""
+    try:
+        await worker.call({"op": "ping"}, timeout_s=30.0)
+    except BaseException as e:
+        await worker.destroy()
+        if isinstance(e, Exception):
+            raise SandboxError(f"{what} did not start: {e}") from e
+        raise
+    return worker
 
 
 def to_result(resp: dict[str, Any], oom: bool, snippet: bool) -> ExecResult:

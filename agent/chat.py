@@ -121,6 +121,17 @@ class ChatML:
             self._prefixes[key] = prefix
         return [*prefix, *self.message("user", user), *self._assistant]
 
+    def tools_note(self, tools: Sequence[dict[str, Any]]) -> str:
+        """Text announcing tools that became available mid-conversation."""
+        schemas = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        return f"New tools are available:\n{schemas}"
+
+    def user_turn(self, text: str, completion_closed: bool) -> list[int]:
+        """Ids appended after an answer when the user speaks again: close the assistant
+        message if the sample did not, the user message, the next assistant header."""
+        close = [] if completion_closed else [self.end_id]
+        return [*close, *self._newline, *self.message("user", text), *self._assistant]
+
     def observation(self, results: Sequence[str], completion_closed: bool) -> list[int]:
         """Ids appended after a completion: close the assistant message if the sample did not,
         then the tool responses (or a note to the agent) as a user message, then the next

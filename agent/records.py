@@ -64,8 +64,8 @@ class ToolResult(Record):
     text: str
     """The observation text the agent sees (already truncated)."""
     error: str | None = None
-    """An error kind when the call failed: `parse`, `unknown_tool`, `invalid_arguments`,
-    `timeout`, `tool_error`, `budget`; None on success."""
+    """An error kind when the call failed: `parse`, `unknown_tool`, `too_large`,
+    `invalid_arguments`, `timeout`, `tool_error`, `bad_output`, `budget`; None on success."""
     truncated: bool = False
     """True when `text` was cut to the tool's token budget."""
     latency_s: float = 0.0
@@ -103,7 +103,10 @@ class Turn(Record):
     tool_results: list[ToolResult] = Field(default_factory=list)
     """One result per call, in the same order."""
     answer: str | None = None
-    """The final answer, when the completion contained `<answer>...</answer>`."""
+    """The answer, when the completion contained `<answer>...</answer>`: the episode's final
+    answer, or the reply to one user message of a multi-turn conversation."""
+    user_turn: int = 0
+    """Which user message this turn serves: 0 for the question, k for the k-th followup."""
     format_error: str | None = None
     """Why the turn is malformed (bad call, unterminated tag, neither call nor answer);
     None for a well-formed turn."""

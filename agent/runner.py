@@ -23,20 +23,21 @@ runner is a value built from a policy, a renderer, tools and a config.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from turnrl.agent.chat import ChatML
+from turnrl.agent.dispatch import Dispatcher, Session, ToolIndex, close_sessions
+from turnrl.agent.dispatch import error as _error
 from turnrl.agent.graph import ROOT, chain_key
 from turnrl.agent.parse import parse_completion
 from turnrl.agent.policy import Policy, SamplingParams
 from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn
-from turnrl.tools.base import EpisodeTool, Tool, ToolSession
+from turnrl.tools.base import AnyTool
 
 MIN_TURN_TOKENS = 8
 """A turn with fewer context tokens left than this cannot say anything useful."""
@@ -62,6 +63,15 @@ class Budget(BaseModel):
 
 
 @dataclass(frozen=True)
+class UserTurn:
+    """A user message that follows an answer."""
+
+    text: str
+    reveal: tuple[str, ...] = ()
+    """Hidden tools that become available with this message (their schemas are shown in it)."""
+
+
+@dataclass(frozen=True)
 class EpisodeSpec:
     """What one episode is about."""
 
@@ -82,6 +92,13 @@ class EpisodeSpec:
     """Stored turns to start from (a branch, see the module docstring; `TrajectoryGraph.
     branch_spec` builds it). When given, its first turn's `prompt_ids` are the initial context
     and `instructions`, `question` and `examples` are not rendered."""
+    tools: tuple[AnyTool, ...] | None = None
+    """This episode's tools instead of the runner's (a task item's simulators)."""
+    followups: tuple[UserTurn, ...] = ()
+    """User messages that follow the question, one after each answer: the episode ends at the
+    answer to the last one (multi-turn conversations)."""
+    hidden_tools: frozenset[str] = frozenset()
+    """Tools neither shown nor callable until a followup's `reveal` names them."""
 
 
 class EpisodeRunner:
@@ -91,23 +108,36 @@ class EpisodeRunner:
         self,
         policy: Policy,
         renderer: ChatML,
-        tools: Sequence[Tool | EpisodeTool],
+        tools: Sequence[AnyTool],
         budget: Budget,
         sampling: SamplingParams,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
         self.renderer = renderer
-        self.tools = {t.spec.name: t for t in tools}
-        self._episodic = {t.spec.name for t in tools if isinstance(t, EpisodeTool)}
+        self.tools = ToolIndex(tools)
+        self._indexes: dict[tuple[int, ...], ToolIndex] = {}
         self.budget = budget
         self.sampling = replace(
             sampling,
             stop_token_ids=(*sampling.stop_token_ids, renderer.end_of_turn_id()),
         )
         self._eot_id = renderer.end_of_turn_id()
-        self._schemas = [t.spec.json_schema() for t in tools]
         self._clock = clock
+        self.dispatcher = Dispatcher(renderer.tokenizer.encode, clock)
+
+    def _index(self, spec: EpisodeSpec) -> ToolIndex:
+        if spec.tools is None:
+            return self.tools
+        # The episodes of one task item share its tools: index them once. Keyed by identity
+        # (tools need not be hashable); a cached index holds its tools, so no id is reused.
+        key = tuple(id(t) for t in spec.tools)
+        index = self._indexes.get(key)
+        if index is None:
+            if len(self._indexes) >= 256:
+                self._indexes.clear()
+            index = self._indexes[key] = ToolIndex(spec.tools)
+        return index
 
     async def run_many(
         self,
@@ -130,7 +160,7 @@ class EpisodeRunner:
 
     async def run_episode(self, spec: EpisodeSpec) -> Episode:
         """Run one episode to its end. Never raises, except on cancellation."""
-        state = _State(spec=spec, start=self._clock())
+        state = _State(spec=spec, start=self._clock(), tools=self._index(spec))
         try:
             async with asyncio.timeout(self.budget.wall_clock_s):
                 await self._loop(state)
@@ -140,7 +170,7 @@ class EpisodeRunner:
             state.stop(StopReason.ERROR, "".join(traceback.format_exception(e)))
         finally:
             # Shielded: a cancelled run must still destroy the episode's sandboxes.
-            await asyncio.shield(_close_sessions(state.sessions))
+            await asyncio.shield(close_sessions(state.sessions))
         return state.episode(self._clock())
 
     async def _loop(self, s: _State) -> None:
@@ -150,7 +180,7 @@ class EpisodeRunner:
             pending_prompt: list[int] = []
         else:
             context = self.renderer.initial(
-                s.spec.instructions, self._schemas, s.spec.question, s.spec.examples
+                s.spec.instructions, s.tools.schemas(s.hidden), s.spec.question, s.spec.examples
             )
             pending_prompt = list(context)
         while s.stop_reason is None:
@@ -194,14 +224,22 @@ class EpisodeRunner:
             tools_s = self._clock() - t1
 
             observation: list[int] = []
-            if parsed.answer is not None:
+            user_turn = s.user_turn
+            closed = bool(ids) and ids[-1] == self._eot_id
+            if parsed.answer is not None and s.user_turn < len(s.spec.followups):
+                s.answer = parsed.answer
+                if s.stop_reason is None:
+                    observation = self._next_user_turn(s, closed)
+                    if len(context) + len(ids) + len(observation) > b.max_context_tokens:
+                        observation = []
+                        s.stop(StopReason.CONTEXT_FULL)
+            elif parsed.answer is not None:
                 s.stop(StopReason.ANSWERED)
                 s.answer = parsed.answer
             elif s.stop_reason is None:
                 notes = [r.text for r in results]
                 if not parsed.tool_calls:
                     notes.append(f"Error: {parsed.format_error}")
-                closed = bool(ids) and ids[-1] == self._eot_id
                 observation = self.renderer.observation(notes, completion_closed=closed)
                 if len(context) + len(ids) + len(observation) > b.max_context_tokens:
                     # The reply would not fit: no policy call would ever see it.
@@ -219,6 +257,7 @@ class EpisodeRunner:
                 tool_calls=parsed.tool_calls,
                 tool_results=results,
                 answer=parsed.answer,
+                user_turn=user_turn,
                 format_error=parsed.format_error,
                 cost_so_far=dict(s.cost),
                 tokens_left=b.max_context_tokens - len(context),
@@ -234,12 +273,13 @@ class EpisodeRunner:
         """Start from `spec.prefix`: its ids as the context, its costs and calls as spent, and
         its calls to per-episode tools replayed (module docstring). Returns the context."""
         prefix = s.spec.prefix
-        problem = _prefix_problem(prefix)
+        problem = _prefix_problem(prefix, len(s.spec.followups))
         if problem is not None:
             s.stop(StopReason.ERROR, f"invalid prefix: {problem}")
             return []
         context: list[int] = []
         for turn in prefix:
+            s.set_user_turn(turn.user_turn)
             context += turn.prompt_ids
             context += turn.completion_ids
             context += turn.observation_ids
@@ -249,11 +289,11 @@ class EpisodeRunner:
                 s.n_calls += 1
                 for kind, amount in stored.cost.items():
                     s.cost[kind] = s.cost.get(kind, 0.0) + amount
-                if call.name in self._episodic:
+                if s.tools.episodic(call.name):
                     again = await self._run_call(s, call)
                     if (again.error, again.text) != (stored.error, stored.text):
                         s.notes.append(_mismatch(turn.index, call, stored, again))
-                elif call.name not in self.tools and stored.error is None:
+                elif call.name not in s.tools.entries and stored.error is None:
                     s.notes.append(
                         f"replay mismatch: turn {turn.index} call {call.id}: this runner has "
                         f"no tool {call.name!r}, its state is not restored"
@@ -271,6 +311,8 @@ class EpisodeRunner:
                     }
                 )
             )
+        last = prefix[-1]
+        s.set_user_turn(last.user_turn + (last.answer is not None))
         return context
 
     async def _run_calls(self, s: _State, calls: Sequence[ToolCall]) -> list[ToolResult]:
@@ -295,84 +337,29 @@ class EpisodeRunner:
         return results
 
     async def _run_call(self, s: _State, call: ToolCall) -> ToolResult:
-        if call.parse_error is not None or call.name is None:
-            return _error(call, "parse", f"Error: could not parse tool call: {call.parse_error}")
-        tool = self.tools.get(call.name)
-        if tool is None:
-            known = ", ".join(sorted(self.tools)) or "none"
-            return _error(
-                call, "unknown_tool", f"Error: unknown tool {call.name!r}; tools: {known}"
-            )
-        spec = tool.spec
-        try:
-            args = spec.args_model.model_validate(call.arguments or {})
-        except ValidationError as e:
-            return _error(call, "invalid_arguments", _validation_text(call.name, e))
-        t0 = self._clock()
-        try:
-            async with asyncio.timeout(spec.timeout_s):
-                if call.name in self._episodic:
-                    session = s.sessions.get(call.name)
-                    if session is None:
-                        session = s.sessions[call.name] = tool.session()  # type: ignore[union-attr]
-                    out = await session(args)
-                else:
-                    out = await tool(args)  # type: ignore[operator]
-        except TimeoutError:
-            latency = self._clock() - t0
-            return _error(
-                call,
-                "timeout",
-                f"Error: {call.name} timed out after {spec.timeout_s:g} s",
-                latency,
-                spec.cost.cost(latency),
-            )
-        except Exception as e:  # a tool bug is the agent's observation, not the run's crash
-            latency = self._clock() - t0
-            return _error(
-                call,
-                "tool_error",
-                f"Error: {call.name} failed: {type(e).__name__}: {e}",
-                latency,
-                spec.cost.cost(latency),
-            )
-        latency = self._clock() - t0
-        return ToolResult(
-            call_id=call.id,
-            text=out.text,
-            truncated=out.truncated,
-            latency_s=latency,
-            cost=spec.cost.cost(latency, out.extra_cost),
-            items=list(out.items),
-        )
+        return await self.dispatcher.call(s.tools, s.sessions, call, s.hidden)
+
+    def _next_user_turn(self, s: _State, closed: bool) -> list[int]:
+        """Ids of the next followup message (with the schemas of the tools it reveals)."""
+        followup = s.spec.followups[s.user_turn]
+        s.user_turn += 1
+        text = followup.text
+        if followup.reveal:
+            s.hidden = s.hidden - set(followup.reveal)
+            shown = [x for x in s.tools.schemas() if x["name"] in followup.reveal]
+            text = self.renderer.tools_note(shown) + "\n\n" + text
+        return self.renderer.user_turn(text, completion_closed=closed)
 
 
-async def _close_sessions(sessions: dict[str, ToolSession]) -> None:
-    for session in sessions.values():
-        # aclose must not raise; a bug in one must not lose the episode or skip the others.
-        with contextlib.suppress(Exception):
-            await session.aclose()
-
-
-def _error(
-    call: ToolCall,
-    kind: str,
-    text: str,
-    latency_s: float = 0.0,
-    cost: dict[str, float] | None = None,
-) -> ToolResult:
-    return ToolResult(call_id=call.id, text=text, error=kind, latency_s=latency_s, cost=cost or {})
-
-
-def _prefix_problem(prefix: Sequence[Turn]) -> str | None:
+def _prefix_problem(prefix: Sequence[Turn], n_followups: int) -> str | None:
     """Why `prefix` cannot be continued, or None."""
     for i, turn in enumerate(prefix):
         if turn.index != i:
             return f"turn {i} has index {turn.index}"
         if (i == 0) != bool(turn.prompt_ids):
             return f"turn {i}: only the first turn carries prompt ids"
-        if turn.answer is not None:
-            return f"turn {i} answered: nothing can follow it"
+        if turn.answer is not None and turn.user_turn >= n_followups:
+            return f"turn {i} answered the last user message: nothing can follow it"
         if not turn.observation_ids:
             return f"turn {i} has no observation: its episode was cut off there"
         if len(turn.tool_results) != len(turn.tool_calls):
@@ -391,29 +378,32 @@ def _mismatch(index: int, call: ToolCall, stored: ToolResult, again: ToolResult)
     )
 
 
-def _validation_text(tool: str, e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "arguments"
-        parts.append(f"{where}: {err['msg']}")
-    return f"Error: invalid arguments for {tool}: " + "; ".join(parts)
-
-
 class _State:
     """Mutable bookkeeping of one running episode (frozen records are built at the end)."""
 
-    def __init__(self, spec: EpisodeSpec, start: float) -> None:
+    def __init__(self, spec: EpisodeSpec, start: float, tools: ToolIndex) -> None:
         self.spec = spec
         self.start = start
+        self.tools = tools
+        self.hidden: set[str] = set(spec.hidden_tools)
+        self.user_turn = 0
+        """Index of the user message being served (0: the question, k: the k-th followup)."""
         self.turns: list[Turn] = []
         self.cost: dict[str, float] = {}
         self.n_calls = 0
-        self.sessions: dict[str, ToolSession] = {}
+        self.sessions: dict[str, Session] = {}
         self.answer: str | None = None
         self.stop_reason: StopReason | None = None
         self.error: str | None = None
         self.notes: list[str] = []
         """Replay mismatches of a branched episode (they end up in `Episode.error`)."""
+
+    def set_user_turn(self, index: int) -> None:
+        """Serve user message `index`: the tools revealed up to it are visible."""
+        self.user_turn = index
+        self.hidden = set(self.spec.hidden_tools)
+        for followup in self.spec.followups[:index]:
+            self.hidden -= set(followup.reveal)
 
     def stop(self, reason: StopReason, error: str | None = None) -> None:
         if self.stop_reason is None:

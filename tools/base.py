@@ -8,11 +8,15 @@ the cost vector. A tool only does its work and reports what it produced.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Encode = Callable[[str], Sequence[int]]
 
 
 class CostModel(BaseModel):
@@ -35,6 +39,17 @@ class CostModel(BaseModel):
         return out
 
 
+class ArgumentsObject(BaseModel):
+    """The `args_model` of a tool described by a JSON Schema (`ToolSpec.parameters`): any JSON
+    object; the schema does the validating."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ArgumentError(ValueError):
+    """Arguments that do not fit a tool's schema; the message names each bad field."""
+
+
 @dataclass(frozen=True)
 class ToolSpec:
     """What the agent is told about a tool, and how calls to it are bounded and priced."""
@@ -43,20 +58,89 @@ class ToolSpec:
     """Name the agent calls it by."""
     description: str
     """One or two sentences for the system prompt."""
-    args_model: type[BaseModel]
-    """Pydantic model of the arguments; its JSON schema is what the agent sees."""
+    args_model: type[BaseModel] = ArgumentsObject
+    """Pydantic model of the arguments; its JSON schema is what the agent sees, and the tool
+    receives an instance of it."""
+    parameters: dict[str, Any] | None = None
+    """A JSON Schema for the arguments instead of a pydantic model (MCP servers, BFCL function
+    docs): shown to the agent as is, enforced with `jsonschema`; the tool receives the arguments
+    as a plain dict."""
     cost: CostModel = field(default_factory=CostModel)
     """How a call is priced."""
     timeout_s: float = 30.0
     """A call that takes longer is cancelled and observed as a timeout."""
+    max_output_tokens: int | None = None
+    """The runner cuts longer observations (head and tail kept, the middle marked)."""
+    concurrency: int | None = None
+    """Calls of this tool in flight at once, across all episodes of a runner."""
+    rate_per_s: float | None = None
+    """Calls started per second, across all episodes of a runner (a token bucket)."""
+    max_argument_chars: int = 16_384
+    """A call whose raw JSON is longer is refused before validation (the parser refuses any
+    call over 16,384 characters; a tool may set a lower bound)."""
+
+    def __post_init__(self) -> None:
+        if self.parameters is not None:
+            if self.args_model is not ArgumentsObject:
+                raise ValueError(f"tool {self.name!r}: give args_model or parameters, not both")
+            if self.parameters.get("type", "object") != "object":
+                raise ValueError(f"tool {self.name!r}: parameters must describe a JSON object")
+            try:  # a broken schema is the tool author's error: say so now, not per call
+                _validator(self.parameters)
+            except Exception as e:
+                why = getattr(e, "message", str(e))
+                raise ValueError(f"tool {self.name!r}: invalid parameters schema: {why}") from e
 
     def json_schema(self) -> dict[str, Any]:
         """The OpenAI-style function schema rendered into the system prompt."""
-        params = self.args_model.model_json_schema()
-        params.pop("title", None)
-        for prop in params.get("properties", {}).values():
-            prop.pop("title", None)
+        if self.parameters is not None:
+            params = dict(self.parameters)
+        else:
+            params = self.args_model.model_json_schema()
+            params.pop("title", None)
+            for prop in params.get("properties", {}).values():
+                prop.pop("title", None)
         return {"name": self.name, "description": self.description, "parameters": params}
+
+    def validate(self, arguments: dict[str, Any]) -> Any:
+        """The arguments as the tool receives them: an `args_model` instance, or the dict itself
+        when the spec has `parameters`. Raises `ArgumentError` naming every bad field."""
+        if self.parameters is not None:
+            errors = sorted(
+                _validator(self.parameters).iter_errors(arguments), key=lambda e: list(e.path)
+            )
+            if errors:
+                raise ArgumentError("; ".join(_schema_error(e) for e in errors[:5]))
+            return arguments
+        try:
+            return self.args_model.model_validate(arguments)
+        except ValidationError as e:
+            parts = []
+            for err in e.errors()[:5]:
+                where = ".".join(str(x) for x in err["loc"]) or "arguments"
+                parts.append(f"{where}: {err['msg']}")
+            raise ArgumentError("; ".join(parts)) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _validator_cached(schema_json: str) -> Any:
+    import jsonschema
+
+    schema = json.loads(schema_json)
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _validator(schema: dict[str, Any]) -> Any:
+    # Keyed by the schema's JSON: specs are frozen but their dicts are not hashable, and
+    # building a validator (meta-schema check included) costs far more than a call.
+    return _validator_cached(json.dumps(schema, sort_keys=True))
+
+
+def _schema_error(e: Any) -> str:
+    where = ".".join(str(x) for x in e.absolute_path) or "arguments"
+    return f"{where}: {e.message}"
 
 
 @dataclass(frozen=True)
@@ -111,6 +195,48 @@ class EpisodeTool(Protocol):
         ...
 
 
+class ToolkitSession(Protocol):
+    """One episode's handle on a toolkit's shared state."""
+
+    async def call(self, name: str, args: Any) -> ToolOutput:
+        """Run the toolkit's tool `name` with validated arguments (as `ToolSpec.validate`
+        returns them); state persists between calls of the same session."""
+        ...
+
+    async def aclose(self) -> None:
+        """Destroy the episode's state. Idempotent; never raises."""
+        ...
+
+
+@runtime_checkable
+class Toolkit(Protocol):
+    """Several tools over one per-episode state (a simulated file system's `ls`, `cd` and `cat`;
+    a house the agent walks through): the runner opens one session at the episode's first call
+    to any of them and closes it when the episode ends."""
+
+    @property
+    def specs(self) -> Sequence[ToolSpec]: ...
+
+    def session(self) -> ToolkitSession:
+        """A new session with fresh state. Cheap: expensive resources are taken lazily."""
+        ...
+
+
+AnyTool = Tool | EpisodeTool | Toolkit
+"""What a runner or an episode can be given."""
+
+
+def tool_specs(tools: Sequence[AnyTool]) -> list[ToolSpec]:
+    """Every spec of `tools`, toolkits expanded, in order."""
+    out: list[ToolSpec] = []
+    for t in tools:
+        if isinstance(t, Toolkit):
+            out.extend(t.specs)
+        else:
+            out.append(t.spec)
+    return out
+
+
 class ToolError(Exception):
     """A tool failed in a way the agent should see."""
 
@@ -130,3 +256,28 @@ def truncate_to_tokens(
         else:
             hi = mid - 1
     return text[:lo] + " …[truncated]", True
+
+
+def truncate_middle(text: str, encode: Encode, max_tokens: int) -> tuple[str, bool]:
+    """Cut `text` to at most about `max_tokens` tokens, keeping a head and a tail of half the
+    budget each (found by bisection on characters, so no token is split)."""
+    if len(encode(text)) <= max_tokens:
+        return text, False
+    half = max(max_tokens // 2, 1)
+
+    def longest(fits: Callable[[int], bool], n: int) -> int:
+        lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    # Tokens are rarely longer than 32 characters: bound the search to keep it cheap.
+    bound = min(len(text), half * 32)
+    head = longest(lambda k: len(encode(text[:k])) <= half, bound)
+    tail = longest(lambda k: len(encode(text[len(text) - k :])) <= half, bound)
+    cut = len(text) - head - tail
+    return f"{text[:head]}\n…[{cut} characters cut]…\n{text[len(text) - tail :]}", True

@@ -18,9 +18,11 @@ from collections.abc import Callable, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from turnrl.sandboxes.base import ExecResult, Limits, Sandbox, SandboxSession
-from turnrl.tools.base import CostModel, ToolOutput, ToolSpec
+from turnrl.tools.base import CostModel, ToolOutput, ToolSpec, truncate_middle
 
 Encode = Callable[[str], Sequence[int]]
+
+__all__ = ["PythonArgs", "PythonTool", "format_result", "truncate_middle"]
 
 
 class PythonArgs(BaseModel):
@@ -53,31 +55,6 @@ def format_result(result: ExecResult, limits: Limits) -> str:
         notes.append("output was cut in the middle")
     parts += [f"[{n}]" for n in notes]
     return "\n".join(parts) if parts else "(no output)"
-
-
-def truncate_middle(text: str, encode: Encode, max_tokens: int) -> tuple[str, bool]:
-    """Cut `text` to at most about `max_tokens` tokens, keeping a head and a tail of half the
-    budget each (found by bisection on characters, so no token is split)."""
-    if len(encode(text)) <= max_tokens:
-        return text, False
-    half = max(max_tokens // 2, 1)
-
-    def longest(fits: Callable[[int], bool], n: int) -> int:
-        lo, hi = 0, n
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    # Tokens are rarely longer than 32 characters: bound the search to keep it cheap.
-    bound = min(len(text), half * 32)
-    head = longest(lambda k: len(encode(text[:k])) <= half, bound)
-    tail = longest(lambda k: len(encode(text[len(text) - k :])) <= half, bound)
-    cut = len(text) - head - tail
-    return f"{text[:head]}\n…[{cut} characters cut]…\n{text[len(text) - tail :]}", True
 
 
 class PythonSession:

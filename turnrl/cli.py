@@ -1,4 +1,4 @@
-"""The `turnrl` command line: train, eval, replay."""
+"""The `turnrl` command line: train, eval, replay, tasks list."""
 
 from __future__ import annotations
 
@@ -150,3 +150,31 @@ def replay(
 
 if __name__ == "__main__":
     app()
+
+
+tasks_app = typer.Typer(no_args_is_help=True, help="Task suites.")
+app.add_typer(tasks_app, name="tasks")
+
+
+@tasks_app.command("list")
+def tasks_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+) -> None:
+    """Every task suite: what `task.kind` selects it, its source, license and split sizes."""
+    from rich.table import Table
+
+    from turnrl.suites import describe_suites
+
+    rows = describe_suites()
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title="Task suites (task.kind)")
+    for column in ("kind", "train", "test", "source", "license", "description"):
+        table.add_column(column, justify="right" if column in ("train", "test") else "left")
+    for r in rows:
+        table.add_row(
+            *(str(r[c]) for c in ("kind", "train", "test", "source", "license")),
+            str(r["description"]),
+        )
+    console.print(table)

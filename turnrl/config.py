@@ -8,7 +8,7 @@ only a run makes (model, task, schedule). Variants are discriminated unions on `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -119,8 +119,76 @@ class MathPythonConfig(_Config):
     """The python tool offered to the agent; null for none."""
 
 
+BfclMultiCategory = Literal["base", "miss_func", "miss_param", "long_context"]
+BfclSingleCategory = Literal[
+    "simple",
+    "multiple",
+    "parallel",
+    "parallel_multiple",
+    "irrelevance",
+    "live_simple",
+    "live_multiple",
+    "live_parallel",
+    "live_parallel_multiple",
+    "live_irrelevance",
+]
+
+
+class BfclMultiTurnConfig(_Config):
+    """BFCL v4 multi-turn conversations over executable device-API simulators (file system,
+    messaging, posting, tickets, trading, travel, vehicle, math), graded on simulator state and
+    call results after every user turn."""
+
+    kind: Literal["bfcl_multi_turn"] = "bfcl_multi_turn"
+    categories: tuple[BfclMultiCategory, ...] = get_args(BfclMultiCategory)
+    """BFCL categories included (each has the same 200 scenarios, varied)."""
+    seed: int = 0
+    """Seed of the train/test split (by scenario, so no scenario is in both)."""
+    n_test: int | None = Field(None, ge=0)
+    """Scenarios held out for test (default a quarter)."""
+
+
+class BfclSingleConfig(_Config):
+    """BFCL v4 single-turn function calling (simple, multiple, parallel, irrelevance and their
+    live variants), graded by AST matching against the accepted answers."""
+
+    kind: Literal["bfcl_single"] = "bfcl_single"
+    categories: tuple[BfclSingleCategory, ...] = get_args(BfclSingleCategory)
+    """BFCL categories included."""
+    seed: int = 0
+    """Seed of the train/test split (items sharing a question or a function set stay
+    together)."""
+    test_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of the items held out for test."""
+
+
+class EmbodiedConfig(_Config):
+    """Find and pick the object an ambiguous instruction means, in a generated house, by
+    exploring (time) or asking (human attention)."""
+
+    kind: Literal["embodied_search"] = "embodied_search"
+    seed: int = 0
+    """Seed of house and instruction generation (and so of the split)."""
+    n_train: int = Field(400, ge=0)
+    """Train items generated."""
+    n_test: int = Field(100, ge=0)
+    """Test items generated (disjoint from train)."""
+    rooms: int = Field(4, ge=2)
+    """Rooms per house."""
+    distractors: int = Field(2, ge=0)
+    """Objects of the target's type besides the target."""
+    ambiguity: int = Field(1, ge=0)
+    """Attributes that tell the target apart left out of the instruction (0: unambiguous)."""
+
+
 TaskConfig = Annotated[
-    SearchQAConfig | HumanEvalConfig | MathPythonConfig, Field(discriminator="kind")
+    SearchQAConfig
+    | HumanEvalConfig
+    | MathPythonConfig
+    | BfclMultiTurnConfig
+    | BfclSingleConfig
+    | EmbodiedConfig,
+    Field(discriminator="kind"),
 ]
 
 

@@ -99,7 +99,7 @@ async def _regrade(
     try:
         suite = build_suite(config.task, None, sandbox)
         items = {it.id: it for split in ("train", "test") for it in suite.items(split)}
-        pairs = [(items[e.task_id], e.answer) for e in episodes]
+        pairs = [(items[e.task_id], e) for e in episodes]
         return await grade_all(suite, pairs, concurrency=8), items
     finally:
         if sandbox is not None:

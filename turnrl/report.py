@@ -6,9 +6,13 @@ the run's `episodes.rec` by `turnrl replay`.
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from statistics import fmean
+from typing import Any
 
 from rich.table import Table
 
@@ -16,10 +20,12 @@ from turnrl.agent.records import Episode
 
 
 def summarize(episodes: Sequence[Episode]) -> dict[str, float]:
-    """Success, answer quality, tool use, tokens and stop reasons of `episodes`."""
+    """Success, answer quality, tool use and its productivity, cost per cost kind (per episode
+    and per success), tokens and stop reasons of `episodes`."""
     if not episodes:
         return {"episodes": 0.0}
     n_calls = sum(e.n_tool_calls for e in episodes)
+    results = [r for e in episodes for t in e.turns for r in t.tool_results]
     successes = sum(e.outcome.get("correct", 0.0) for e in episodes)
     turns = [t for e in episodes for t in e.turns]
     out = {
@@ -28,6 +34,7 @@ def summarize(episodes: Sequence[Episode]) -> dict[str, float]:
         "answered": fmean(e.answer is not None for e in episodes),
         "tool_calls_per_episode": n_calls / len(episodes),
         "successes_per_call": successes / n_calls if n_calls else 0.0,
+        "tool_error_rate": fmean(r.error is not None for r in results) if results else 0.0,
         "turns_per_episode": len(turns) / len(episodes),
         "format_error_rate": fmean(t.format_error is not None for t in turns) if turns else 0.0,
         "completion_tokens_per_episode": fmean(e.n_completion_tokens for e in episodes),
@@ -37,9 +44,50 @@ def summarize(episodes: Sequence[Episode]) -> dict[str, float]:
     # The suite's other scores (f1 for search, timeouts for code, ...) by their own names.
     for key in sorted({k for e in episodes for k in e.outcome} - {"correct"} - set(out)):
         out[key] = fmean(e.outcome.get(key, 0.0) for e in episodes)
+    by_tool = Counter(c.name or "?" for e in episodes for t in e.turns for c in t.tool_calls)
+    for name, count in sorted(by_tool.items()):
+        out[f"tool_calls/{name}"] = count / len(episodes)
+    for kind in sorted({k for e in episodes for k in e.cost}):
+        total = sum(e.cost.get(kind, 0.0) for e in episodes)
+        out[f"cost/{kind}"] = total / len(episodes)
+        if successes:  # absent, not infinite, when nothing succeeded (JSON has no inf)
+            out[f"cost_per_success/{kind}"] = total / successes
     for reason, count in sorted(Counter(e.stop_reason.value for e in episodes).items()):
         out[f"stop/{reason}"] = count / len(episodes)
     return out
+
+
+def write_eval(
+    run_dir: Path, tag: str, episodes: Sequence[Episode], summary: Mapping[str, float]
+) -> None:
+    """`{tag}.jsonl` (one `episode_row` per episode) and `{tag}.summary.json` in `run_dir`,
+    each written whole then renamed into place, so a crash never leaves half a file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = "".join(json.dumps(episode_row(e), ensure_ascii=False) + "\n" for e in episodes)
+    for name, text in ((f"{tag}.jsonl", rows), (f"{tag}.summary.json", json.dumps(summary))):
+        tmp = run_dir / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, run_dir / name)
+
+
+def episode_row(e: Episode) -> dict[str, Any]:
+    """One episode's line in an evaluation's per-episode results."""
+    return {
+        "episode_id": e.episode_id,
+        "task_id": e.task_id,
+        "correct": e.outcome.get("correct", 0.0),
+        "outcome": e.outcome,
+        "answer": e.answer,
+        "stop_reason": e.stop_reason.value,
+        "turns": len(e.turns),
+        "tool_calls": e.n_tool_calls,
+        "tool_errors": sum(r.error is not None for t in e.turns for r in t.tool_results),
+        "format_errors": sum(t.format_error is not None for t in e.turns),
+        "completion_tokens": e.n_completion_tokens,
+        "context_tokens": len(e.token_ids()),
+        "cost": e.cost,
+        "wall_s": e.wall_s,
+    }
 
 
 def before_after_table(before: dict[str, float], after: dict[str, float]) -> Table:

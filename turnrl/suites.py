@@ -1,9 +1,11 @@
 """From a task config to a live suite (with its tools and sandbox), and the oracle policy.
 
-The oracle plays each item's gold solution through the real pipeline: it calls the suite's
-tool first (the search that finds the evidence, the Python that runs the reference solution
-against the tests), reads nothing from the response, then answers with the gold answer. An
-oracle that does not score 100% points at a broken tool, sandbox, parser or grader.
+The oracle plays each item's gold solution through the real pipeline. A suite that knows its
+gold solutions as turns (`tasks.base.Oracle`: function calls, device-API sessions, a walk
+through a house) gives them; for the others the oracle calls the suite's tool first (the
+search that finds the evidence, the Python that runs the reference solution against the
+tests), reads nothing from the response, then answers with the gold answer. An oracle that
+does not score 100% points at a broken tool, sandbox, parser or grader.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 
-from turnrl.agent.chat import Tokenizer
+from turnrl.agent.chat import ChatML
+from turnrl.agent.dispatch import ToolIndex
 from turnrl.agent.scripted import Script
 from turnrl.config import TaskConfig
 from turnrl.sandboxes.base import Sandbox
-from turnrl.tasks.base import TaskItem, TaskSuite
+from turnrl.tasks.base import Oracle, Split, TaskItem, TaskSuite, suite_tools
+from turnrl.tools.base import tool_specs
 from turnrl.tools.python import PythonTool
 
 Encode = Callable[[str], Sequence[int]]
@@ -27,8 +31,9 @@ def needs_sandbox(cfg: TaskConfig) -> bool:
 
 
 def build_suite(cfg: TaskConfig, encode: Encode | None, sandbox: Sandbox | None) -> TaskSuite:
-    """The configured suite; `sandbox` is required when `needs_sandbox(cfg)`. Without `encode`
-    (re-grading a stored run) the suite's tools are not built."""
+    """The configured suite; `sandbox` is required when `needs_sandbox(cfg)` and the suite will
+    run or grade code. Without `encode` (re-grading a stored run, listing) the suite's tools
+    that need a tokenizer are not built."""
     if cfg.kind == "search_qa":
         from turnrl.tasks.search_qa import SearchQA
 
@@ -40,10 +45,31 @@ def build_suite(cfg: TaskConfig, encode: Encode | None, sandbox: Sandbox | None)
             search_k=cfg.search_k,
             result_tokens=cfg.result_tokens,
         )
-    if sandbox is None:
+    if cfg.kind == "bfcl_multi_turn":
+        from turnrl.tasks.bfcl_multi import BfclMultiTurn
+
+        return BfclMultiTurn(categories=tuple(cfg.categories), seed=cfg.seed, n_test=cfg.n_test)
+    if cfg.kind == "bfcl_single":
+        from turnrl.tasks.bfcl_single import BfclSingle
+
+        return BfclSingle(
+            categories=tuple(cfg.categories), seed=cfg.seed, test_fraction=cfg.test_fraction
+        )
+    if cfg.kind == "embodied_search":
+        from turnrl.tasks.embodied import EmbodiedSearch
+
+        return EmbodiedSearch(
+            n_train=cfg.n_train,
+            n_test=cfg.n_test,
+            seed=cfg.seed,
+            rooms=cfg.rooms,
+            distractors=cfg.distractors,
+            ambiguity=cfg.ambiguity,
+        )
+    if sandbox is None and encode is not None:
         raise ValueError(f"task {cfg.kind!r} runs code and needs a sandbox")
     tool = None
-    if cfg.python is not None and encode is not None:
+    if cfg.python is not None and encode is not None and sandbox is not None:
         tool = PythonTool(
             sandbox,
             encode,
@@ -60,9 +86,43 @@ def build_suite(cfg: TaskConfig, encode: Encode | None, sandbox: Sandbox | None)
     return MathPython(seed=cfg.seed, n_train=cfg.n_train, n_test=cfg.n_test, python_tool=tool)
 
 
+SUITE_KINDS: tuple[str, ...] = (
+    "search_qa",
+    "humaneval",
+    "gsm_symbolic",
+    "bfcl_multi_turn",
+    "bfcl_single",
+    "embodied_search",
+)
+"""Every suite `task.kind` names, in the order `turnrl tasks list` shows them."""
+
+
+def describe_suites() -> list[dict[str, object]]:
+    """What `turnrl tasks list` shows: each suite with its default config's item counts."""
+    from pydantic import TypeAdapter
+
+    adapter: TypeAdapter[TaskConfig] = TypeAdapter(TaskConfig)
+    rows = []
+    for kind in SUITE_KINDS:
+        cfg = adapter.validate_python({"kind": kind})
+        suite = build_suite(cfg, None, None)
+        rows.append(
+            {
+                "kind": kind,
+                "name": suite.name,
+                "source": getattr(suite, "source", "?"),
+                "license": getattr(suite, "license", "?"),
+                "train": len(suite.items("train")),
+                "test": len(suite.items("test")),
+                "description": (type(cfg).__doc__ or "").split("\n\n")[0].replace("\n", " "),
+            }
+        )
+    return rows
+
+
 def oracle_turns(suite: TaskSuite, item: TaskItem) -> list[str]:
     """The replies the oracle gives for `item`, turn by turn."""
-    tools = {t.spec.name for t in suite.tools()}
+    tools = {spec.name for spec in tool_specs(suite.tools())}
     answer = item.answers[0]
     call: dict[str, object] | None = None
     if suite.name == "humaneval":
@@ -83,23 +143,31 @@ def oracle_turns(suite: TaskSuite, item: TaskItem) -> list[str]:
     return turns
 
 
-def oracle_script(suite: TaskSuite, tokenizer: Tokenizer, end_of_turn: str) -> Script:
-    """A `ScriptedPolicy` script: finds the item whose question the context ends with (the
-    last one in it: few-shot examples come first) and plays its turns."""
-    items = [it for split in ("train", "test") for it in suite.items(split)]
-    turns = {it.question: oracle_turns(suite, it) for it in items}
+def oracle_script(
+    suite: TaskSuite, renderer: ChatML, end_of_turn: str, split: Split = "test"
+) -> Script:
+    """A `ScriptedPolicy` script for `split`: it recognises the item by the episode's initial
+    context (system message with the item's tools, examples, question: rendered here the way
+    the runner renders it) and plays the item's turns, the k-th reply at the k-th turn."""
+    examples = tuple(suite.few_shot())
+    plans: dict[tuple[int, ...], list[str]] = {}
+    for item in suite.items(split):
+        tools = ToolIndex(suite_tools(suite, item))
+        ids = renderer.initial(
+            suite.system_prompt, tools.schemas(set(item.hidden_tools)), item.question, examples
+        )
+        plan = suite.oracle_turns(item) if isinstance(suite, Oracle) else oracle_turns(suite, item)
+        plans.setdefault(tuple(ids), plan)
+    lengths = sorted({len(k) for k in plans}, reverse=True)
+    start = renderer.start_id
 
     def script(context: Sequence[int]) -> str:
-        text = tokenizer.decode(list(context))
-        best, where = None, -1
-        for question in turns:
-            at = text.rfind(question)
-            if at > where:
-                best, where = question, at
-        if best is None:
-            return f"I cannot tell which item this is.{end_of_turn}"
-        index = max(text.count("<|im_start|>assistant", where) - 1, 0)
-        plan = turns[best]
-        return plan[min(index, len(plan) - 1)] + end_of_turn
+        for n in lengths:
+            plan = plans.get(tuple(context[:n]))
+            if plan is not None:
+                # Each turn since the initial context added a user and an assistant header.
+                index = sum(1 for t in context[n:] if t == start) // 2
+                return plan[min(index, len(plan) - 1)] + end_of_turn
+        return f"I cannot tell which item this is.{end_of_turn}"
 
     return script

@@ -41,7 +41,7 @@ from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.agent.store import RunStore
 from turnrl.config import ModelConfig, RunConfig
 from turnrl.credit import add_gold_signals
-from turnrl.report import before_after_table, curves_table, summarize
+from turnrl.report import before_after_table, curves_table, summarize, write_eval
 from turnrl.rl.advantages import value_targets
 from turnrl.rl.learner import Learner
 from turnrl.rl.rollout import collect
@@ -145,7 +145,7 @@ def open_session(
     policy: HFPolicy | ScriptedPolicy
     if config.model.kind == "oracle":
         eot = str(tokenizer.convert_ids_to_tokens(renderer.end_of_turn_id()))
-        policy = ScriptedPolicy(oracle_script(suite, renderer.tokenizer, eot), renderer.tokenizer)
+        policy = ScriptedPolicy(oracle_script(suite, renderer, eot), renderer.tokenizer)
     else:
         model = load_model(path)
         learner = Learner(model, config.learner) if train else None
@@ -212,6 +212,7 @@ async def evaluate(s: Session, tag: str) -> dict[str, float]:
         s.store.append_episode(e)
     s.store.flush()
     summary = summarize(episodes)
+    write_eval(s.config.run_dir, tag, episodes, summary)
     s.console.print(
         f"[bold]{tag}[/]: success {summary['success']:.3f}  "
         + (f"f1 {summary['f1']:.3f}  " if "f1" in summary else "")

@@ -285,6 +285,18 @@ class RunConfig(_Config):
             )
         return self
 
+    @model_validator(mode="after")
+    def _answer_rewards_have_gold_answers(self) -> RunConfig:
+        # BFCL suites grade what the agent did (calls, simulator state): there is no gold answer
+        # text whose probability or appearance these components measure.
+        needs_text = sorted({"info_gain", "saturation"} & set(self.rewards.weights))
+        if needs_text and self.task.kind in ("bfcl_multi_turn", "bfcl_single"):
+            raise ValueError(
+                f"rewards {needs_text} need gold answer text, which task {self.task.kind!r} "
+                "does not have (it grades the calls made): remove them from rewards.weights"
+            )
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

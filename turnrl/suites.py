@@ -114,7 +114,7 @@ def describe_suites() -> list[dict[str, object]]:
                 "license": getattr(suite, "license", "?"),
                 "train": len(suite.items("train")),
                 "test": len(suite.items("test")),
-                "description": (type(cfg).__doc__ or "").split("\n\n")[0].replace("\n", " "),
+                "description": " ".join((type(cfg).__doc__ or "").split("\n\n")[0].split()),
             }
         )
     return rows

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from turnrl.agent.records import Episode
 from turnrl.agent.runner import EpisodeRunner, EpisodeSpec
 from turnrl.tasks.base import ItemTools, TaskItem, TaskSuite, grade_episode
+from turnrl.tools.base import AnyTool
 
 
 def episode_specs(
@@ -22,14 +23,16 @@ def episode_specs(
     step: int,
     seed: int,
     tag: str | None = None,
+    extra_tools: Sequence[AnyTool] = (),
 ) -> list[EpisodeSpec]:
     """One spec per rollout; the G rollouts of an item share a group id and differ in seed.
-    Group ids are `{tag}/{item id}` with `tag` defaulting to `s{step}`."""
+    Group ids are `{tag}/{item id}` with `tag` defaulting to `s{step}`. A suite with per-item
+    tools gets them in each spec, followed by `extra_tools` (the run's own)."""
     specs = []
     examples = tuple(suite.few_shot())
     for i, item in enumerate(items):
         group = f"{tag or f's{step}'}/{item.id}"
-        tools = tuple(suite.tools_for(item)) if isinstance(suite, ItemTools) else None
+        tools = (*suite.tools_for(item), *extra_tools) if isinstance(suite, ItemTools) else None
         for g in range(group_size):
             specs.append(
                 EpisodeSpec(
@@ -60,9 +63,11 @@ async def collect(
     concurrency: int,
     on_episode: Callable[[Episode], None] | None = None,
     tag: str | None = None,
+    extra_tools: Sequence[AnyTool] = (),
 ) -> list[Episode]:
-    """Roll out every item `group_size` times and grade each episode."""
-    specs = episode_specs(suite, items, group_size, step, seed, tag)
+    """Roll out every item `group_size` times and grade each episode (`extra_tools` as in
+    `episode_specs`; for other suites the runner already holds them)."""
+    specs = episode_specs(suite, items, group_size, step, seed, tag, extra_tools)
     episodes = await runner.run_many(specs, concurrency, on_episode)
     by_id = {it.id: it for it in items}
     outcomes = await grade_all(suite, [(by_id[e.task_id], e) for e in episodes], concurrency)

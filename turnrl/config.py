@@ -26,6 +26,8 @@ from turnrl.rl.learner import LearnerConfig
 from turnrl.rl.rewards import RewardConfig
 from turnrl.sandboxes.base import Limits
 from turnrl.sandboxes.config import AutoConfig, SandboxConfig
+from turnrl.tools.mcp import McpServerConfig
+from turnrl.tools.web import WebFetchConfig
 
 
 class _Config(BaseModel):
@@ -243,6 +245,25 @@ class EvalConfig(_Config):
     """Rollouts per item."""
 
 
+class WebToolConfig(_Config):
+    """The `fetch` tool (web pages as readable text), offered besides the suite's tools."""
+
+    kind: Literal["web_fetch"] = "web_fetch"
+    fetch: WebFetchConfig = Field(default_factory=WebFetchConfig)
+    """Hosts allowed and denied, byte cap, timeout, redirects, content types, budget, cost."""
+
+
+class McpToolConfig(_Config):
+    """The tools of one MCP server (stdio or streamable HTTP), offered besides the suite's."""
+
+    kind: Literal["mcp"] = "mcp"
+    server: McpServerConfig
+    """How to reach the server, its timeouts, costs, tool filters and name prefix."""
+
+
+ExtraToolConfig = Annotated[WebToolConfig | McpToolConfig, Field(discriminator="kind")]
+
+
 class RunConfig(_Config):
     """Everything a `turnrl train` or `turnrl eval` run needs."""
 
@@ -256,6 +277,8 @@ class RunConfig(_Config):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     sandbox: SandboxConfig = Field(default_factory=AutoConfig)
     """Where model-written code runs (only opened by tasks whose tools or grader run code)."""
+    tools: list[ExtraToolConfig] = Field(default_factory=list)
+    """Tools offered in every episode besides the suite's own (web fetch, MCP servers)."""
     budget: Budget = Field(default_factory=Budget)
     concurrency: int = Field(16, ge=1)
     """Episodes in flight at once."""

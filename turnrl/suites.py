@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from turnrl.agent.chat import ChatML
 from turnrl.agent.dispatch import ToolIndex
+from turnrl.agent.runner import UserTurn
 from turnrl.agent.scripted import Script
 from turnrl.config import TaskConfig
 from turnrl.sandboxes.base import Sandbox
 from turnrl.tasks.base import Oracle, Split, TaskItem, TaskSuite, suite_tools
-from turnrl.tools.base import tool_specs
+from turnrl.tools.base import AnyTool, tool_specs
 from turnrl.tools.python import PythonTool
 
 Encode = Callable[[str], Sequence[int]]
@@ -144,30 +146,78 @@ def oracle_turns(suite: TaskSuite, item: TaskItem) -> list[str]:
 
 
 def oracle_script(
-    suite: TaskSuite, renderer: ChatML, end_of_turn: str, split: Split = "test"
+    suite: TaskSuite,
+    renderer: ChatML,
+    end_of_turn: str,
+    split: Split = "test",
+    extra_tools: Sequence[AnyTool] = (),
 ) -> Script:
     """A `ScriptedPolicy` script for `split`: it recognises the item by the episode's initial
     context (system message with the item's tools, examples, question: rendered here the way
-    the runner renders it) and plays the item's turns, the k-th reply at the k-th turn."""
-    examples = tuple(suite.few_shot())
-    plans: dict[tuple[int, ...], list[str]] = {}
-    for item in suite.items(split):
-        tools = ToolIndex(suite_tools(suite, item))
-        ids = renderer.initial(
-            suite.system_prompt, tools.schemas(set(item.hidden_tools)), item.question, examples
-        )
-        plan = suite.oracle_turns(item) if isinstance(suite, Oracle) else oracle_turns(suite, item)
-        plans.setdefault(tuple(ids), plan)
-    lengths = sorted({len(k) for k in plans}, reverse=True)
-    start = renderer.start_id
+    the runner renders it), and in a conversation by the followups seen so far (items may share
+    a first request and part ways later), then plays the item's replies for the user message
+    being served, the k-th at its k-th turn. `extra_tools` (the run's own, opened after this
+    is built) are read at the first call."""
+    plans: dict[tuple[int, ...], list[_Plan]] = {}
+    tokenizer = renderer.tokenizer
+    header = tokenizer.decode([renderer.start_id, *tokenizer.encode("assistant\n")])
+
+    def build() -> None:
+        examples = tuple(suite.few_shot())
+        for item in suite.items(split):
+            tools = ToolIndex([*suite_tools(suite, item), *extra_tools])
+            schemas = tools.schemas(set(item.hidden_tools))
+            ids = renderer.initial(suite.system_prompt, schemas, item.question, examples)
+            if isinstance(suite, Oracle):
+                turns = suite.oracle_turns(item)
+            else:
+                turns = oracle_turns(suite, item)
+            plans.setdefault(tuple(ids), []).append(_Plan(item.followups, _segments(turns)))
 
     def script(context: Sequence[int]) -> str:
-        for n in lengths:
-            plan = plans.get(tuple(context[:n]))
-            if plan is not None:
-                # Each turn since the initial context added a user and an assistant header.
-                index = sum(1 for t in context[n:] if t == start) // 2
-                return plan[min(index, len(plan) - 1)] + end_of_turn
+        if not plans:
+            build()
+        for n in sorted({len(k) for k in plans}, reverse=True):
+            candidates = plans.get(tuple(context[:n]))
+            if candidates is None:
+                continue
+            rest = tokenizer.decode(list(context[n:]))
+            best, best_u, best_at = candidates[0], 0, 0
+            for plan in candidates:
+                u, at = plan.served(rest)
+                if u > best_u:
+                    best, best_u, best_at = plan, u, at
+            segment = best.segments[min(best_u, len(best.segments) - 1)]
+            # Replies so far to this message: the assistant headers after it (the first one
+            # after a followup opens the reply now being sampled).
+            k = rest.count(header, best_at) - (1 if best_u else 0)
+            return segment[min(max(k, 0), len(segment) - 1)] + end_of_turn
         return f"I cannot tell which item this is.{end_of_turn}"
 
     return script
+
+
+@dataclass(frozen=True)
+class _Plan:
+    followups: tuple[UserTurn, ...]
+    segments: list[list[str]]
+    """The oracle's replies, one list per user message (each ends with an answer)."""
+
+    def served(self, rest: str) -> tuple[int, int]:
+        """(how many of this plan's followups appear in `rest`, in order; where the last ends)."""
+        u = at = 0
+        for followup in self.followups:
+            found = rest.find(followup.text, at)
+            if found < 0:
+                break
+            u, at = u + 1, found + len(followup.text)
+        return u, at
+
+
+def _segments(turns: list[str]) -> list[list[str]]:
+    segments: list[list[str]] = [[]]
+    for turn in turns:
+        segments[-1].append(turn)
+        if "<answer>" in turn:
+            segments.append([])
+    return [seg for seg in segments if seg]

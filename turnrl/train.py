@@ -11,13 +11,14 @@ written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from turnrl.agent.records import Episode
 from turnrl.agent.runner import EpisodeRunner
 from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.agent.store import RunStore
-from turnrl.config import ModelConfig, RunConfig
+from turnrl.config import ModelConfig, RunConfig, WebToolConfig
 from turnrl.credit import add_gold_signals
 from turnrl.report import before_after_table, curves_table, summarize, write_eval
 from turnrl.rl.advantages import value_targets
@@ -51,6 +52,9 @@ from turnrl.sandboxes.base import Sandbox
 from turnrl.sandboxes.config import open_sandbox
 from turnrl.suites import build_suite, needs_sandbox, oracle_script
 from turnrl.tasks.base import TaskItem, TaskSuite
+from turnrl.tools.base import AnyTool
+from turnrl.tools.mcp import McpToolkit
+from turnrl.tools.web import WebFetch
 
 CURVES = {
     "reward": "reward",
@@ -100,8 +104,30 @@ class Session:
     console: Console
     sandbox: Sandbox | None = None
 
+    extra_tools: list[AnyTool] = field(default_factory=list)
+    """The configured tools offered besides the suite's (`RunConfig.tools`), once opened."""
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def open_tools(self) -> None:
+        """Open `RunConfig.tools` in the run's event loop (an MCP connection lives in one)."""
+        for cfg in self.config.tools:
+            if isinstance(cfg, WebToolConfig):
+                web = WebFetch(self.renderer.tokenizer.encode, cfg.fetch)
+                self._closers.append(web.aclose)
+                self.extra_tools.append(web)
+            else:
+                kit = McpToolkit(cfg.server)
+                self._closers.append(kit.aclose)
+                await kit.connect()
+                self.extra_tools.extend(kit.tools)
+
     async def close_sandbox(self) -> None:
-        """Destroy every sandbox of the run; awaited in the event loop that used them."""
+        """Close the extra tools and destroy every sandbox of the run; awaited in the event
+        loop that used them."""
+        while self._closers:
+            with contextlib.suppress(Exception):
+                await self._closers.pop()()
+        self.extra_tools.clear()
         if self.sandbox is not None:
             await self.sandbox.close()
 
@@ -114,9 +140,8 @@ class Session:
 
     def runner(self, temperature: float) -> EpisodeRunner:
         sampling = SamplingParams(temperature=temperature, top_p=self.config.sampling.top_p)
-        return EpisodeRunner(
-            self.policy, self.renderer, self.suite.tools(), self.config.budget, sampling
-        )
+        tools = [*self.suite.tools(), *self.extra_tools]
+        return EpisodeRunner(self.policy, self.renderer, tools, self.config.budget, sampling)
 
 
 @contextmanager
@@ -145,7 +170,9 @@ def open_session(
     policy: HFPolicy | ScriptedPolicy
     if config.model.kind == "oracle":
         eot = str(tokenizer.convert_ids_to_tokens(renderer.end_of_turn_id()))
-        policy = ScriptedPolicy(oracle_script(suite, renderer, eot), renderer.tokenizer)
+        extra_tools: list[AnyTool] = []
+        script = oracle_script(suite, renderer, eot, extra_tools=extra_tools)
+        policy = ScriptedPolicy(script, renderer.tokenizer)
     else:
         model = load_model(path)
         learner = Learner(model, config.learner) if train else None
@@ -160,7 +187,12 @@ def open_session(
     # per-turn allocations would otherwise trigger gen-2 scans of millions of old objects.
     gc.freeze()
     try:
-        yield Session(config, tokenizer, store, policy, renderer, suite, learner, console, sandbox)
+        session = Session(
+            config, tokenizer, store, policy, renderer, suite, learner, console, sandbox
+        )
+        if config.model.kind == "oracle":
+            session.extra_tools = extra_tools  # the oracle reads them once they are open
+        yield session
     finally:
         if isinstance(policy, HFPolicy):
             policy.close()
@@ -199,6 +231,7 @@ async def _rollouts(
             s.config.concurrency,
             on_episode=lambda _: progress.advance(bar),
             tag=tag,
+            extra_tools=s.extra_tools,
         )
 
 
@@ -316,6 +349,7 @@ def run_train(
 
         async def main() -> dict[str, Any]:
             try:
+                await s.open_tools()
                 before = await evaluate(s, "eval-before") if with_eval else {}
                 rows = await train_steps(s)
                 after = await evaluate(s, "eval-after") if with_eval else {}
@@ -342,6 +376,7 @@ def run_eval(config: RunConfig, console: Console, checkpoint: Path | None) -> di
 
         async def main() -> dict[str, float]:
             try:
+                await s.open_tools()
                 return await evaluate(s, "eval")
             finally:
                 await s.close_sandbox()

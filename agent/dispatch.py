@@ -140,6 +140,9 @@ class Dispatcher:
         except ArgumentError as e:
             text = f"Error: invalid arguments for {spec.name}: {e}"
             return error(call, "invalid_arguments", text)
+        except Exception as e:  # a schema that cannot be checked (a dangling $ref): the tool's
+            text = f"Error: {spec.name} could not check its arguments: {type(e).__name__}: {e}"
+            return error(call, "tool_error", text)
         limit = self._limit(spec)
         if limit is None:
             return await self._timed(entry, sessions, call, args)
@@ -198,11 +201,16 @@ class Dispatcher:
         )
 
 
+CLOSE_TIMEOUT_S = 30.0
+"""How long closing one session may take (a sandbox's teardown, an MCP or HTTP goodbye)."""
+
+
 async def close_sessions(sessions: dict[str, Session]) -> None:
-    """Close an episode's sessions; one failing close never skips the others."""
+    """Close an episode's sessions; one failing or hanging close never skips the others."""
     for session in sessions.values():
         with contextlib.suppress(Exception):
-            await session.aclose()
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await session.aclose()
 
 
 def error(

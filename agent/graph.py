@@ -564,7 +564,9 @@ class TrajectoryGraph:
 
 
 def _continuable(turn: Turn) -> bool:
-    return turn.answer is None and bool(turn.observation_ids)
+    # An answer to a user message that has a followup is continued by that followup (its
+    # observation); a final answer or a cut-off turn has none.
+    return bool(turn.observation_ids)
 
 
 def _merged_paths(episodes: Sequence[Episode], threshold: float) -> list[tuple[str, ...]]:

@@ -158,7 +158,8 @@ class Episode(Record):
     stop_reason: StopReason
     """Why the episode ended."""
     answer: str | None = None
-    """The final answer, if the policy gave one."""
+    """The final answer, if the policy gave one: in a multi-turn conversation, the answer to
+    the last user message (earlier replies are in their turns' `answer`)."""
     outcome: dict[str, float] = Field(default_factory=dict)
     """Grader scores (`exact_match`, `f1`, ...); empty when not graded."""
     error: str | None = None

@@ -99,6 +99,9 @@ class EpisodeSpec:
     answer to the last one (multi-turn conversations)."""
     hidden_tools: frozenset[str] = frozenset()
     """Tools neither shown nor callable until a followup's `reveal` names them."""
+    policy: Policy | None = None
+    """This episode's policy instead of the runner's (a scripted oracle that plays this item's
+    gold solution; a router's pick)."""
 
 
 class EpisodeRunner:
@@ -160,8 +163,9 @@ class EpisodeRunner:
 
     async def run_episode(self, spec: EpisodeSpec) -> Episode:
         """Run one episode to its end. Never raises, except on cancellation."""
-        state = _State(spec=spec, start=self._clock(), tools=self._index(spec))
+        state = _State(spec=spec, start=self._clock(), tools=self.tools)
         try:
+            state.tools = self._index(spec)  # two tools with one name: this episode's error
             async with asyncio.timeout(self.budget.wall_clock_s):
                 await self._loop(state)
         except TimeoutError:
@@ -203,7 +207,7 @@ class EpisodeRunner:
             )
             t0 = self._clock()
             try:
-                completion = await self.policy.generate(context, params)
+                completion = await (s.spec.policy or self.policy).generate(context, params)
             except Exception as e:
                 s.stop(StopReason.POLICY_ERROR, f"{type(e).__name__}: {e}")
                 break
@@ -227,7 +231,7 @@ class EpisodeRunner:
             user_turn = s.user_turn
             closed = bool(ids) and ids[-1] == self._eot_id
             if parsed.answer is not None and s.user_turn < len(s.spec.followups):
-                s.answer = parsed.answer
+                # A reply to one user message (in `Turn.answer`); `Episode.answer` is the last.
                 if s.stop_reason is None:
                     observation = self._next_user_turn(s, closed)
                     if len(context) + len(ids) + len(observation) > b.max_context_tokens:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
+from turnrl.agent.policy import Policy
 from turnrl.agent.records import Episode
 from turnrl.agent.runner import EpisodeRunner, EpisodeSpec
 from turnrl.tasks.base import ItemTools, TaskItem, TaskSuite, grade_episode
@@ -24,10 +25,13 @@ def episode_specs(
     seed: int,
     tag: str | None = None,
     extra_tools: Sequence[AnyTool] = (),
+    policy_for: Callable[[TaskItem], Policy] | None = None,
 ) -> list[EpisodeSpec]:
     """One spec per rollout; the G rollouts of an item share a group id and differ in seed.
     Group ids are `{tag}/{item id}` with `tag` defaulting to `s{step}`. A suite with per-item
-    tools gets them in each spec, followed by `extra_tools` (the run's own)."""
+    tools gets them in each spec, followed by `extra_tools` (the run's own). `policy_for` gives
+    an item's episodes their own policy (the oracle's script for that item) instead of the
+    runner's."""
     specs = []
     examples = tuple(suite.few_shot())
     for i, item in enumerate(items):
@@ -48,6 +52,7 @@ def episode_specs(
                     tools=tools,
                     followups=item.followups,
                     hidden_tools=frozenset(item.hidden_tools),
+                    policy=None if policy_for is None else policy_for(item),
                 )
             )
     return specs
@@ -64,10 +69,11 @@ async def collect(
     on_episode: Callable[[Episode], None] | None = None,
     tag: str | None = None,
     extra_tools: Sequence[AnyTool] = (),
+    policy_for: Callable[[TaskItem], Policy] | None = None,
 ) -> list[Episode]:
     """Roll out every item `group_size` times and grade each episode (`extra_tools` as in
     `episode_specs`; for other suites the runner already holds them)."""
-    specs = episode_specs(suite, items, group_size, step, seed, tag, extra_tools)
+    specs = episode_specs(suite, items, group_size, step, seed, tag, extra_tools, policy_for)
     episodes = await runner.run_many(specs, concurrency, on_episode)
     by_id = {it.id: it for it in items}
     outcomes = await grade_all(suite, [(by_id[e.task_id], e) for e in episodes], concurrency)

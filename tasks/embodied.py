@@ -42,15 +42,8 @@ from typing import Any
 
 from turnrl.agent.records import Episode
 from turnrl.tasks.base import Split, TaskItem
-from turnrl.tasks.embodied_world import (
-    DEFAULT_COSTS,
-    Costs,
-    EmbodiedToolkit,
-    Knobs,
-    Thing,
-    World,
-    generate,
-)
+from turnrl.tasks.embodied_tools import DEFAULT_COSTS, Costs, EmbodiedToolkit, Generate
+from turnrl.tasks.embodied_world import Knobs, Thing, World, generate
 from turnrl.tools.base import AnyTool
 
 SPLIT_SHIFT = 32
@@ -196,6 +189,7 @@ class EmbodiedSearch:
         ambiguity: Knob = 1,
         hint_rate: float = 1.0,
         costs: Costs = DEFAULT_COSTS,
+        expert: Generate | None = None,
     ) -> None:
         """A knob given as a tuple is drawn per item. `hint_rate` below 1 adds ambiguous
         items that exploring cannot resolve (only asking can)."""
@@ -213,6 +207,8 @@ class EmbodiedSearch:
             "hint_rate": hint_rate,
         }
         self.costs = costs
+        self.expert = expert
+        """Another model answering `ask` (shown the target's facts) instead of the oracle."""
         self._splits: dict[Split, list[TaskItem]] = {
             "train": [make_item(seed, "train", i, knobs) for i in range(n_train)],
             "test": [make_item(seed, "test", i, knobs) for i in range(n_test)],
@@ -230,7 +226,7 @@ class EmbodiedSearch:
         return []
 
     def tools_for(self, item: TaskItem) -> Sequence[EmbodiedToolkit]:
-        return [EmbodiedToolkit(world_of(item), self.costs)]
+        return [EmbodiedToolkit(world_of(item), self.costs, self.expert)]
 
     def few_shot(self) -> Sequence[tuple[str, str]]:
         """None: a worked episode would show a route through a house the model never sees."""

@@ -392,7 +392,9 @@ def test_suite_protocols_and_metadata() -> None:
     s: TaskSuite = suite()
     assert isinstance(s, ItemTools) and isinstance(s, EpisodeGrader) and isinstance(s, Oracle)
     assert s.name == "bfcl_single" and s.system_prompt == SYSTEM_PROMPT
-    assert BfclSingle.license == importlib.metadata.metadata("bfcl-eval")["License"]
+    # The package says "Apache 2.0"; the suite gives the SPDX id, as every suite does.
+    assert importlib.metadata.metadata("bfcl-eval")["License"] == "Apache 2.0"
+    assert BfclSingle.license == "Apache-2.0"
     assert BfclSingle.source == f"bfcl-eval {importlib.metadata.version('bfcl-eval')} (BFCL v4)"
     assert s.tools() == [] and s.few_shot() == []
 

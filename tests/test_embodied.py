@@ -28,17 +28,8 @@ from turnrl.tasks.embodied import (
     oracle_turns,
     world_of,
 )
-from turnrl.tasks.embodied_world import (
-    ATTRIBUTES,
-    ROOMS,
-    START,
-    Costs,
-    EmbodiedSession,
-    EmbodiedToolkit,
-    Knobs,
-    World,
-    generate,
-)
+from turnrl.tasks.embodied_tools import Costs, EmbodiedSession, EmbodiedToolkit
+from turnrl.tasks.embodied_world import ATTRIBUTES, ROOMS, START, Knobs, World, generate
 from turnrl.tools.base import ToolError, Toolkit
 
 KNOB_GRID = [

@@ -354,11 +354,14 @@ def test_concurrency_limit_holds_under_100_concurrent_episodes() -> None:
 
 def test_rate_limit_holds_under_100_concurrent_episodes() -> None:
     probe = Probe(concurrency=None, rate=40.0)
+    t0 = time.monotonic()
     _many(probe, 100)
     starts = sorted(probe.starts)
     assert len(starts) == 100
-    # No window of one second ever holds more than 40 starts (a slower machine only lowers it).
-    assert max(sum(1 for t in starts[i:] if t - s < 1.0) for i, s in enumerate(starts)) <= 40
+    # At most 40 starts in any second: the 41st waits until a second after the first began,
+    # the 81st two seconds. (A start is recorded a little after its slot is taken, so only
+    # this direction is exact; a slower machine only makes it later.)
+    assert starts[40] - t0 >= 1.0 and starts[80] - t0 >= 2.0
 
 
 def test_dispatcher_limits_are_per_event_loop() -> None:

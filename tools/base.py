@@ -8,6 +8,7 @@ the cost vector. A tool only does its work and reports what it produced.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from collections.abc import Callable, Sequence
@@ -39,11 +40,9 @@ class CostModel(BaseModel):
         return out
 
 
-class ArgumentsObject(BaseModel):
-    """The `args_model` of a tool described by a JSON Schema (`ToolSpec.parameters`): any JSON
-    object; the schema does the validating."""
-
-    model_config = ConfigDict(extra="allow")
+class NoArgs(BaseModel):
+    # No docstring: pydantic would show it to the agent as the schema's description.
+    model_config = ConfigDict(extra="forbid")
 
 
 class ArgumentError(ValueError):
@@ -58,13 +57,13 @@ class ToolSpec:
     """Name the agent calls it by."""
     description: str
     """One or two sentences for the system prompt."""
-    args_model: type[BaseModel] = ArgumentsObject
-    """Pydantic model of the arguments; its JSON schema is what the agent sees, and the tool
-    receives an instance of it."""
+    args_model: type[BaseModel] = NoArgs
+    """Pydantic model of the arguments (none by default); its JSON schema is what the agent
+    sees, and the tool receives an instance of it."""
     parameters: dict[str, Any] | None = None
     """A JSON Schema for the arguments instead of a pydantic model (MCP servers, BFCL function
     docs): shown to the agent as is, enforced with `jsonschema`; the tool receives the arguments
-    as a plain dict."""
+    as a plain dict (a copy: what the policy wrote stays as recorded)."""
     cost: CostModel = field(default_factory=CostModel)
     """How a call is priced."""
     timeout_s: float = 30.0
@@ -74,22 +73,35 @@ class ToolSpec:
     concurrency: int | None = None
     """Calls of this tool in flight at once, across all episodes of a runner."""
     rate_per_s: float | None = None
-    """Calls started per second, across all episodes of a runner (a token bucket)."""
+    """Calls started per second, across all episodes of a runner: at most `ceil(rate)` starts
+    in any window of `ceil(rate) / rate` seconds (a sliding window; bursts up to `ceil(rate)`)."""
     max_argument_chars: int = 16_384
     """A call whose raw JSON is longer is refused before validation (the parser refuses any
     call over 16,384 characters; a tool may set a lower bound)."""
+    _validator: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.parameters is not None:
-            if self.args_model is not ArgumentsObject:
-                raise ValueError(f"tool {self.name!r}: give args_model or parameters, not both")
-            if self.parameters.get("type", "object") != "object":
-                raise ValueError(f"tool {self.name!r}: parameters must describe a JSON object")
-            try:  # a broken schema is the tool author's error: say so now, not per call
-                _validator(self.parameters)
-            except Exception as e:
-                why = getattr(e, "message", str(e))
-                raise ValueError(f"tool {self.name!r}: invalid parameters schema: {why}") from e
+        for name, value in (
+            ("timeout_s", self.timeout_s),
+            ("max_output_tokens", self.max_output_tokens),
+            ("concurrency", self.concurrency),
+            ("rate_per_s", self.rate_per_s),
+            ("max_argument_chars", self.max_argument_chars),
+        ):
+            if value is not None and value <= 0:
+                raise ValueError(f"tool {self.name!r}: {name} must be positive, got {value}")
+        if self.parameters is None:
+            return
+        if self.args_model is not NoArgs:
+            raise ValueError(f"tool {self.name!r}: give args_model or parameters, not both")
+        if self.parameters.get("type", "object") != "object":
+            raise ValueError(f"tool {self.name!r}: parameters must describe a JSON object")
+        try:  # a broken schema is the tool author's error: say so now, not per call
+            validator = _validator_for(json.dumps(self.parameters, sort_keys=True))
+        except Exception as e:
+            why = getattr(e, "message", str(e))
+            raise ValueError(f"tool {self.name!r}: invalid parameters schema: {why}") from e
+        object.__setattr__(self, "_validator", validator)
 
     def json_schema(self) -> dict[str, Any]:
         """The OpenAI-style function schema rendered into the system prompt."""
@@ -103,12 +115,13 @@ class ToolSpec:
         return {"name": self.name, "description": self.description, "parameters": params}
 
     def validate(self, arguments: dict[str, Any]) -> Any:
-        """The arguments as the tool receives them: an `args_model` instance, or the dict itself
-        when the spec has `parameters`. Raises `ArgumentError` naming every bad field."""
-        if self.parameters is not None:
-            errors = sorted(
-                _validator(self.parameters).iter_errors(arguments), key=lambda e: list(e.path)
-            )
+        """The arguments as the tool receives them: an `args_model` instance, or a copy of the
+        dict when the spec has `parameters`. Raises `ArgumentError` naming every bad field;
+        any other exception is a broken schema (the tool's fault, not the agent's)."""
+        # A copy: a tool that changes its arguments must not rewrite the stored call.
+        arguments = copy.deepcopy(arguments)
+        if self._validator is not None:
+            errors = sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.path))
             if errors:
                 raise ArgumentError("; ".join(_schema_error(e) for e in errors[:5]))
             return arguments
@@ -123,19 +136,15 @@ class ToolSpec:
 
 
 @functools.lru_cache(maxsize=4096)
-def _validator_cached(schema_json: str) -> Any:
+def _validator_for(schema_json: str) -> Any:
+    # Keyed by the schema's JSON: many tools share a schema (BFCL items repeat functions), and
+    # building a validator (meta-schema check included) costs milliseconds.
     import jsonschema
 
     schema = json.loads(schema_json)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     cls.check_schema(schema)
     return cls(schema)
-
-
-def _validator(schema: dict[str, Any]) -> Any:
-    # Keyed by the schema's JSON: specs are frozen but their dicts are not hashable, and
-    # building a validator (meta-schema check included) costs far more than a call.
-    return _validator_cached(json.dumps(schema, sort_keys=True))
 
 
 def _schema_error(e: Any) -> str:

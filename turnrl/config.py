@@ -164,6 +164,17 @@ class BfclSingleConfig(_Config):
     """Share of the items held out for test."""
 
 
+class AskConfig(_Config):
+    """Who answers `ask`: an oracle that knows the target's facts and answers only what was
+    asked, or another model shown the same facts (HILA's defer-to-expert)."""
+
+    answered_by: Literal["oracle", "model"] = "oracle"
+    model: EmbeddedModel | TinyModel | PathModel = Field(default_factory=EmbeddedModel)
+    """The expert model when `answered_by: model` (greedy)."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Length limit of an expert's answer."""
+
+
 class EmbodiedConfig(_Config):
     """Find and pick the object an ambiguous instruction means, in a generated house, by
     exploring (time) or asking (human attention)."""
@@ -181,6 +192,11 @@ class EmbodiedConfig(_Config):
     """Objects of the target's type besides the target."""
     ambiguity: int = Field(1, ge=0)
     """Attributes that tell the target apart left out of the instruction (0: unambiguous)."""
+    hint_rate: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of ambiguous instructions with a hint that exploring resolves (below 1, some
+    tasks can be solved only by asking)."""
+    ask: AskConfig = Field(default_factory=lambda: AskConfig())
+    """Who answers the agent's questions."""
 
 
 TaskConfig = Annotated[

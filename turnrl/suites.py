@@ -15,13 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from turnrl.agent.chat import ChatML
-from turnrl.agent.dispatch import ToolIndex
+from turnrl.agent.policy import Policy, SamplingParams
 from turnrl.agent.runner import UserTurn
-from turnrl.agent.scripted import Script
+from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.config import TaskConfig
 from turnrl.sandboxes.base import Sandbox
-from turnrl.tasks.base import Oracle, Split, TaskItem, TaskSuite, suite_tools
-from turnrl.tools.base import AnyTool, tool_specs
+from turnrl.tasks.base import Oracle, TaskItem, TaskSuite
+from turnrl.tasks.embodied_tools import Generate
+from turnrl.tools.base import tool_specs
 from turnrl.tools.python import PythonTool
 
 Encode = Callable[[str], Sequence[int]]
@@ -32,10 +33,16 @@ def needs_sandbox(cfg: TaskConfig) -> bool:
     return cfg.kind in ("humaneval", "gsm_symbolic")
 
 
-def build_suite(cfg: TaskConfig, encode: Encode | None, sandbox: Sandbox | None) -> TaskSuite:
+def build_suite(
+    cfg: TaskConfig,
+    encode: Encode | None,
+    sandbox: Sandbox | None,
+    expert: Generate | None = None,
+) -> TaskSuite:
     """The configured suite; `sandbox` is required when `needs_sandbox(cfg)` and the suite will
     run or grade code. Without `encode` (re-grading a stored run, listing) the suite's tools
-    that need a tokenizer are not built."""
+    that need a tokenizer are not built. `expert` answers the embodied suite's `ask` when its
+    config says `ask.answered_by: model`."""
     if cfg.kind == "search_qa":
         from turnrl.tasks.search_qa import SearchQA
 
@@ -67,6 +74,8 @@ def build_suite(cfg: TaskConfig, encode: Encode | None, sandbox: Sandbox | None)
             rooms=cfg.rooms,
             distractors=cfg.distractors,
             ambiguity=cfg.ambiguity,
+            hint_rate=cfg.hint_rate,
+            expert=expert if cfg.ask.answered_by == "model" else None,
         )
     if sandbox is None and encode is not None:
         raise ValueError(f"task {cfg.kind!r} runs code and needs a sandbox")
@@ -86,6 +95,19 @@ def build_suite(cfg: TaskConfig, encode: Encode | None, sandbox: Sandbox | None)
     from turnrl.tasks.math_python import MathPython
 
     return MathPython(seed=cfg.seed, n_train=cfg.n_train, n_test=cfg.n_test, python_tool=tool)
+
+
+def model_expert(policy: Policy, renderer: ChatML, max_tokens: int) -> Generate:
+    """A prompt-in, text-out function over a policy (greedy), for `ask`'s expert."""
+    eot = renderer.end_of_turn_id()
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=(eot,))
+
+    async def generate(prompt: str) -> str:
+        ids = renderer.initial("You answer questions briefly.", [], prompt)
+        completion = await policy.generate(ids, params)
+        return renderer.tokenizer.decode([t for t in completion.token_ids if t != eot])
+
+    return generate
 
 
 SUITE_KINDS: tuple[str, ...] = (
@@ -145,56 +167,39 @@ def oracle_turns(suite: TaskSuite, item: TaskItem) -> list[str]:
     return turns
 
 
-def oracle_script(
-    suite: TaskSuite,
-    renderer: ChatML,
-    end_of_turn: str,
-    split: Split = "test",
-    extra_tools: Sequence[AnyTool] = (),
-) -> Script:
-    """A `ScriptedPolicy` script for `split`: it recognises the item by the episode's initial
-    context (system message with the item's tools, examples, question: rendered here the way
-    the runner renders it), and in a conversation by the followups seen so far (items may share
-    a first request and part ways later), then plays the item's replies for the user message
-    being served, the k-th at its k-th turn. `extra_tools` (the run's own, opened after this
-    is built) are read at the first call."""
-    plans: dict[tuple[int, ...], list[_Plan]] = {}
+def oracle_policies(
+    suite: TaskSuite, renderer: ChatML, end_of_turn: str
+) -> Callable[[TaskItem], ScriptedPolicy]:
+    """For each item, a `ScriptedPolicy` that plays the item's gold replies (given to the
+    item's episodes as their own policy: two items can look the same to a policy, e.g. BFCL's
+    long-context twin of a scenario, whose initial state differs but is never shown). In a
+    conversation it follows the followups seen so far and plays the replies for the user
+    message being served, the k-th at its k-th turn."""
     tokenizer = renderer.tokenizer
     header = tokenizer.decode([renderer.start_id, *tokenizer.encode("assistant\n")])
+    made: dict[str, ScriptedPolicy] = {}
 
-    def build() -> None:
-        examples = tuple(suite.few_shot())
-        for item in suite.items(split):
-            tools = ToolIndex([*suite_tools(suite, item), *extra_tools])
-            schemas = tools.schemas(set(item.hidden_tools))
-            ids = renderer.initial(suite.system_prompt, schemas, item.question, examples)
-            if isinstance(suite, Oracle):
-                turns = suite.oracle_turns(item)
-            else:
-                turns = oracle_turns(suite, item)
-            plans.setdefault(tuple(ids), []).append(_Plan(item.followups, _segments(turns)))
+    def policy_for(item: TaskItem) -> ScriptedPolicy:
+        policy = made.get(item.id)
+        if policy is not None:
+            return policy
+        turns = suite.oracle_turns(item) if isinstance(suite, Oracle) else oracle_turns(suite, item)
+        plan = _Plan(item.followups, _segments(turns))
 
-    def script(context: Sequence[int]) -> str:
-        if not plans:
-            build()
-        for n in sorted({len(k) for k in plans}, reverse=True):
-            candidates = plans.get(tuple(context[:n]))
-            if candidates is None:
-                continue
-            rest = tokenizer.decode(list(context[n:]))
-            best, best_u, best_at = candidates[0], 0, 0
-            for plan in candidates:
-                u, at = plan.served(rest)
-                if u > best_u:
-                    best, best_u, best_at = plan, u, at
-            segment = best.segments[min(best_u, len(best.segments) - 1)]
-            # Replies so far to this message: the assistant headers after it (the first one
-            # after a followup opens the reply now being sampled).
-            k = rest.count(header, best_at) - (1 if best_u else 0)
+        def script(context: Sequence[int]) -> str:
+            text = tokenizer.decode(list(context))
+            rest = text[text.find(item.question) + len(item.question) :]
+            u, at = plan.served(rest)
+            segment = plan.segments[min(u, len(plan.segments) - 1)]
+            # Replies so far to this message: the assistant headers after it, less the last
+            # one, which opens the reply being sampled now.
+            k = rest.count(header, at) - 1
             return segment[min(max(k, 0), len(segment) - 1)] + end_of_turn
-        return f"I cannot tell which item this is.{end_of_turn}"
 
-    return script
+        policy = made[item.id] = ScriptedPolicy(script, tokenizer)
+        return policy
+
+    return policy_for
 
 
 @dataclass(frozen=True)

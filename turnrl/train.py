@@ -35,7 +35,7 @@ from turnrl.agent.model import (
     tiny_model_dir,
     tokenizer_dir,
 )
-from turnrl.agent.policy import SamplingParams
+from turnrl.agent.policy import Policy, SamplingParams
 from turnrl.agent.records import Episode
 from turnrl.agent.runner import EpisodeRunner
 from turnrl.agent.scripted import ScriptedPolicy
@@ -50,8 +50,9 @@ from turnrl.rl.scoring import score, turn_scalar_rewards
 from turnrl.rl.value_head import with_values
 from turnrl.sandboxes.base import Sandbox
 from turnrl.sandboxes.config import open_sandbox
-from turnrl.suites import build_suite, needs_sandbox, oracle_script
+from turnrl.suites import build_suite, model_expert, needs_sandbox, oracle_policies
 from turnrl.tasks.base import TaskItem, TaskSuite
+from turnrl.tasks.embodied_tools import Generate
 from turnrl.tools.base import AnyTool
 from turnrl.tools.mcp import McpToolkit
 from turnrl.tools.web import WebFetch
@@ -106,6 +107,8 @@ class Session:
 
     extra_tools: list[AnyTool] = field(default_factory=list)
     """The configured tools offered besides the suite's (`RunConfig.tools`), once opened."""
+    policy_for: Callable[[TaskItem], Policy] | None = None
+    """Each item's own policy (the oracle's script), instead of `policy`."""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def open_tools(self) -> None:
@@ -164,15 +167,18 @@ def open_session(
     tokenizer = load_tokenizer(path)
     renderer = ChatML(HFTokenizer(tokenizer))
     sandbox = open_sandbox(config.sandbox) if needs_sandbox(config.task) else None
-    suite = build_suite(config.task, renderer.tokenizer.encode, sandbox)
+    expert = _expert(config, console)
+    suite = build_suite(
+        config.task, renderer.tokenizer.encode, sandbox, expert[1] if expert else None
+    )
     suite.tools()  # opens (or builds, once) the search index before the event loop starts
     learner = None
     policy: HFPolicy | ScriptedPolicy
     if config.model.kind == "oracle":
         eot = str(tokenizer.convert_ids_to_tokens(renderer.end_of_turn_id()))
-        extra_tools: list[AnyTool] = []
-        script = oracle_script(suite, renderer, eot, extra_tools=extra_tools)
-        policy = ScriptedPolicy(script, renderer.tokenizer)
+        oracle = oracle_policies(suite, renderer, eot)
+        # The runner's own policy never speaks: every episode gets its item's script.
+        policy = ScriptedPolicy(lambda _: f"(no item){eot}", renderer.tokenizer)
     else:
         model = load_model(path)
         learner = Learner(model, config.learner) if train else None
@@ -191,12 +197,28 @@ def open_session(
             config, tokenizer, store, policy, renderer, suite, learner, console, sandbox
         )
         if config.model.kind == "oracle":
-            session.extra_tools = extra_tools  # the oracle reads them once they are open
+            session.policy_for = oracle
         yield session
     finally:
         if isinstance(policy, HFPolicy):
             policy.close()
+        if expert is not None:
+            expert[0].close()
         store.close()
+
+
+def _expert(config: RunConfig, console: Console) -> tuple[HFPolicy, Generate] | None:
+    """The model that answers `ask` when the task says `ask.answered_by: model` (its policy,
+    to close, and its prompt-to-answer function)."""
+    ask = getattr(config.task, "ask", None)
+    if ask is None or ask.answered_by != "model":
+        return None
+    path = model_dir(ask.model)
+    console.print(f"[bold]expert[/] {path.name} answers `ask`")
+    tokenizer = load_tokenizer(path)
+    renderer = ChatML(HFTokenizer(tokenizer))
+    policy = HFPolicy(load_model(path), tokenizer, max_batch_size=8)
+    return policy, model_expert(policy, renderer, ask.max_new_tokens)
 
 
 def _progress(console: Console) -> Progress:
@@ -232,6 +254,7 @@ async def _rollouts(
             on_episode=lambda _: progress.advance(bar),
             tag=tag,
             extra_tools=s.extra_tools,
+            policy_for=s.policy_for,
         )
 
 

@@ -150,19 +150,22 @@ def main() -> None:
     for k in tools:
         print(f"dispatch[{k}] {per_call[k] * 1e6:.2f} us/call, overhead {over[k]:.2f} us")
     print(f"bfcl simulators: {n_bfcl} calls in {bfcl_s:.2f} s = {n_bfcl / bfcl_s:.0f} calls/s")
-    value = over["limited"]
+    value = max(over["limited"], over["schema"])
     print(
         json.dumps(
             {
                 "bench": "tools",
                 "value": round(value, 1),
                 "unit": "us/call dispatch overhead",
-                "ratio": round(per_call["limited"] / per_call["direct"], 1),
+                "ratio": round(
+                    max(per_call["limited"], per_call["schema"]) / per_call["direct"], 1
+                ),
                 "ratio_of": "dispatch/direct-call",
                 "schema_tool_overhead_us": round(over["schema"], 1),
                 "unlimited_tool_overhead_us": round(over["plain"], 1),
                 "bfcl_calls_per_s": round(n_bfcl / bfcl_s),
-                "target": "<= 50 us/call",
+                "limited_tool_overhead_us": round(over["limited"], 1),
+                "target": "<= 50 us/call (the slower of the pydantic and JSON-Schema tools)",
                 "ok": value <= 50,
             }
         )

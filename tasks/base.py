@@ -49,6 +49,16 @@ class TaskSuite(Protocol):
     def name(self) -> str: ...
 
     @property
+    def source(self) -> str:
+        """Where the items come from: a package and its version, or "generated"."""
+        ...
+
+    @property
+    def license(self) -> str:
+        """The license of the items (an SPDX id where there is one)."""
+        ...
+
+    @property
     def system_prompt(self) -> str:
         """Instructions placed before the tool schemas in the system message."""
         ...

@@ -53,7 +53,7 @@ from typing import Any
 from turnrl.agent.records import Episode
 from turnrl.agent.runner import UserTurn
 from turnrl.tasks.base import Split, TaskItem
-from turnrl.tools.base import AnyTool
+from turnrl.tools.base import AnyTool, CostModel
 from turnrl.tools.bfcl import BfclToolkit, execute, new_instances, owners, parse_call
 
 CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
@@ -282,9 +282,11 @@ class BfclMultiTurn:
         categories: Sequence[str] = CATEGORIES,
         seed: int = 0,
         n_test: int | None = None,
+        cost: CostModel | None = None,
     ) -> None:
         """`n_test`: scenarios held out for test (each with its entry of every category);
-        None for 50, a quarter of all."""
+        None for 50, a quarter of all. `cost` prices one simulator call (default one call)."""
+        self.cost = cost
         unknown = [c for c in categories if c not in CATEGORIES]
         if unknown or not categories:
             raise ValueError(f"bfcl_multi_turn: categories must be among {CATEGORIES}")
@@ -321,7 +323,9 @@ class BfclMultiTurn:
     def tools_for(self, item: TaskItem) -> Sequence[AnyTool]:
         """Simulators of the item's classes, loaded with its initial config at each session."""
         e = entry(item.id)
-        return [BfclToolkit(e.classes, e.initial_config, e.long_context, item.hidden_tools)]
+        return [
+            BfclToolkit(e.classes, e.initial_config, e.long_context, item.hidden_tools, self.cost)
+        ]
 
     def few_shot(self) -> Sequence[tuple[str, str]]:
         return []

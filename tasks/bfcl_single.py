@@ -86,10 +86,10 @@ You are given functions you can call. Read the request, then in ONE reply call t
 functions that carry it out, with the right arguments: one <tool_call> per call, several when \
 the request needs several, e.g. \
 <tool_call>{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}</tool_call>. \
-The calls are checked, not executed: each only returns an acknowledgement. Write only the calls \
-in that reply (an answer in the same reply cancels them); once the acknowledgements come back, \
-reply <answer>{DONE_ANSWER}</answer>. If none of the functions fits the request, or the request lacks \
-values a function requires, call nothing and answer at once, e.g. \
+The calls are checked, not executed: each only returns an acknowledgement. Write only the \
+calls in that reply (an answer in the same reply cancels them); once the acknowledgements come \
+back, reply <answer>{DONE_ANSWER}</answer>. If none of the functions fits the request, or the \
+request lacks values a function requires, call nothing and answer at once, e.g. \
 <answer>{NO_CALL_ANSWER}</answer>."""
 
 

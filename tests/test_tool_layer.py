@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Annotated, Any, ClassVar, Literal
 
 import pytest
@@ -432,8 +433,6 @@ def test_a_branch_inside_a_conversation_resumes_at_its_user_turn() -> None:
     ep, _ = run(
         ["<answer>a</answer>", call("weather", city="P"), "<answer>b</answer>"], [weather], spec
     )
-    from dataclasses import replace
-
     branch = replace(spec, episode_id="b", prefix=tuple(ep.turns[:2]))
     again, _ = run(
         [call("weather", city="Q"), "<answer>b2</answer>", "<answer>c</answer>"], [weather], branch
@@ -441,3 +440,71 @@ def test_a_branch_inside_a_conversation_resumes_at_its_user_turn() -> None:
     assert again.stop_reason == StopReason.ANSWERED and again.answer == "c"
     assert [t.user_turn for t in again.turns] == [0, 1, 1, 1, 2]
     assert again.turns[2].tool_results[0].error is None  # still revealed after the restore
+
+
+# ---- records stay what the policy wrote; bad tool definitions stay inside the episode ----
+
+
+class Mutator:
+    """A JSON-Schema tool that changes the arguments it is given."""
+
+    spec = ToolSpec(
+        name="mutate",
+        description="Pops its argument.",
+        parameters={"type": "object", "properties": {"a": {"type": "array"}}},
+    )
+
+    async def __call__(self, args: dict[str, Any]) -> ToolOutput:
+        args.pop("a")[0]["x"] = 99
+        return ToolOutput(text="done")
+
+
+def test_a_tool_that_changes_its_arguments_cannot_rewrite_the_stored_call() -> None:
+    ep, _ = run([call("mutate", a=[{"x": 1}])], [Mutator()])
+    stored = ep.turns[0].tool_calls[0]
+    assert ep.turns[0].tool_results[0].text == "done"
+    assert stored.arguments == {"a": [{"x": 1}]}
+
+
+def test_a_schema_that_cannot_be_checked_is_a_tool_error_observation() -> None:
+    broken = FunctionTool(
+        weather.fn,
+        ToolSpec(
+            name="broken",
+            description="Its schema points at nothing.",
+            parameters={"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},
+        ),
+    )
+    ep, _ = run([call("broken", a=1), call("weather", city="Rome")], [broken, weather])
+    assert ep.stop_reason == StopReason.ANSWERED
+    first = ep.turns[0].tool_results[0]
+    assert first.error == "tool_error" and "could not check its arguments" in first.text
+    assert ep.turns[1].tool_results[0].error is None
+
+
+def test_two_tools_with_one_name_in_an_episode_end_that_episode_only() -> None:
+    policy = ScriptedPolicy(lambda ctx: "<answer>x</answer>" + END, TOK)
+    runner = EpisodeRunner(policy, ChatML(TOK), [weather], Budget(), SamplingParams())
+    specs = [
+        EpisodeSpec("bad", "g", "t", "Hi.", "Q?", tools=(weather, weather)),
+        EpisodeSpec("good", "g", "t", "Hi.", "Q?"),
+    ]
+    bad, good = asyncio.run(runner.run_many(specs, concurrency=2))
+    assert bad.stop_reason == StopReason.ERROR and "two tools are named 'weather'" in (
+        bad.error or ""
+    )
+    assert good.stop_reason == StopReason.ANSWERED
+
+
+def test_a_graph_branches_after_an_answer_that_has_a_followup() -> None:
+    from turnrl.agent.graph import TrajectoryGraph
+
+    spec = EpisodeSpec("e", "g", "t", "Help.", "First", followups=(UserTurn("Second"),))
+    ep, _ = run(["<answer>a</answer>", "<answer>b</answer>"], [weather], spec)
+    graph = TrajectoryGraph.build([ep])
+    key = ep.turns[0].state_key
+    assert key is not None
+    branch = graph.branch_spec(key, replace(spec, episode_id="b"))
+    again, _ = run(["<answer>b2</answer>"], [weather], branch)
+    assert again.stop_reason == StopReason.ANSWERED and again.answer == "b2"
+    assert [t.user_turn for t in again.turns] == [0, 1]

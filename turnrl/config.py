@@ -26,6 +26,7 @@ from turnrl.rl.learner import LearnerConfig
 from turnrl.rl.rewards import RewardConfig
 from turnrl.sandboxes.base import Limits
 from turnrl.sandboxes.config import AutoConfig, SandboxConfig
+from turnrl.tools.base import CostModel
 from turnrl.tools.mcp import McpServerConfig
 from turnrl.tools.web import WebFetchConfig
 
@@ -148,6 +149,8 @@ class BfclMultiTurnConfig(_Config):
     """Seed of the train/test split (by scenario, so no scenario is in both)."""
     n_test: int | None = Field(None, ge=0)
     """Scenarios held out for test (default a quarter)."""
+    cost: CostModel = Field(default_factory=CostModel)
+    """Price of one simulator call (default: one `calls`)."""
 
 
 class BfclSingleConfig(_Config):
@@ -162,6 +165,22 @@ class BfclSingleConfig(_Config):
     together)."""
     test_fraction: float = Field(0.5, ge=0.0, le=1.0)
     """Share of the items held out for test."""
+
+
+class EmbodiedCosts(_Config):
+    """Simulated prices of the embodied suite's actions: seconds of robot time, units of a
+    person's attention (they are the cost vector, not the Python call's wall time)."""
+
+    move_s: float = Field(10.0, ge=0)
+    look_s: float = Field(4.0, ge=0)
+    pick_s: float = Field(2.0, ge=0)
+    memory_s: float = Field(0.0, ge=0)
+    ask_attention: float = Field(1.0, ge=0)
+    """`human_attention` of one question."""
+    ask_per_word: float = Field(0.0, ge=0)
+    """Extra `human_attention` per word of a question."""
+    max_questions: int | None = Field(None, ge=0)
+    """Questions allowed per episode (null: no limit)."""
 
 
 class AskConfig(_Config):
@@ -197,6 +216,8 @@ class EmbodiedConfig(_Config):
     tasks can be solved only by asking)."""
     ask: AskConfig = Field(default_factory=lambda: AskConfig())
     """Who answers the agent's questions."""
+    costs: EmbodiedCosts = Field(default_factory=lambda: EmbodiedCosts())
+    """Simulated prices of the actions."""
 
 
 TaskConfig = Annotated[

@@ -128,7 +128,11 @@ def replay(
         rewards = rewards.model_copy(update={"outcome_metric": outcome_metric})
     if reward_weights is not None:
         rewards = RewardConfig.model_validate({**rewards.model_dump(), "weights": reward_weights})
-    config = config.model_copy(update={"train": train_cfg, "rewards": rewards})
+    # Validated again as a whole: the new settings must pass the run config's cross-checks
+    # (an answer-text reward on a suite without gold answers, a value estimator without a head).
+    config = RunConfig.model_validate(
+        {**config.model_dump(), "train": train_cfg.model_dump(), "rewards": rewards.model_dump()}
+    )
     outcomes, items = asyncio.run(_regrade(config, episodes))
     regraded_by_id = {e.episode_id: o for e, o in zip(episodes, outcomes, strict=True)}
     episodes = _measure(config, episodes, items, checkpoint)

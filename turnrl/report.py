@@ -18,6 +18,9 @@ from rich.table import Table
 
 from turnrl.agent.records import Episode
 
+MAX_TOOL_KEYS = 24
+"""Per-tool call counts are reported only when the episodes called at most this many names."""
+
 
 def summarize(episodes: Sequence[Episode]) -> dict[str, float]:
     """Success, answer quality, tool use and its productivity, cost per cost kind (per episode
@@ -45,8 +48,9 @@ def summarize(episodes: Sequence[Episode]) -> dict[str, float]:
     for key in sorted({k for e in episodes for k in e.outcome} - {"correct"} - set(out)):
         out[key] = fmean(e.outcome.get(key, 0.0) for e in episodes)
     by_tool = Counter(c.name or "?" for e in episodes for t in e.turns for c in t.tool_calls)
-    for name, count in sorted(by_tool.items()):
-        out[f"tool_calls/{name}"] = count / len(episodes)
+    if len(by_tool) <= MAX_TOOL_KEYS:  # BFCL offers thousands of functions: no row per name
+        for name, count in sorted(by_tool.items()):
+            out[f"tool_calls/{name}"] = count / len(episodes)
     for kind in sorted({k for e in episodes for k in e.cost}):
         total = sum(e.cost.get(kind, 0.0) for e in episodes)
         out[f"cost/{kind}"] = total / len(episodes)
@@ -98,9 +102,15 @@ def before_after_table(before: dict[str, float], after: dict[str, float]) -> Tab
     table.add_column("after", justify="right")
     table.add_column("change", justify="right")
     for key in sorted(set(before) | set(after), key=_order):
-        b, a = before.get(key, 0.0), after.get(key, 0.0)
-        table.add_row(key, f"{b:.3f}", f"{a:.3f}", f"{a - b:+.3f}")
+        b, a = before.get(key), after.get(key)
+        change = "—" if a is None or b is None else f"{a - b:+.3f}"
+        table.add_row(key, _cell(b), _cell(a), change)
     return table
+
+
+def _cell(value: float | None) -> str:
+    # Absent (e.g. cost per success when nothing succeeded) is not zero.
+    return "—" if value is None else f"{value:.3f}"
 
 
 def curves_table(rows: Sequence[dict[str, float]], columns: Mapping[str, str]) -> Table:

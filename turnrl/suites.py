@@ -21,7 +21,7 @@ from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.config import TaskConfig
 from turnrl.sandboxes.base import Sandbox
 from turnrl.tasks.base import Oracle, TaskItem, TaskSuite
-from turnrl.tasks.embodied_tools import Generate
+from turnrl.tasks.embodied_tools import Costs, Generate
 from turnrl.tools.base import tool_specs
 from turnrl.tools.python import PythonTool
 
@@ -57,7 +57,9 @@ def build_suite(
     if cfg.kind == "bfcl_multi_turn":
         from turnrl.tasks.bfcl_multi import BfclMultiTurn
 
-        return BfclMultiTurn(categories=tuple(cfg.categories), seed=cfg.seed, n_test=cfg.n_test)
+        return BfclMultiTurn(
+            categories=tuple(cfg.categories), seed=cfg.seed, n_test=cfg.n_test, cost=cfg.cost
+        )
     if cfg.kind == "bfcl_single":
         from turnrl.tasks.bfcl_single import BfclSingle
 
@@ -75,6 +77,7 @@ def build_suite(
             distractors=cfg.distractors,
             ambiguity=cfg.ambiguity,
             hint_rate=cfg.hint_rate,
+            costs=Costs(**cfg.costs.model_dump()),
             expert=expert if cfg.ask.answered_by == "model" else None,
         )
     if sandbox is None and encode is not None:
@@ -134,8 +137,8 @@ def describe_suites() -> list[dict[str, object]]:
             {
                 "kind": kind,
                 "name": suite.name,
-                "source": getattr(suite, "source", "?"),
-                "license": getattr(suite, "license", "?"),
+                "source": suite.source,
+                "license": suite.license,
                 "train": len(suite.items("train")),
                 "test": len(suite.items("test")),
                 "description": " ".join((type(cfg).__doc__ or "").split("\n\n")[0].split()),

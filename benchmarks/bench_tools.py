@@ -151,6 +151,7 @@ def main() -> None:
         print(f"dispatch[{k}] {per_call[k] * 1e6:.2f} us/call, overhead {over[k]:.2f} us")
     print(f"bfcl simulators: {n_bfcl} calls in {bfcl_s:.2f} s = {n_bfcl / bfcl_s:.0f} calls/s")
     value = max(over["limited"], over["schema"])
+    slower = max(per_call["limited"], per_call["schema"])
     print(
         json.dumps(
             {

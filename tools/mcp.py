@@ -11,24 +11,23 @@ be: calls from many episodes go through it concurrently. Whatever state the serv
 counter, a file, a session) is the server's business; episodes see each other's effects unless
 the server separates them.
 
-Lifecycle. The SDK runs each transport in anyio task groups whose cancel scopes must be left by
-the task that entered them, and a transport that fails (an HTTP server gone) cancels the task
-that holds it. So one dedicated asyncio task owns the SDK client from connect to close, and
-episodes only send requests through it: a crash ends that task, never an episode, and opening
-and closing from any task of the loop is safe. Connect and close in the loop that runs the
-episodes.
+Lifecycle (`turnrl.tools.mcp_connection`). One dedicated asyncio task owns each SDK client
+from connect to close; episodes only send requests through it, so a transport's crash ends that
+task, never an episode. Connect and close in the loop that runs the episodes, from any task.
 
 Failures. A call answered with `isError` raises `ToolError` with the server's text; a call
 longer than `timeout_s` raises `TimeoutError` (the SDK then tells the server to cancel it); a
 protocol error raises `ToolError` naming the code. A dead server (process killed, connection
 refused) fails the calls in flight with `ToolError("... connection lost ...")`, never a hang,
 and so does an HTTP server that restarted and forgot the session. Reconnecting (`reconnect`):
-the call after such a failure, or any call once the transport saw the server go (a stdio
-server's exit is seen at once; an HTTP server's only by the next request), opens a new
-connection (a new process for stdio, a new session for HTTP) and goes on. A failed reconnect is
-that call's error, and calls within `reconnect_backoff_s` after it fail at once with it rather
-than each starting a process. A call is never resent: it may have had effects. The tool list
-is the one read at `connect()`; a reconnect does not change what the agent was shown.
+the call after such a failure, or any call once the transport saw the server go, opens a new
+connection (a new process for stdio, a new session for HTTP) and goes on. A stdio server's exit
+is seen when its output closes, a moment after the process ends (`connected` turns False); an
+HTTP server's only by the next request. A call sent before then fails as a call in flight does:
+the toolkit cannot tell whether the server read it. A failed reconnect is that call's error,
+and calls within `reconnect_backoff_s` after it fail at once with it rather than each starting
+a process. A call is never resent: it may have had effects. The tool list is the one read at
+`connect()`; a reconnect does not change what the agent was shown.
 
 Observations: text blocks joined by newlines; images, audio and binary resources summarised as
 `[image/png, 1032 bytes]` (never their bytes); text resources as their text; resource links as
@@ -44,96 +43,30 @@ import contextlib
 import fnmatch
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from turnrl.tools.base import CostModel, ToolError, ToolOutput, ToolSpec
+from turnrl.tools.base import ToolError, ToolOutput, ToolSpec
+from turnrl.tools.mcp_config import McpHttpConfig, McpServerConfig, McpStdioConfig, default_label
+from turnrl.tools.mcp_connection import Connection, McpConnectError, OpenFailed
 
 if TYPE_CHECKING:
     # The SDK takes half a second to import: it is imported where a connection opens, so
     # that configs load and validate without it.
     import mcp
     import mcp.types as mt
-    from mcp.client import Transport
-    from mcp.client._transport import ReadStream, TransportStreams
 
-
-class _ServerConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    label: str | None = None
-    """Name of the server in error messages (default: the command or URL)."""
-    timeout_s: float = Field(30.0, gt=0)
-    """Wall-clock limit of one tool call."""
-    connect_timeout_s: float = Field(30.0, gt=0)
-    """Wall-clock limit of connecting and listing the tools."""
-    cost: CostModel = Field(default_factory=CostModel)
-    """How a call of any of the server's tools is priced."""
-    tool_costs: dict[str, CostModel] = Field(default_factory=dict)
-    """Prices of single tools (by the server's name for them), replacing `cost`."""
-    include: tuple[str, ...] | None = None
-    """Tools to offer (names or `fnmatch` patterns of the server's names); None offers all.
-    A pattern that matches no tool is an error."""
-    exclude: tuple[str, ...] = ()
-    """Tools not to offer (names or patterns), applied after `include`."""
-    name_prefix: str = ""
-    """Prepended to every tool name the agent sees (e.g. `github_`), so that servers with
-    tools of the same name can be used together."""
-    max_output_tokens: int | None = Field(None, ge=1)
-    """The runner cuts longer observations (head and tail kept)."""
-    concurrency: int | None = Field(None, ge=1)
-    """Calls of each tool in flight at once (enforced by the runner, per tool)."""
-    rate_per_s: float | None = Field(None, gt=0)
-    """Calls of each tool started per second (enforced by the runner, per tool)."""
-    protocol: Literal["auto", "legacy"] = "auto"
-    """`auto` asks the server for the newest protocol (2026-07-28, stateless) and falls back to
-    the initialize handshake of older servers; `legacy` goes straight to the handshake (for a
-    server that mishandles the probe)."""
-    reconnect: bool = True
-    """Whether a call that finds the connection dead reconnects (module docstring)."""
-    reconnect_backoff_s: float = Field(5.0, ge=0)
-    """After a failed reconnect, calls fail at once for this long instead of trying again."""
-
-
-class McpStdioConfig(_ServerConfig):
-    """A server run as a child process, speaking MCP over its stdin and stdout."""
-
-    transport: Literal["stdio"] = "stdio"
-    command: str
-    """Executable to run."""
-    args: tuple[str, ...] = ()
-    """Its arguments."""
-    env: dict[str, str] = Field(default_factory=dict)
-    """Extra environment variables. The child sees only these and a safe few of ours (HOME,
-    PATH, USER, ...): secrets in our environment are not passed on unless named here."""
-    cwd: str | None = None
-    """Working directory of the child (default: ours)."""
-
-
-class McpHttpConfig(_ServerConfig):
-    """A server reached over MCP's streamable HTTP transport."""
-
-    transport: Literal["http"] = "http"
-    url: str
-    """The MCP endpoint, e.g. `http://127.0.0.1:8000/mcp`."""
-    headers: dict[str, str] = Field(default_factory=dict)
-    """Sent with every request (e.g. `Authorization`)."""
-
-
-McpServerConfig = Annotated[McpStdioConfig | McpHttpConfig, Field(discriminator="transport")]
-"""One MCP server: `transport: stdio` or `transport: http`."""
-
-
-class McpConnectError(RuntimeError):
-    """The server could not be started, reached, or listed; or its tools do not fit the
-    config. For a person to fix, not the agent."""
-
-
-class _OpenFailed(Exception):
-    """Why a connection could not be opened (the toolkit says which server)."""
+__all__ = [
+    "McpConnectError",
+    "McpHttpConfig",
+    "McpServerConfig",
+    "McpStdioConfig",
+    "McpTool",
+    "McpToolkit",
+    "mcp_tools",
+    "render_result",
+]
 
 
 class McpTool:
@@ -159,13 +92,13 @@ class McpToolkit:
 
     def __init__(self, config: McpStdioConfig | McpHttpConfig) -> None:
         self.config = config
-        self.label = repr(config.label or _default_label(config))
+        self.label = repr(config.label or default_label(config))
         """How errors name the server."""
-        self._conn: _Connection | None = None
+        self._conn: Connection | None = None
         self._tools: list[McpTool] | None = None
         self._connect_lock = asyncio.Lock()
         self._last_failure: tuple[float, str] | None = None
-        self._reconnecting: asyncio.Task[_Connection] | None = None
+        self._reconnecting: asyncio.Task[Connection] | None = None
         self._closed = False
 
     @property
@@ -174,6 +107,13 @@ class McpToolkit:
         if self._tools is None:
             raise RuntimeError(f"MCP server {self.label}: connect() before asking for its tools")
         return list(self._tools)
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is up as far as the toolkit knows: from `connect()` or a
+        reconnect until the toolkit learns that the server went (module docstring), or
+        `aclose()`. What the next call finds: False means it reconnects (or fails)."""
+        return self._conn is not None and self._conn.client is not None
 
     async def connect(self) -> None:
         """Start or reach the server and list its tools. Raises `McpConnectError`; a connect
@@ -184,7 +124,7 @@ class McpToolkit:
             self._closed, self._last_failure = False, None
             try:
                 conn = await self._open()
-            except _OpenFailed as e:
+            except OpenFailed as e:
                 raise McpConnectError(f"MCP server {self.label}: {e}") from None
             try:
                 if self._closed:
@@ -244,7 +184,7 @@ class McpToolkit:
             raise ToolError(text)
         return ToolOutput(text=text)
 
-    async def _live(self) -> _Connection:
+    async def _live(self) -> Connection:
         """The open connection, reconnecting when it died (module docstring)."""
         conn = self._conn
         if conn is not None and conn.client is not None:
@@ -266,13 +206,13 @@ class McpToolkit:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return await asyncio.shield(task)
 
-    async def _reconnect(self) -> _Connection:
+    async def _reconnect(self) -> Connection:
         old, self._conn = self._conn, None
         if old is not None:
             await old.close()
         try:
             conn = await self._open()
-        except _OpenFailed as e:
+        except OpenFailed as e:
             why = f"MCP server {self.label}: connection lost, reconnecting failed: {e}"
             self._last_failure = (time.monotonic(), why)
             raise ToolError(why) from None
@@ -283,8 +223,8 @@ class McpToolkit:
         self._conn = conn
         return conn
 
-    async def _open(self) -> _Connection:
-        conn = _Connection(self.config, self.label)
+    async def _open(self) -> Connection:
+        conn = Connection(self.config, self.label)
         await conn.open()
         return conn
 
@@ -353,188 +293,6 @@ async def mcp_tools(
         yield tools
 
 
-_LOST_WAIT_S = 5.0
-"""How long a call that lost its connection waits for the transport to wind down, to report
-why it ended (the SDK bounds a stdio server's shutdown to a few seconds)."""
-
-
-class _Connection:
-    """One SDK client, entered and left by its own task (module docstring)."""
-
-    def __init__(self, config: McpStdioConfig | McpHttpConfig, label: str) -> None:
-        self.config = config
-        self.label = label
-        self.client: mcp.Client | None = None
-        """The SDK client while the connection is up; None before and after."""
-        self.listed: list[mt.Tool] = []
-        """The server's tools (`mcp.types.Tool`), every page."""
-        self.error: BaseException | None = None
-        """Why the connection ended, when it did not end by `close()`."""
-        self._ready = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def open(self) -> None:
-        """Start the owner task and wait until the tools are listed. Raises `_OpenFailed`."""
-        self._task = asyncio.create_task(self._own(), name=f"mcp server {self.label}")
-        try:
-            async with asyncio.timeout(self.config.connect_timeout_s):
-                await self._ready.wait()
-        except TimeoutError:
-            await self.close()
-            raise _OpenFailed(f"no answer within {self.config.connect_timeout_s:g} s") from None
-        except BaseException:
-            await self.close()
-            raise
-        if self.client is None:
-            await self.close()
-            raise _OpenFailed(self.describe_end())
-
-    async def close(self) -> None:
-        """Leave the client in its owner task and wait for it. Idempotent; raises nothing but
-        the caller's own cancellation."""
-        self._stop.set()
-        task = self._task
-        if task is None:
-            return
-        if not self._ready.is_set():
-            task.cancel()  # stuck in the handshake: nothing to leave gracefully
-        # `wait`, not `await task`: a cancelled caller must not cancel the server's shutdown
-        # half way, and the task's own end is no error of the caller's.
-        await asyncio.wait({task})
-
-    async def lost(self) -> str:
-        """After a call saw the connection close: leave the client (a stdio transport stays
-        entered when its process dies) and say why it ended."""
-        self.client = None
-        self._stop.set()
-        if self._task is not None:
-            await asyncio.wait({self._task}, timeout=_LOST_WAIT_S)
-        return self.describe_end()
-
-    def describe_end(self) -> str:
-        if self.error is None:
-            return "the server closed the connection (did it exit?)"
-        return _describe(self.error)
-
-    def _ended(self) -> None:
-        """The server closed the stream (a stdio server exited): new calls reconnect at once,
-        and the owner task leaves the client, reaping the process."""
-        self.client = None
-        self._stop.set()
-
-    async def _own(self) -> None:
-        try:
-            async with AsyncExitStack() as stack:
-                client = await _enter_client(stack, self.config, self._ended)
-                self.listed = await _list_all(client)
-                self.client = client
-                self._ready.set()
-                await self._stop.wait()
-        except Exception as e:  # the connection's end: reported by connect() and by calls
-            self.error = e
-        finally:
-            self.client = None
-            self._ready.set()
-
-
-async def _enter_client(
-    stack: AsyncExitStack, config: McpStdioConfig | McpHttpConfig, on_end: Callable[[], None]
-) -> mcp.Client:
-    import mcp
-
-    transport: Transport
-    if isinstance(config, McpStdioConfig):
-        from mcp.client.stdio import stdio_client
-
-        params = mcp.StdioServerParameters(
-            command=config.command, args=list(config.args), env=config.env, cwd=config.cwd
-        )
-        transport = stdio_client(params)
-    else:
-        import httpx2
-        from mcp.client.streamable_http import streamable_http_client
-
-        # The SDK's defaults (30 s, and 300 s to read a response stream), with our headers.
-        read_s = max(300.0, config.timeout_s + 30.0)
-        http = await stack.enter_async_context(
-            httpx2.AsyncClient(headers=config.headers, timeout=httpx2.Timeout(30.0, read=read_s))
-        )
-        transport = streamable_http_client(config.url, http_client=http)
-    # No response cache: the tool list is read once per connection.
-    info = mcp.types.Implementation(name="turnrl", version="0")
-    client = mcp.Client(
-        _watched(transport, on_end), cache=None, client_info=info, mode=config.protocol
-    )
-    return await stack.enter_async_context(client)
-
-
-@contextlib.asynccontextmanager
-async def _watched(
-    transport: Transport, on_end: Callable[[], None]
-) -> AsyncIterator[TransportStreams]:
-    """`transport`, calling `on_end` when its read stream ends. The SDK keeps a client whose
-    server is gone open until a request fails; this is how a connection learns of it first,
-    so that the next call reconnects instead of failing."""
-    async with transport as (read, write):
-        yield _WatchedStream(read, on_end), write
-
-
-class _WatchedStream:
-    """A transport's read stream that reports its end (see `_watched`)."""
-
-    def __init__(self, inner: ReadStream[Any], on_end: Callable[[], None]) -> None:
-        self._inner = inner
-        self._on_end = on_end
-
-    @property
-    def last_context(self) -> Any:
-        # The SDK reads it off HTTP streams to run handlers in the sender's context.
-        return getattr(self._inner, "last_context", None)
-
-    async def receive(self) -> Any:
-        import anyio
-
-        try:
-            return await self._inner.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._on_end()
-            raise
-
-    def __aiter__(self) -> _WatchedStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        import anyio
-
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def __aenter__(self) -> _WatchedStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-
-async def _list_all(client: mcp.Client) -> list[mt.Tool]:
-    """Every page of `tools/list` (a server may paginate; a cursor loop is cut at 1000 pages)."""
-    tools: list[mt.Tool] = []
-    cursor: str | None = None
-    for _ in range(1000):
-        page = await client.list_tools(cursor=cursor)
-        tools.extend(page.tools)
-        cursor = page.next_cursor
-        if cursor is None:
-            return tools
-    raise McpConnectError("tools/list returned more than 1000 pages")
-
-
 def render_result(result: mt.CallToolResult) -> str:
     """The observation text of an MCP tool result (module docstring)."""
     import mcp.types as mt
@@ -588,12 +346,6 @@ def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _default_label(config: McpStdioConfig | McpHttpConfig) -> str:
-    if isinstance(config, McpStdioConfig):
-        return " ".join([config.command, *config.args])[:80]
-    return config.url
-
-
 def _session_gone(e: mcp.MCPError) -> bool:
     """Whether `e` says the server does not know the HTTP session (HTTP 404 on a session,
     which the SDK turns into an invalid-request error): the spec's cue to start a new one."""
@@ -603,13 +355,3 @@ def _session_gone(e: mcp.MCPError) -> bool:
         "Session not found",
         "Session terminated",
     )
-
-
-def _describe(e: BaseException) -> str:
-    """The innermost causes of `e` (anyio wraps transport errors in exception groups)."""
-    if isinstance(e, BaseExceptionGroup):
-        return "; ".join(dict.fromkeys(_describe(x) for x in e.exceptions))
-    text = str(e)
-    if type(e).__name__ == "MCPError" and text == "Connection closed":
-        return "the server closed the connection (did it exit?)"
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__

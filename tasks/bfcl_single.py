@@ -188,11 +188,27 @@ def _category_items(category: str) -> list[TaskItem]:
     return items
 
 
+def contradictory(items: Sequence[TaskItem]) -> frozenset[str]:
+    """Items shown the same request with the same functions where one expects no call
+    (irrelevance) and another expects calls: BFCL ships a few such pairs; no policy can get
+    both right, so neither is offered."""
+
+    def prompt(it: TaskItem) -> str:
+        return it.question + json.dumps(it.meta["functions"], sort_keys=True)
+
+    wants_call: dict[str, set[bool]] = {}
+    for it in items:
+        wants_call.setdefault(prompt(it), set()).add("irrelevance" not in it.meta["category"])
+    return frozenset(it.id for it in items if len(wants_call[prompt(it)]) > 1)
+
+
 @cache
 def load_items() -> tuple[TaskItem, ...]:
     """Every item of every category, in file order, with its split group in `meta["group"]`
     (read once per process; groups span categories, so they are found over all of them)."""
     items = [it for category in CATEGORIES for it in _category_items(category)]
+    excluded = contradictory(items)
+    items = [it for it in items if it.id not in excluded]
     groups = split_groups(items)
     return tuple(replace(it, meta={**it.meta, "group": groups[it.id]}) for it in items)
 

@@ -402,10 +402,12 @@ def test_suite_protocols_and_metadata() -> None:
 def test_items_cover_every_category_once_without_the_unsatisfiable() -> None:
     items = all_items()
     ids = [it.id for it in items]
-    assert len(ids) == len(set(ids)) == 2351 - 4 + 240 + 884
+    # Less the 4 unsatisfiable items and the 6 of 3 contradictory pairs.
+    assert len(ids) == len(set(ids)) == 2351 - 4 + 240 + 884 - 6
     assert not UNSATISFIABLE & set(ids)
     per = Counter(it.meta["category"] for it in items)
-    assert per["simple"] == 400 and per["live_irrelevance"] == 884 and per["live_simple"] == 256
+    assert per["simple"] == 400 and per["live_irrelevance"] == 884 - 3
+    assert per["live_simple"] == 256 - 2
     assert all(it.id.startswith(FILES[it.meta["category"]]) for it in items)
 
 
@@ -591,3 +593,23 @@ def test_oracle_through_the_episode_runner() -> None:
         assert all(r.error is None and r.text == RECORDED for r in results), item.id
         assert len(results) == len(item.meta["ground_truth"] or [])
         assert asyncio.run(s.grade_episode(item, ep)) == {"correct": 1.0}, item.id
+
+
+def test_requests_that_contradict_each_other_are_not_offered() -> None:
+    """BFCL ships a few requests with the same functions marked both irrelevant (no call) and
+    expecting a call; no policy can get both right, so neither is offered."""
+    from turnrl.tasks.bfcl_single import _category_items, contradictory
+
+    everything = [it for c in CATEGORIES for it in _category_items(c)]
+    excluded = contradictory(everything)
+    assert excluded == {
+        "live_irrelevance_118-7-8",
+        "live_simple_29-7-2",
+        "live_irrelevance_565-173-0",
+        "live_multiple_262-125-1",
+        "live_irrelevance_567-175-0",
+        "live_simple_176-102-0",
+    }
+    offered = [it for split in ("train", "test") for it in suite().items(split)]  # type: ignore[arg-type]
+    assert not excluded & {it.id for it in offered}
+    assert contradictory(offered) == frozenset()

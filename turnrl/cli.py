@@ -148,10 +148,6 @@ def replay(
     )
 
 
-if __name__ == "__main__":
-    app()
-
-
 tasks_app = typer.Typer(no_args_is_help=True, help="Task suites.")
 app.add_typer(tasks_app, name="tasks")
 
@@ -178,3 +174,7 @@ def tasks_list(
             str(r["description"]),
         )
     console.print(table)
+
+
+if __name__ == "__main__":
+    app()

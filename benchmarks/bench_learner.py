@@ -24,7 +24,8 @@ import transformers
 
 from turnrl.agent.records import Episode, StopReason, Turn
 from turnrl.rl.batch import TokenBatch, micro_batches
-from turnrl.rl.learner import Learner, LearnerConfig, LoraConfig
+from turnrl.rl.learner import Learner
+from turnrl.rl.learner_config import LearnerConfig, LoraConfig
 from turnrl.rl.logprobs import token_logprobs
 
 

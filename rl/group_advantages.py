@@ -40,15 +40,16 @@ lower-variance baseline when survival correlates with return.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, TypeAlias
+from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
+from turnrl.rl.estimator_config import EndedEpisodes
+
 Floats: TypeAlias = npt.NDArray[np.float64]
 Ints: TypeAlias = npt.NDArray[np.int64]
 Bools: TypeAlias = npt.NDArray[np.bool_]
-EndedEpisodes = Literal["exclude", "absorbing"]
 
 
 def dense_index(labels: Sequence[str]) -> Ints:

@@ -48,98 +48,27 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import peft
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode
 from turnrl.rl.batch import TokenBatch, micro_batches
+from turnrl.rl.learner_config import LearnerConfig, LoraConfig
 from turnrl.rl.logprobs import decoder_hidden, token_logprobs
 from turnrl.rl.losses import (
-    LossWeighting,
     kl_penalty,
     ppo_clip_loss,
     sample_weights,
     value_loss,
 )
-from turnrl.rl.value_head import ValueHead, ValueHeadConfig, state_values
+from turnrl.rl.value_head import ValueHead, state_values
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-class LoraConfig(BaseModel):
-    """Train low-rank adapters (Hu et al. 2021, arXiv 2106.09685); the base stays frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["lora"] = "lora"
-    """Selects LoRA."""
-    r: int = Field(16, ge=1)
-    """Rank of each adapter."""
-    alpha: int = Field(32, ge=1)
-    """Adapter scale numerator: the adapter's output is multiplied by alpha / r."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout on the adapters' input; active only inside `Learner.step`."""
-    target_modules: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
-    """Names of the linear layers that get adapters."""
-
-
-class FullConfig(BaseModel):
-    """Train every parameter of the model."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["full"] = "full"
-    """Selects full fine-tuning."""
-
-
-class LearnerConfig(BaseModel):
-    """Optimizer, loss and batching settings of the learner."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    lr: float = Field(1e-6, gt=0)
-    """AdamW learning rate."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW decoupled weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW moment coefficients."""
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    """Clip the global gradient L2 norm to this; None reports the norm without clipping."""
-    clip_low: float = Field(0.2, ge=0, lt=1)
-    """PPO ratio lower clip: ratios below 1 - clip_low stop pushing down."""
-    clip_high: float = Field(0.2, ge=0)
-    """PPO ratio upper clip: ratios above 1 + clip_high stop pushing up (DAPO uses 0.28)."""
-    kl_coef: float = Field(0.0, ge=0)
-    """Weight of the k3 KL(policy || reference) term; 0 builds no reference at all."""
-    temperature: float = Field(1.0, gt=0)
-    """Sampling temperature of the rollouts, so that recomputed logprobs match stored ones
-    (greedy rollouts are scored under the raw logits: use 1.0 for them)."""
-    micro_batch_tokens: int = Field(4096, ge=1)
-    """Padded-token budget (rows x longest row) of one forward/backward micro-batch."""
-    adaptation: LoraConfig | FullConfig = Field(default_factory=FullConfig, discriminator="kind")
-    """What is trained: LoRA adapters or every weight."""
-    loss_weighting: LossWeighting = "token"
-    """How the step's loss is shared (see `turnrl.rl.losses`): `"token"`, every trained token
-    weighs the same (long episodes dominate); `"episode"`, every episode with trained tokens
-    weighs the same (its tokens share 1 / episodes). Applies to the value loss with turns as
-    samples."""
-    value_head: ValueHeadConfig | None = None
-    """A linear value head on the final hidden state for turn-level critics (GAE); None
-    builds none."""
 
 
 class Learner:

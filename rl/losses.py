@@ -44,10 +44,10 @@ from typing import Literal
 
 import torch
 
+from turnrl.rl.learner_config import LossWeighting
+
 Metrics = dict[str, torch.Tensor]
 KLEstimator = Literal["k1", "k2", "k3"]
-LossWeighting = Literal["token", "episode"]
-"""How the step's loss is shared between tokens and episodes (module docstring)."""
 
 
 def _denominator(mask: torch.Tensor, n_tokens: int | float | None) -> torch.Tensor | float:

@@ -103,6 +103,15 @@ class RewardConfig(BaseModel):
         if negative:
             raise ValueError(f"cost weights must be >= 0 (a cost is never a reward): {negative}")
 
+    def metrics_read(self) -> list[tuple[str, str]]:
+        """Every grader metric these rewards read, as `(config field, metric)` pairs (e.g.
+        `("rewards.outcome_metric", "f1")`), so a run config can check them against the
+        metrics its suite emits."""
+        return [
+            ("rewards.outcome_metric", self.outcome_metric),
+            ("rewards.success_metric", self.success_metric),
+        ]
+
     def components(self) -> list[str]:
         """The components `group_rewards` fills in, in `COMPONENTS` order."""
         return [c for c in COMPONENTS if c in BASE_COMPONENTS or c in self.weights]

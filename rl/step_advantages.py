@@ -37,12 +37,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Literal
 
 import numpy as np
 
 from turnrl.agent.graph import after_keys, observation_key
 from turnrl.agent.records import Episode
+from turnrl.rl.estimator_config import Anchor, StepScale, TempoForm
 from turnrl.rl.group_advantages import (
     Bools,
     Floats,
@@ -53,10 +53,6 @@ from turnrl.rl.group_advantages import (
     returns_to_go,
     segment_mean_std,
 )
-
-Anchor = Literal["history", "observation"]
-StepScale = Literal["std", "none"]
-TempoForm = Literal["td", "node_baseline"]
 
 
 @dataclass(frozen=True)

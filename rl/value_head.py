@@ -20,38 +20,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from turnrl.agent.records import Episode
+from turnrl.rl.learner_config import ValueHeadConfig
 
 VALUE_SIGNAL = "value"
 """The `Turn.signals` key holding V(state before the turn)."""
 VALUE_AFTER_SIGNAL = "value_after"
 """The `Turn.signals` key, on an episode's last turn only, holding V(state after it): the
 bootstrap value of a truncated episode (`Learner.values(..., bootstrap=True)`)."""
-
-
-class ValueHeadConfig(BaseModel):
-    """A linear value head on the final hidden state, trained by MSE to per-turn targets."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    coef: float = Field(0.5, ge=0)
-    """Weight of the value loss in the step's loss: `loss = policy + coef * MSE(V, target)`."""
-    lr: float = Field(1e-4, gt=0)
-    """AdamW learning rate of the head (its own parameter group in the learner's optimizer).
-    Larger than a policy's usual rate: the head starts from scratch."""
-    init_std: float = Field(0.0, ge=0)
-    """Std of the normal init of the head's weights; 0 starts them at zero, so every state's
-    first value is `init_bias` and the first steps leave the trunk's features untouched."""
-    init_bias: float = 0.0
-    """Initial bias: the value every state starts from when `init_std` is 0 (e.g. the mean
-    return expected at the start of training)."""
-    backprop_to_policy: bool = False
-    """Let the value loss's gradient flow into the policy's trained weights (a shared
-    actor-critic trunk, PPO's usual setting). False trains the head alone on detached
-    hidden states: the value loss then never moves the policy."""
 
 
 class ValueHead(nn.Module):

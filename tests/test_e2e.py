@@ -14,7 +14,8 @@ from turnrl.agent.store import RunStore
 from turnrl.config import load_config
 from turnrl.replay import replay
 from turnrl.rl.batch import build_token_batch
-from turnrl.rl.learner import Learner, LearnerConfig
+from turnrl.rl.learner import Learner
+from turnrl.rl.learner_config import LearnerConfig
 from turnrl.train import run_eval, run_train
 
 ROOT = Path(__file__).resolve().parents[1]

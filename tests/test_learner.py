@@ -20,7 +20,7 @@ from turnrl.rl.learner import (
     LoraConfig,
     token_logprobs,
 )
-from turnrl.rl.losses import LossWeighting
+from turnrl.rl.learner_config import LossWeighting
 
 VOCAB = 512
 

@@ -11,9 +11,15 @@ from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode, StopReason, Turn
 from turnrl.rl.batch import build_token_batch, micro_batches
-from turnrl.rl.learner import FullConfig, Learner, LearnerConfig, LoraConfig
-from turnrl.rl.losses import LossWeighting
-from turnrl.rl.value_head import VALUE_AFTER_SIGNAL, VALUE_SIGNAL, ValueHeadConfig, with_values
+from turnrl.rl.learner import Learner
+from turnrl.rl.learner_config import (
+    FullConfig,
+    LearnerConfig,
+    LoraConfig,
+    LossWeighting,
+    ValueHeadConfig,
+)
+from turnrl.rl.value_head import VALUE_AFTER_SIGNAL, VALUE_SIGNAL, with_values
 
 
 def episode(name: str, shapes: list[tuple[int, int, int]], seed: int) -> Episode:

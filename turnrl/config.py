@@ -21,8 +21,8 @@ from pydantic import (
 )
 
 from turnrl.agent.runner import Budget
-from turnrl.rl.advantages import EstimatorConfig, GrpoConfig
-from turnrl.rl.learner import LearnerConfig
+from turnrl.rl.estimator_config import EstimatorConfig, GrpoConfig
+from turnrl.rl.learner_config import LearnerConfig
 from turnrl.rl.rewards import RewardConfig
 from turnrl.sandboxes.base import Limits
 from turnrl.sandboxes.config import AutoConfig, SandboxConfig

@@ -1,0 +1,106 @@
+"""The learner's config: optimizer, loss, batching, what is trained, and the value head.
+
+Kept apart from the learner (`turnrl.rl.learner`), which needs torch and peft, so that a run
+config loads without them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LossWeighting = Literal["token", "episode"]
+"""How a step's loss is shared among its samples (see `turnrl.rl.losses`)."""
+
+
+class ValueHeadConfig(BaseModel):
+    """A linear value head on the final hidden state, trained by MSE to per-turn targets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    coef: float = Field(0.5, ge=0)
+    """Weight of the value loss in the step's loss: `loss = policy + coef * MSE(V, target)`."""
+    lr: float = Field(1e-4, gt=0)
+    """AdamW learning rate of the head (its own parameter group in the learner's optimizer).
+    Larger than a policy's usual rate: the head starts from scratch."""
+    init_std: float = Field(0.0, ge=0)
+    """Std of the normal init of the head's weights; 0 starts them at zero, so every state's
+    first value is `init_bias` and the first steps leave the trunk's features untouched."""
+    init_bias: float = 0.0
+    """Initial bias: the value every state starts from when `init_std` is 0 (e.g. the mean
+    return expected at the start of training)."""
+    backprop_to_policy: bool = False
+    """Let the value loss's gradient flow into the policy's trained weights (a shared
+    actor-critic trunk, PPO's usual setting). False trains the head alone on detached
+    hidden states: the value loss then never moves the policy."""
+
+
+class LoraConfig(BaseModel):
+    """Train low-rank adapters (Hu et al. 2021, arXiv 2106.09685); the base stays frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["lora"] = "lora"
+    """Selects LoRA."""
+    r: int = Field(16, ge=1)
+    """Rank of each adapter."""
+    alpha: int = Field(32, ge=1)
+    """Adapter scale numerator: the adapter's output is multiplied by alpha / r."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input; active only inside `Learner.step`."""
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    """Names of the linear layers that get adapters."""
+
+
+class FullConfig(BaseModel):
+    """Train every parameter of the model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["full"] = "full"
+    """Selects full fine-tuning."""
+
+
+class LearnerConfig(BaseModel):
+    """Optimizer, loss and batching settings of the learner."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(1e-6, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW moment coefficients."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient L2 norm to this; None reports the norm without clipping."""
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    """PPO ratio lower clip: ratios below 1 - clip_low stop pushing down."""
+    clip_high: float = Field(0.2, ge=0)
+    """PPO ratio upper clip: ratios above 1 + clip_high stop pushing up (DAPO uses 0.28)."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of the k3 KL(policy || reference) term; 0 builds no reference at all."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the rollouts, so that recomputed logprobs match stored ones
+    (greedy rollouts are scored under the raw logits: use 1.0 for them)."""
+    micro_batch_tokens: int = Field(4096, ge=1)
+    """Padded-token budget (rows x longest row) of one forward/backward micro-batch."""
+    adaptation: LoraConfig | FullConfig = Field(default_factory=FullConfig, discriminator="kind")
+    """What is trained: LoRA adapters or every weight."""
+    loss_weighting: LossWeighting = "token"
+    """How the step's loss is shared (see `turnrl.rl.losses`): `"token"`, every trained token
+    weighs the same (long episodes dominate); `"episode"`, every episode with trained tokens
+    weighs the same (its tokens share 1 / episodes). Applies to the value loss with turns as
+    samples."""
+    value_head: ValueHeadConfig | None = None
+    """A linear value head on the final hidden state for turn-level critics (GAE); None
+    builds none."""

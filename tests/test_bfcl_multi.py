@@ -20,7 +20,7 @@ from turnrl.agent.policy import SamplingParams
 from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn
 from turnrl.agent.runner import Budget, EpisodeRunner, UserTurn
 from turnrl.agent.scripted import ScriptedPolicy
-from turnrl.rl.rollout import episode_specs
+from turnrl.rollout import episode_specs
 from turnrl.tasks.base import TaskItem
 from turnrl.tasks.bfcl_multi import (
     ADDED_FUNCTIONS_TEXT,

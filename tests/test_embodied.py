@@ -19,7 +19,7 @@ from turnrl.agent.policy import SamplingParams
 from turnrl.agent.records import Episode, StopReason
 from turnrl.agent.runner import Budget, EpisodeRunner
 from turnrl.agent.scripted import ScriptedPolicy
-from turnrl.rl.rollout import episode_specs
+from turnrl.rollout import episode_specs
 from turnrl.tasks.base import EpisodeGrader, ItemTools, Oracle, TaskItem, TaskSuite
 from turnrl.tasks.embodied import (
     EmbodiedSearch,

@@ -18,8 +18,9 @@ running batch with a KV cache (continuous batching):
 Logprobs follow `turnrl.agent.policy`: log_softmax(logits / temperature) of the sampled id
 before top-p truncation; temperature 0 (greedy) scores under the raw logits.
 
-Weights: the learner changes the shared model in place inside
-`async with policy.updating_weights(version)`. Rows in flight finish under the old weights,
+Weights (`WeightSync`): the learner changes the shared model in place between
+`begin_update()` and `end_update(version)` (or inside `async with
+policy.updating_weights(version)`). Rows in flight finish under the old weights,
 queued requests wait and start under the new ones, so every completion comes from exactly one
 `policy_version`. One event loop drives a policy. Tensors live on the model's device (the
 tests run on CPU).
@@ -117,6 +118,8 @@ class HFPolicy:
         self.max_batch_size = max_batch_size
         self.policy_version = policy_version
         """Version of the weights; stamped on each completion at admission."""
+        self._update: _Pause | None = None
+        """The hold `begin_update` put on the worker, until `end_update` lifts it."""
         if end_token_ids is None:
             ends = {tokenizer.eos_token_id} if isinstance(tokenizer.eos_token_id, int) else set()
             with contextlib.suppress(ValueError):  # a tokenizer without ChatML markers
@@ -176,10 +179,42 @@ class HFPolicy:
             request.cancelled = True
             raise
 
+    @property
+    def version(self) -> int:
+        """Version of the weights; stamped on each completion at admission (`WeightSync`)."""
+        return self.policy_version
+
     def set_version(self, version: int) -> None:
         """Stamp later completions with `version`. Call only while nothing is generating
-        (`updating_weights` does it for you)."""
+        (`begin_update`/`end_update` do it for you)."""
         self.policy_version = version
+
+    async def begin_update(self) -> None:
+        """`WeightSync`: wait for the rows in flight to finish (requests submitted meanwhile
+        queue up), then hold the worker until `end_update`."""
+        if self._closed:
+            raise PolicyError("the policy is closed")
+        if self._update is not None:
+            raise RuntimeError("begin_update called twice without end_update")
+        loop = asyncio.get_running_loop()
+        pause = _Pause(loop, loop.create_future(), threading.Event())
+        self._update = pause
+        self._flush()
+        self._queue.put(pause)
+        try:
+            await pause.paused
+        except BaseException:
+            self._update = None
+            pause.resume.set()
+            raise
+
+    async def end_update(self, version: int) -> None:
+        """`WeightSync`: stamp later completions with `version` and let the worker go on."""
+        pause, self._update = self._update, None
+        if pause is None:
+            raise RuntimeError("end_update without begin_update")
+        self.set_version(version)
+        pause.resume.set()
 
     @asynccontextmanager
     async def updating_weights(self, version: int | None = None) -> AsyncIterator[None]:
@@ -188,19 +223,13 @@ class HFPolicy:
         Waits for the rows in flight to finish (requests submitted meanwhile queue up), then
         runs the body; on a clean exit `version` (when given) becomes the policy version.
         """
-        if self._closed:
-            raise PolicyError("the policy is closed")
-        loop = asyncio.get_running_loop()
-        pause = _Pause(loop, loop.create_future(), threading.Event())
-        self._flush()
-        self._queue.put(pause)
+        await self.begin_update()
+        ok = False
         try:
-            await pause.paused
             yield
-            if version is not None:
-                self.set_version(version)
+            ok = True
         finally:
-            pause.resume.set()
+            await self.end_update(version if ok and version is not None else self.policy_version)
 
     def close(self) -> None:
         """Stop the worker; requests still pending fail with `PolicyError`. Idempotent. Blocks

@@ -63,5 +63,30 @@ class Policy(Protocol):
         ...
 
 
+class WeightSync(Protocol):
+    """How a learner's new weights reach the policy that samples rollouts.
+
+    The loop brackets every weight change: `begin_update` returns once nothing is being
+    sampled (requests submitted meanwhile wait), the learner changes the weights, then
+    `end_update(version)` makes them live, stamped with `version`. Every completion therefore
+    comes from exactly one version. In-process backends share the learner's module and only
+    pause; a server backend reloads weights between the two calls.
+    """
+
+    @property
+    def version(self) -> int:
+        """Version of the weights later completions are sampled with."""
+        ...
+
+    async def begin_update(self) -> None:
+        """Hold generation until `end_update`; returns once no row is being sampled."""
+        ...
+
+    async def end_update(self, version: int) -> None:
+        """The new weights are in place: stamp later completions with `version`, resume.
+        Called after a failed update too (with the version that is still current)."""
+        ...
+
+
 class PolicyError(Exception):
     """A policy backend failed to produce a completion."""

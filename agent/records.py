@@ -8,10 +8,14 @@ episode's turns *is* the context the policy saw, and training never re-tokenizes
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 2
+"""Layout version of stored `Episode` records (`Episode.schema_version`)."""
 
 
 class StopReason(StrEnum):
@@ -41,6 +45,17 @@ class Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+@dataclass(frozen=True)
+class UserTurn:
+    """A user message that follows an answer (`EpisodeSpec.followups`). Not a stored record:
+    what the policy saw of it is the observation of the turn that answered before it."""
+
+    text: str
+    """The message."""
+    reveal: tuple[str, ...] = ()
+    """Hidden tools that become available with this message (their schemas are shown in it)."""
+
+
 class ToolCall(Record):
     """One tool call as the policy wrote it."""
 
@@ -56,6 +71,37 @@ class ToolCall(Record):
     """Why the call could not be parsed; None for a well-formed call."""
 
 
+class ToolErrorKind(StrEnum):
+    """Why a tool call failed (`ToolResult.error`), named by where the call stopped. The values
+    are what stored records hold."""
+
+    PARSE = "parse"
+    """The call could not be read (invalid JSON, no tool name, over the parser's size limit);
+    no tool was looked up."""
+    UNKNOWN_TOOL = "unknown_tool"
+    """No tool the agent can see has that name (a hidden tool counts as unknown until a user
+    turn reveals it)."""
+    TOO_LARGE = "too_large"
+    """The raw arguments are longer than the tool's `max_argument_chars`; not validated."""
+    INVALID_ARGUMENTS = "invalid_arguments"
+    """The arguments do not fit the tool's schema; the text names each bad field."""
+    TIMEOUT = "timeout"
+    """The tool did not answer within its `timeout_s` and was cancelled."""
+    TOOL_ERROR = "tool_error"
+    """The tool refused or failed and said why: it raised `ToolError` (a missing file, a blank
+    question, a server's error reply). The text is its message, with no Python class name:
+    the agent can act on it."""
+    BAD_OUTPUT = "bad_output"
+    """The tool returned something that is not text and has no faithful text form (bytes, an
+    arbitrary object)."""
+    BUDGET = "budget"
+    """Not run: the episode's tool-call or cost budget had run out."""
+    TOOL_BUG = "tool_bug"
+    """The tool is broken: it raised an exception that is not a `ToolError`, or its argument
+    schema could not be checked. The text names the exception's class (for the person who
+    fixes it); the agent can only try something else."""
+
+
 class ToolResult(Record):
     """What came back from one tool call."""
 
@@ -63,9 +109,8 @@ class ToolResult(Record):
     """The `ToolCall.id` this answers."""
     text: str
     """The observation text the agent sees (already truncated)."""
-    error: str | None = None
-    """An error kind when the call failed: `parse`, `unknown_tool`, `too_large`,
-    `invalid_arguments`, `timeout`, `tool_error`, `bad_output`, `budget`; None on success."""
+    error: ToolErrorKind | None = None
+    """Why the call failed; None on success."""
     truncated: bool = False
     """True when `text` was cut to the tool's token budget."""
     latency_s: float = 0.0
@@ -75,6 +120,19 @@ class ToolResult(Record):
     items: list[str] = Field(default_factory=list)
     """Ids of what the result showed (search passages, files), in order: what coverage
     rewards count as seen."""
+
+
+class TurnSignals(Record):
+    """Per-turn quantities measured for credit assignment, filled in before scoring (None: not
+    measured). Models measured `gold_prob` and `value`; `gold_seen` reads the tool outputs."""
+
+    gold_prob: float | None = None
+    """The policy's teacher-forced probability of the gold answer after this turn's
+    observation (information gain, IGPO; `turnrl.rl.info_gain`)."""
+    gold_seen: bool | None = None
+    """Whether a gold answer occurs in this turn's tool outputs (`saturation`)."""
+    value: float | None = None
+    """A value head's estimate V(s) of the state before this turn (`gae`, `tppo`)."""
 
 
 class Turn(Record):
@@ -116,11 +174,9 @@ class Turn(Record):
     """Key of the trajectory-graph state after this turn (`turnrl.agent.graph`), hashed by the
     runner as the turn is recorded (while its data is in cache), so that credit assignment on
     a large batch need not hash every turn again; None in records from before it existed."""
-    signals: dict[str, float] = Field(default_factory=dict)
-    """Per-turn quantities a model measured for credit assignment, stored so that replay
-    needs no model: `gold_prob` (the policy's teacher-forced probability of the gold answer
-    after this turn, for information gain), `value` (a value head's estimate of the state
-    before this turn)."""
+    signals: TurnSignals = Field(default_factory=lambda: TurnSignals())
+    """What a model measured about this turn for credit assignment (stored, so replay needs no
+    model)."""
     advantage: float | None = None
     """The advantage the learner broadcast to this turn's completion tokens; None until an
     estimator assigned one (and for evaluation episodes)."""
@@ -172,6 +228,15 @@ class Episode(Record):
     """Wall time of the episode."""
     step: int = 0
     """Training step whose rollouts include this episode (-1 for evaluation)."""
+    gold_prob_initial: float | None = None
+    """The policy's teacher-forced probability of the gold answer given the initial prompt
+    only, before any turn (information gain's p_{-1}); None when not measured."""
+    value_after: float | None = None
+    """A value head's estimate of the state after the last turn: T-PPO's bootstrap value of
+    a truncated episode; None when not measured."""
+    schema_version: Literal[2] = SCHEMA_VERSION
+    """Version of this record's layout. Records without one are version 1 (signals as a
+    string-keyed dict on the turns); `upgrade_episode` reads them."""
 
     def token_ids(self) -> list[int]:
         """The episode's whole context, exactly as the policy saw it."""
@@ -189,3 +254,39 @@ class Episode(Record):
     @property
     def n_completion_tokens(self) -> int:
         return sum(len(t.completion_ids) for t in self.turns)
+
+
+def upgrade_episode(raw: dict[str, Any]) -> dict[str, Any]:
+    """A stored episode's JSON object in the current layout, from any earlier one.
+
+    Version 1 (no `schema_version`) kept `Turn.signals` as a dict of floats: `gold_prob`,
+    `gold_seen` (1.0 or 0.0), `value` on every turn, plus `gold_prob_initial` on the first turn
+    and `value_after` on the last, which are per-episode quantities and now live on `Episode`.
+    """
+    version = raw.get("schema_version", 1)
+    if version == SCHEMA_VERSION:
+        return raw
+    if version != 1:
+        raise ValueError(
+            f"episode {raw.get('episode_id')!r}: unknown record schema version {version!r} "
+            f"(this turnrl reads 1 to {SCHEMA_VERSION})"
+        )
+    out = dict(raw)
+    turns = []
+    for turn in raw.get("turns", []):
+        signals = dict(turn.get("signals") or {})
+        if "gold_prob_initial" in signals:
+            out["gold_prob_initial"] = signals.pop("gold_prob_initial")
+        if "value_after" in signals:
+            out["value_after"] = signals.pop("value_after")
+        if "gold_seen" in signals:
+            signals["gold_seen"] = signals["gold_seen"] >= 0.5
+        unknown = sorted(set(signals) - set(TurnSignals.model_fields))
+        if unknown:
+            raise ValueError(
+                f"episode {raw.get('episode_id')!r}: version-1 signals {unknown} are unknown"
+            )
+        turns.append({**turn, "signals": signals})
+    out["turns"] = turns
+    out["schema_version"] = SCHEMA_VERSION
+    return out

@@ -18,7 +18,7 @@ Script = Callable[[Sequence[int]], str | Sequence[int]]
 
 
 class ScriptedPolicy:
-    """Implements `Policy` by replaying a script."""
+    """Implements `Policy` (and `WeightSync`, as version stamps only) by replaying a script."""
 
     def __init__(
         self,
@@ -35,7 +35,17 @@ class ScriptedPolicy:
         self.prompts: list[list[int]] = []
         """Every context this policy was asked to continue, in call order."""
 
+    @property
+    def version(self) -> int:
+        return self.policy_version
+
     def set_version(self, version: int) -> None:
+        self.policy_version = version
+
+    async def begin_update(self) -> None:
+        """`WeightSync`: a script has no weights; nothing to hold."""
+
+    async def end_update(self, version: int) -> None:
         self.policy_version = version
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:

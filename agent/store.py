@@ -45,7 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from turnrl.agent.records import Episode
+from turnrl.agent.records import SCHEMA_VERSION, Episode, upgrade_episode
 
 MAGIC = b"TRR1"
 HEADER = struct.Struct("<4sIII")
@@ -61,6 +61,11 @@ class CorruptRecordError(Exception):
 
 class RecordFileLockedError(Exception):
     """Another live writer holds the file's lock."""
+
+
+_CURRENT_TAIL = b'"schema_version":%d}' % SCHEMA_VERSION
+"""How a record in the current layout ends (`schema_version` is `Episode`'s last field):
+such records skip the upgrade path."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -330,13 +335,17 @@ class RunStore:
 
     def episodes(self) -> Iterator[Episode]:
         for payload in self._read(self.EPISODES):
-            yield Episode.model_validate_json(payload)
+            if payload.endswith(_CURRENT_TAIL):
+                yield Episode.model_validate_json(payload)
+            else:
+                yield Episode.model_validate(upgrade_episode(json.loads(payload)))
 
     def metrics(self) -> list[dict[str, Any]]:
         return [json.loads(payload) for payload in self._read(self.METRICS)]
 
-    def write_config(self, text: str) -> None:
-        """Replace `config.yaml` atomically: readers see the old text or the new, never half."""
+    def write_config(self, text: str, name: str = CONFIG) -> None:
+        """Replace `name` (default `config.yaml`, the run's own config) atomically: readers see
+        the old text or the new, never half."""
         if self.readonly:
             raise ValueError(f"{self.run_dir}: run store is open read-only")
         fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".config.", suffix=".tmp")
@@ -345,7 +354,7 @@ class RunStore:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.run_dir / self.CONFIG)
+            os.replace(tmp, self.run_dir / name)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -18,7 +18,7 @@ then broadcasts each turn's value to its sampled tokens.
 | `gigpo`        | A^E_i + omega * anchor-state-normalised G^gamma_{i,t}    | step_advantages   |
 | `salt`         | mean trajectory advantage over the turn's graph edge     | step_advantages   |
 | `tempo`        | A_GRPO + (Q(s,a) - V(s)) / sigma (or G - V(s))           | step_advantages   |
-| `gae`          | GAE over turns, V(s_t) from `signals["value"]`           | critic_advantages |
+| `gae`          | GAE over turns, V(s_t) from `signals.value`              | critic_advantages |
 | `tppo`         | `gae`, bootstrapping V at a truncation                   | critic_advantages |
 | `empg`         | entropy modulation of another estimator's advantages     | entropy_advantages |
 
@@ -92,8 +92,6 @@ from turnrl.rl.step_advantages import (
 __all__ = [
     "ESTIMATORS",
     "TRUNCATIONS",
-    "VALUE",
-    "VALUE_AFTER",
     "BaseEstimatorConfig",
     "DrGrpoConfig",
     "EmpgConfig",
@@ -121,10 +119,6 @@ __all__ = [
     "value_targets",
 ]
 
-VALUE = "value"
-"""`Turn.signals` key: the value head's V(state before the turn)."""
-VALUE_AFTER = "value_after"
-"""`Turn.signals` key on an episode's last turn: V(state after it), T-PPO's bootstrap."""
 TRUNCATIONS = frozenset(
     {
         StopReason.MAX_TURNS,
@@ -197,14 +191,24 @@ def turn_batch(episodes: Sequence[Episode], rewards_NT: Sequence[Sequence[float]
     )
 
 
-def _signal(episode: Episode, t: int, name: str, why: str) -> float:
-    value = episode.turns[t].signals.get(name)
+def _value(episode: Episode, t: int) -> float:
+    value = episode.turns[t].signals.value
     if value is None:
         raise ValueError(
-            f"episode {episode.episode_id} turn {t}: no signals[{name!r}] ({why}); "
-            "store the value head's estimates on the turns before scoring"
+            f"episode {episode.episode_id} turn {t}: no signals.value (GAE needs V of each "
+            "turn); store the value head's estimates on the turns before scoring"
         )
     return value
+
+
+def _value_after(episode: Episode) -> float:
+    if episode.value_after is None:
+        raise ValueError(
+            f"episode {episode.episode_id}: no value_after (T-PPO bootstraps the "
+            f"{episode.stop_reason.value} cut with V after the last turn); store the value "
+            "head's estimates with `bootstrap=True` before scoring"
+        )
+    return episode.value_after
 
 
 def _values(
@@ -213,11 +217,10 @@ def _values(
     n_turns = batch.mask_N_T.shape[1]
     rows, bootstrap = [], []
     for e in episodes:
-        row = [_signal(e, t, VALUE, "GAE needs V of each turn") for t in range(len(e.turns))]
+        row = [_value(e, t) for t in range(len(e.turns))]
         rows.append(row + [0.0] * (n_turns - len(row)))
         cut = bootstrap_truncated and e.stop_reason in TRUNCATIONS and bool(e.turns)
-        why = f"T-PPO bootstraps the {e.stop_reason.value} cut with V after the last turn"
-        bootstrap.append(_signal(e, len(e.turns) - 1, VALUE_AFTER, why) if cut else 0.0)
+        bootstrap.append(_value_after(e) if cut else 0.0)
     values_N_T = np.array(rows, np.float64).reshape(batch.mask_N_T.shape)
     return values_N_T, np.array(bootstrap, np.float64)
 

@@ -7,8 +7,9 @@ facts about the token `input_ids_B_T[b, t]`:
 
 - `loss_mask_B_T` is True exactly on the positions of sampled (`completion_ids`) tokens; prompt,
   observation and padding positions are False and are never trained (STYLE §3). So are the
-  completions of `replayed` turns (the prefix a branched rollout restored from a stored
-  episode): they stay in the context, but this episode's policy did not sample them.
+  completions of turns without an advantage (None: not assigned) and of `replayed` turns
+  (the prefix a branched rollout restored from a stored episode): they stay in the context,
+  but this episode's policy did not sample them.
 - `old_logprobs_B_T` holds each sampled token's rollout logprob (`Turn.completion_logprobs`).
 - `advantages_B_T` holds the advantage of the turn the token belongs to: one float per turn is
   broadcast to that turn's sampled tokens (GRPO gives every turn the episode's value; step-level
@@ -97,7 +98,7 @@ class TokenBatch:
 
 
 def _check(
-    episode: Episode, advantages: Sequence[float], targets: Sequence[float | None] | None
+    episode: Episode, advantages: Sequence[float | None], targets: Sequence[float | None] | None
 ) -> None:
     if targets is not None and len(targets) != len(episode.turns):
         raise ValueError(
@@ -109,9 +110,9 @@ def _check(
     if len(advantages) != len(episode.turns):
         raise ValueError(
             f"episode {episode.episode_id}: {len(advantages)} advantages for "
-            f"{len(episode.turns)} turns (one advantage per turn is required)"
+            f"{len(episode.turns)} turns (one advantage, or None, per turn is required)"
         )
-    if not all(math.isfinite(a) for a in advantages):
+    if not all(a is None or math.isfinite(a) for a in advantages):
         raise ValueError(f"episode {episode.episode_id}: non-finite advantage in {advantages}")
     for turn in episode.turns:
         if not turn.replayed and len(turn.completion_logprobs) != len(turn.completion_ids):
@@ -128,7 +129,7 @@ def _pad(rows: list[list[_T]], value: _T, width: int) -> list[list[_T]]:
 
 def build_token_batch(
     episodes: Sequence[Episode],
-    advantages: Sequence[Sequence[float]],
+    advantages: Sequence[Sequence[float | None]],
     *,
     pad_id: int = 0,
     episode_indices: Sequence[int] | None = None,
@@ -136,7 +137,8 @@ def build_token_batch(
 ) -> TokenBatch:
     """Lay `episodes` out as right-padded rows, one per episode, in the order given.
 
-    `advantages[i][j]` is the advantage of turn `j` of `episodes[i]`; `value_targets[i][j]`
+    `advantages[i][j]` is the advantage of turn `j` of `episodes[i]` (None: the turn is not
+    trained, like a replayed one); `value_targets[i][j]`
     (optional) its value-head target, None for a turn without one. `episode_indices` labels
     the rows (default `0..len(episodes)-1`); `micro_batches` passes the positions in the
     caller's full list.
@@ -176,7 +178,7 @@ def build_token_batch(
             states.append(len(ids) - 1)
             ids += turn.completion_ids
             ids += turn.observation_ids
-            if turn.replayed:
+            if turn.replayed or a is None:
                 mask += [False] * (n_p + n_c + n_o)
                 old += [0.0] * (n_p + n_c + n_o)
                 adv += [0.0] * (n_p + n_c + n_o)
@@ -252,7 +254,7 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[i
 
 def micro_batches(
     episodes: Sequence[Episode],
-    advantages: Sequence[Sequence[float]],
+    advantages: Sequence[Sequence[float | None]],
     token_budget: int,
     *,
     pad_id: int = 0,

@@ -4,12 +4,12 @@ Most reward components and estimators are pure functions of stored records; thre
 not, and are measured here and stored on the turns (`Turn.signals`) so that replay needs no
 model afterwards:
 
-- `gold_prob` (and `gold_prob_initial` on turn 0): the policy's teacher-forced probability of
+- `gold_prob` (and `Episode.gold_prob_initial`): the policy's teacher-forced probability of
   the gold answer after each turn, for `info_gain` and for `saturation`'s threshold
   (`turnrl.rl.info_gain`). The gold answer's text is tokenized here: it is a reward input, not
   training data, and the episode's own ids are never re-tokenized.
 - `gold_seen`: whether a gold answer appeared in a turn's tool output (`saturation`).
-- `value` (and `value_after` on the last turn): a value head's estimate of the state before
+- `value` (and `Episode.value_after`): a value head's estimate of the state before
   each turn (`gae`, `tppo`), measured by `Learner.values` (`turnrl.rl.value_head.with_values`).
 """
 
@@ -20,10 +20,10 @@ from collections.abc import Callable, Mapping, Sequence
 from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode
-from turnrl.rl.advantages import EmpgConfig, EstimatorConfig, GaeConfig, TppoConfig
+from turnrl.rl.estimator_config import EmpgConfig, EstimatorConfig, GaeConfig, TppoConfig
 from turnrl.rl.info_gain import gold_probabilities, with_gold_probs
-from turnrl.rl.rewards import RewardConfig, mark_gold_seen
-from turnrl.tasks.base import TaskItem
+from turnrl.rl.reward_config import RewardConfig, SaturationReward
+from turnrl.rl.rewards import mark_gold_seen
 
 ANSWER_PREFIX = "<answer>"
 """What the policy writes before an answer: teacher-forced between the context (which ends with
@@ -31,39 +31,44 @@ an assistant header after every observation) and the gold answer's ids."""
 
 
 def needs_gold_probs(rewards: RewardConfig) -> bool:
-    weights = rewards.weights
-    return "info_gain" in weights or (
-        "saturation" in weights and rewards.saturation_threshold is not None
+    """Whether a configured component reads gold-answer probabilities."""
+    saturation = rewards.get("saturation")
+    return rewards.get("info_gain") is not None or (
+        isinstance(saturation, SaturationReward) and saturation.threshold is not None
     )
 
 
 def needs_values(estimator: EstimatorConfig) -> bool:
+    """Whether the estimator reads state values (a value head's)."""
     inner = estimator.base if isinstance(estimator, EmpgConfig) else estimator
     return isinstance(inner, GaeConfig | TppoConfig)
 
 
 def add_gold_signals(
     episodes: Sequence[Episode],
-    items: Mapping[str, TaskItem],
+    answers: Mapping[str, Sequence[str]],
     rewards: RewardConfig,
     *,
     model: PreTrainedModel | None,
     encode: Callable[[str], Sequence[int]],
+    normalize: Callable[[str], str],
     temperature: float,
     micro_batch_tokens: int = 8192,
 ) -> list[Episode]:
-    """`gold_seen` when `saturation` is weighted, and `gold_prob` (measured with `model`) when
-    `needs_gold_probs`; episodes unchanged otherwise."""
+    """`gold_seen` when `saturation` is configured, and `gold_prob` (measured with `model`)
+    when `needs_gold_probs`; episodes unchanged otherwise. `answers` maps each task id to its
+    gold answers (the first is the one whose probability is measured); `normalize` is the
+    suite grader's answer normalisation."""
     out = list(episodes)
-    if "saturation" in rewards.weights:
-        out = [mark_gold_seen(e, items[e.task_id].answers) for e in out]
+    if rewards.get("saturation") is not None:
+        out = [mark_gold_seen(e, answers[e.task_id], normalize) for e in out]
     if needs_gold_probs(rewards):
         if model is None:
             raise ValueError(
                 "information gain needs the policy's gold-answer probabilities: pass a model "
                 "(`turnrl replay --checkpoint DIR` names the weights that sampled the run)"
             )
-        gold_ids = [list(encode(items[e.task_id].answers[0])) for e in out]
+        gold_ids = [list(encode(answers[e.task_id][0])) for e in out]
         probs = gold_probabilities(
             model,
             out,

@@ -148,8 +148,8 @@ def gold_probabilities(
 
 
 def with_gold_probs(episodes: Sequence[Episode], probs: Sequence[Sequence[float]]) -> list[Episode]:
-    """Episodes with `gold_prob_initial` on turn 0's `signals` and `gold_prob` on each turn's,
-    from `gold_probabilities`' output (other signals are kept)."""
+    """Episodes with `Episode.gold_prob_initial` and each turn's `signals.gold_prob`, from
+    `gold_probabilities`' output (other signals are kept)."""
     if len(probs) != len(episodes):
         raise ValueError(f"{len(probs)} probability rows for {len(episodes)} episodes")
     out = []
@@ -159,14 +159,16 @@ def with_gold_probs(episodes: Sequence[Episode], probs: Sequence[Sequence[float]
                 f"episode {episode.episode_id}: {len(p)} probabilities for "
                 f"{len(episode.turns)} turns (one per turn plus the initial one)"
             )
-        turns = []
-        for t, turn in enumerate(episode.turns):
-            signals = dict(turn.signals)
-            signals["gold_prob"] = float(p[t + 1])
-            if t == 0:
-                signals["gold_prob_initial"] = float(p[0])
-            turns.append(turn.model_copy(update={"signals": signals}))
-        out.append(episode.model_copy(update={"turns": turns}))
+        turns = [
+            turn.model_copy(
+                update={"signals": turn.signals.model_copy(update={"gold_prob": float(p[t + 1])})}
+            )
+            for t, turn in enumerate(episode.turns)
+        ]
+        update: dict[str, object] = {"turns": turns}
+        if episode.turns:
+            update["gold_prob_initial"] = float(p[0])
+        out.append(episode.model_copy(update=update))
     return out
 
 

@@ -26,7 +26,7 @@ Design:
 - A step with no learning signal is skipped: no value target, and no trained tokens or every
   trained token's advantage 0 with no KL term. No forward pass runs, the optimizer does not
   move (Adam's momentum would otherwise keep moving weights on a zero gradient), `version` is
-  unchanged, and the metrics say `skipped=1`. GRPO groups whose returns are all equal give
+  unchanged, and the `StepResult` says `skipped`. GRPO groups whose returns are all equal give
   such zeros.
 - KL to a reference (k3, GRPO arXiv 2402.03300) is on when `kl_coef > 0`: for LoRA the
   reference is the base model (adapters disabled), for full fine-tuning a frozen copy made at
@@ -42,11 +42,13 @@ Design:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,23 @@ from turnrl.rl.losses import (
 from turnrl.rl.value_head import ValueHead, state_values
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one learner step did."""
+
+    skipped: bool
+    """No learning signal (no trained token with a nonzero advantage, no KL term, no value
+    target): nothing ran and the optimizer did not move."""
+    policy_updated: bool
+    """The policy's weights moved (False when skipped, or when only the value head trained):
+    a weight sync is due."""
+    version: int
+    """`Learner.version` after the step: the version the next rollouts sample with."""
+    scalars: Mapping[str, float] = field(default_factory=dict)
+    """Figures for logging only (loss, clip_frac, grad_norm, ...; `Learner.step` lists them);
+    nothing steers on them."""
 
 
 class Learner:
@@ -150,17 +169,18 @@ class Learner:
     def accumulate_gradients(
         self,
         episodes: Sequence[Episode],
-        advantages: Sequence[Sequence[float]],
         value_targets: Sequence[Sequence[float | None]] | None = None,
-    ) -> dict[str, float]:
+    ) -> StepResult:
         """Forward and backward over `episodes` in micro-batches, adding the step's gradient
-        to each trained parameter's `.grad`; no optimizer step. Returns the step's metrics
-        (without `grad_norm` and `seconds`; `policy_updated` is 1 when the policy's weights
-        got a gradient). `step` is this plus clipping and AdamW."""
+        to each trained parameter's `.grad`; no optimizer step, `version` unchanged. Each
+        turn's `advantage` is broadcast to its sampled tokens (None: the turn is not trained).
+        The result's scalars lack `grad_norm` and `seconds`. `step` is this plus clipping and
+        AdamW."""
         cfg = self.config
         head_cfg = cfg.value_head
         if value_targets is not None and (self.value_head is None or head_cfg is None):
             raise ValueError("value_targets need a value head (LearnerConfig.value_head)")
+        advantages = [[t.advantage for t in e.turns] for e in episodes]
         batches = micro_batches(
             episodes,
             advantages,
@@ -182,7 +202,12 @@ class Learner:
         if value_targets is not None:
             counts["n_value_targets"] = float(n_targets)
         if not (policy_signal or value_signal):
-            return {"skipped": 1.0, "n_micro_batches": 0.0, **counts}
+            return StepResult(
+                skipped=True,
+                policy_updated=False,
+                version=self.version,
+                scalars={"n_micro_batches": 0.0, **counts},
+            )
         # Step-wide counts of the episodes that take a share under "episode" weighting.
         n_policy_rows = sum(int(b.loss_mask_B_T.any(dim=1).sum()) for b in batches)
         n_value_rows = sum(int(b.value_mask_B_J.any(dim=1).sum()) for b in batches)
@@ -224,13 +249,12 @@ class Learner:
         trunk = policy_signal or (
             value_signal and head_cfg is not None and head_cfg.backprop_to_policy
         )
-        return {
-            "skipped": 0.0,
-            "n_micro_batches": float(len(batches)),
-            **counts,
-            **out,
-            "policy_updated": float(trunk),
-        }
+        return StepResult(
+            skipped=False,
+            policy_updated=trunk,
+            version=self.version,
+            scalars={"n_micro_batches": float(len(batches)), **counts, **out},
+        )
 
     def _policy_loss(
         self,
@@ -300,41 +324,40 @@ class Learner:
     def step(
         self,
         episodes: Sequence[Episode],
-        advantages: Sequence[Sequence[float]],
         value_targets: Sequence[Sequence[float | None]] | None = None,
-    ) -> dict[str, float]:
-        """One optimizer step over all `episodes`; `advantages[i][j]` is the advantage of turn
-        `j` of episode `i`, broadcast to that turn's sampled tokens. `value_targets[i][j]`
-        (needs a value head) is the regression target of V(s_j), the state turn `j` starts
-        from (None: no target for that turn); the step adds `coef * MSE`.
+    ) -> StepResult:
+        """One optimizer step over all `episodes`: each turn's `Turn.advantage` is broadcast to
+        its sampled tokens (None: the turn is not trained). `value_targets[i][j]` (needs a
+        value head) is the regression target of V(s_j), the state turn `j` starts from (None:
+        no target for that turn); the step adds `coef * MSE`.
 
-        Metrics: loss, clip_frac, approx_kl, ratio_mean, entropy, kl_ref (when `kl_coef >
-        0`), grad_norm (before clipping), n_tokens, n_padded_tokens, n_sequences,
-        n_micro_batches, skipped, policy_updated, seconds; with value targets also value_loss
-        (the MSE before `coef`; `loss` includes `coef` times it), value_mean,
-        value_target_mean, value_grad_norm, n_value_targets. Increments `version` when the
-        policy's weights moved (`policy_updated`): not when skipped, nor when the value head
-        alone trained.
+        Scalars (for logging): loss, clip_frac, approx_kl, ratio_mean, entropy, kl_ref (when
+        `kl_coef > 0`), grad_norm (before clipping), n_tokens, n_padded_tokens, n_sequences,
+        n_micro_batches, seconds; with value targets also value_loss (the MSE before `coef`;
+        `loss` includes `coef` times it), value_mean, value_target_mean, value_grad_norm,
+        n_value_targets. `version` is incremented when the policy's weights moved
+        (`policy_updated`): not when skipped, nor when the value head alone trained.
         """
         start = time.perf_counter()
         try:
-            metrics = self.accumulate_gradients(episodes, advantages, value_targets)
-            if not metrics["skipped"]:
+            result = self.accumulate_gradients(episodes, value_targets)
+            scalars = dict(result.scalars)
+            if not result.skipped:
                 max_norm = self.config.max_grad_norm or math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm)
-                metrics["grad_norm"] = float(grad_norm)
+                scalars["grad_norm"] = float(grad_norm)
                 if value_targets is not None:
                     value_norm = torch.nn.utils.clip_grad_norm_(self.value_parameters, max_norm)
-                    metrics["value_grad_norm"] = float(value_norm)
+                    scalars["value_grad_norm"] = float(value_norm)
                 # Parameters without a gradient (the policy's, in a value-only step with a
                 # detached head) are left alone by AdamW, momentum and weight decay included.
                 self.optimizer.step()
-                if metrics["policy_updated"]:
+                if result.policy_updated:
                     self.version += 1
         finally:
             self.optimizer.zero_grad(set_to_none=True)
-        metrics["seconds"] = time.perf_counter() - start
-        return metrics
+        scalars["seconds"] = time.perf_counter() - start
+        return dataclasses.replace(result, version=self.version, scalars=scalars)
 
     def _scoring_batches(self, episodes: Sequence[Episode]) -> list[TokenBatch]:
         """Micro-batches of `episodes` for scoring: their own logprobs and advantages are

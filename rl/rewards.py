@@ -2,10 +2,12 @@
 
 Every component is a pure function of stored records (and of the episode's group where it
 needs one), so `turnrl replay` recomputes them without a model; quantities a model measured
-(`gold_prob`) are read from `Turn.signals`, where `turnrl.rl.info_gain` stored them. A
+(`gold_prob`, `Episode.gold_prob_initial`) are read from the typed `Turn.signals`, where
+`turnrl.rl.info_gain` stored them; grader metrics are read strictly (`metric`: a metric the
+grader did not emit raises, naming the episode). A
 component's value lands on the turn whose action earned it. Components:
 
-- `outcome`: the grader's score `outcome[outcome_metric]` on the episode's last turn.
+- `outcome`: the grader's score `outcome[metric]` on the episode's last turn.
 - `format`: -1 on a turn with a format error (bad call, unterminated tag, or neither a call
   nor an answer: SimpleTIR's "void turn", Xue et al. 2025, arXiv 2509.02479), else 0.
 - `tool_cost`: minus the turn's tool-call cost vectors weighted by kind,
@@ -26,9 +28,9 @@ component's value lands on the turn whose action earned it. Components:
   (no target n): making calls is never rewarded, and a wrong episode is not told to call less.
 - `saturation`: a saturation penalty (the SPAE idea of the issue): -1 per tool call made in a
   turn that starts when the answer was already reachable. Reachable, operationally, before
-  turn t: the gold answer appeared in an earlier turn's tool output (`signals["gold_seen"]`,
+  turn t: the gold answer appeared in an earlier turn's tool output (`signals.gold_seen`,
   see `mark_gold_seen`), or the policy's gold probability before turn t (`gold_prob` of turn
-  t-1, `gold_prob_initial` for turn 0) was at least `saturation_threshold`. Never positive.
+  t-1, `Episode.gold_prob_initial` for turn 0) was at least `threshold`. Never positive.
 - `eapo`: the geometric turn discount of the terminal reward (IterResearch's Efficiency-Aware
   Policy Optimization, Chen et al. 2025, arXiv 2511.07327, gives round t of T the reward
   gamma^(T-t) * R_T). Kept separate from `outcome`, it is the delay cost that turns the outcome
@@ -37,93 +39,81 @@ component's value lands on the turn whose action earned it. Components:
   every turn t (the paper's per-round reward) and episode return gamma^(T-1) * R, so that any
   estimator that sums rewards sees the discounted terminal reward.
 - `coverage`: marginal coverage of a search: the k-th distinct passage (`ToolResult.items`)
-  the episode sees (k = 0, 1, ...) earns `coverage_decay ** k`, a passage seen before earns 0
+  the episode sees (k = 0, 1, ...) earns `decay ** k`, a passage seen before earns 0
   (diminishing returns; the episode total 1 + d + d^2 + ... is bounded).
 
 `outcome`, `format` and `tool_cost` are always filled in (stored runs and reports rely on
-them); the others when `weights` names them. `RewardConfig.weights` combine components into a
-scalar only where an estimator asks for one (`weighted`, `episode_return`); GDPO-style
+them); the others when the config lists them (`turnrl.rl.reward_config`). Weights combine
+components into a scalar only where an estimator asks for one (`weighted`, `episode_return`);
+GDPO-style
 decoupled normalisation (`decoupled_returns`, `decoupled_turn_rewards`, selected by
-`RewardConfig.decoupled`) is the other way to combine them.
+`RewardConfig.combine: gdpo`) is the other way to combine them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-
-from pydantic import BaseModel, ConfigDict, Field
+from collections.abc import Callable, Mapping, Sequence
 
 from turnrl.agent.records import Episode
-from turnrl.tasks.grading import normalize_answer
+from turnrl.rl.reward_config import (
+    BASE_COMPONENTS,
+    COMPONENTS,
+    CoverageReward,
+    EapoReward,
+    FormatReward,
+    InfoGainReward,
+    OtcReward,
+    OutcomeReward,
+    RewardComponent,
+    RewardConfig,
+    SaturationReward,
+    ToolCostReward,
+)
 
-BASE_COMPONENTS = ("outcome", "format", "tool_cost")
-"""Filled in on every turn, weighted or not."""
-COMPONENTS = (*BASE_COMPONENTS, "info_gain", "otc", "saturation", "eapo", "coverage")
-
-
-class RewardConfig(BaseModel):
-    """Which components count, how much, and their parameters."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    weights: dict[str, float] = Field(
-        default_factory=lambda: {"outcome": 1.0, "format": 0.1, "tool_cost": 0.01}
-    )
-    """Weight of each component in the scalar return; names must be in `COMPONENTS`. A named
-    component is computed even at weight 0 (so that it is logged)."""
-    outcome_metric: str = "f1"
-    """Which grader score is the outcome reward (`correct`, `exact_match`, `f1`)."""
-    cost_weights: dict[str, float] = Field(default_factory=lambda: {"calls": 1.0})
-    """Price of each cost kind in the `tool_cost` component (>= 0)."""
-    success_metric: str = "correct"
-    """The grader score that makes an episode correct (when >= 1) for `otc`'s target: the
-    fewest calls among the group's correct episodes."""
-    otc_c: float = Field(1.0, gt=0)
-    """`otc`'s smoothing constant c in cos(m * pi / (2m + c)), the coefficient used when the
-    target is 0 calls: smaller c punishes each extra call harder."""
-    saturation_threshold: float | None = Field(0.5, gt=0, le=1)
-    """`saturation`: the answer counts as reachable once the gold probability reached this;
-    None to use only `gold_seen`."""
-    eapo_gamma: float = Field(0.9, gt=0, le=1)
-    """`eapo`'s discount per turn. IterResearch runs hundreds of rounds with gamma near 1; with
-    a handful of turns a smaller gamma is needed for the discount to matter."""
-    coverage_decay: float = Field(0.5, gt=0, le=1)
-    """`coverage`: the k-th new passage earns decay**k (1: every new passage earns 1)."""
-    decoupled: bool = False
-    """Combine the weighted components GDPO-style (`decoupled_turn_rewards`: each normalised
-    within its group, summed, then normalised over the batch) instead of by a plain weighted
-    sum per turn."""
-
-    def model_post_init(self, context: object) -> None:
-        unknown = sorted(set(self.weights) - set(COMPONENTS))
-        if unknown:
-            raise ValueError(f"unknown reward components {unknown}; known: {list(COMPONENTS)}")
-        negative = sorted(k for k, w in self.cost_weights.items() if w < 0)
-        if negative:
-            raise ValueError(f"cost weights must be >= 0 (a cost is never a reward): {negative}")
-
-    def metrics_read(self) -> list[tuple[str, str]]:
-        """Every grader metric these rewards read, as `(config field, metric)` pairs (e.g.
-        `("rewards.outcome_metric", "f1")`), so a run config can check them against the
-        metrics its suite emits."""
-        return [
-            ("rewards.outcome_metric", self.outcome_metric),
-            ("rewards.success_metric", self.success_metric),
-        ]
-
-    def components(self) -> list[str]:
-        """The components `group_rewards` fills in, in `COMPONENTS` order."""
-        return [c for c in COMPONENTS if c in BASE_COMPONENTS or c in self.weights]
-
+__all__ = [
+    "BASE_COMPONENTS",
+    "COMPONENTS",
+    "RewardConfig",
+    "coverage_rewards",
+    "decoupled_returns",
+    "decoupled_turn_rewards",
+    "eapo_rewards",
+    "episode_return",
+    "format_rewards",
+    "group_rewards",
+    "info_gain_rewards",
+    "mark_gold_seen",
+    "metric",
+    "otc_rewards",
+    "otc_target",
+    "otc_tool_reward",
+    "outcome_rewards",
+    "saturation_rewards",
+    "tool_cost_rewards",
+    "turn_rewards",
+    "weighted",
+]
 
 # --- components of one episode ------------------------------------------------------------
 
 
-def outcome_rewards(episode: Episode, metric: str) -> list[float]:
-    """`outcome[metric]` on the last turn, 0 elsewhere."""
+def metric(episode: Episode, name: str) -> float:
+    """The grader's score `name` of `episode`; raises naming the episode when the grader did
+    not emit it (a missing metric is a configuration or grading bug, never a score of 0)."""
+    try:
+        return episode.outcome[name]
+    except KeyError:
+        graded = sorted(episode.outcome) or "nothing (not graded)"
+        raise ValueError(
+            f"episode {episode.episode_id}: no outcome metric {name!r}; its grader emitted {graded}"
+        ) from None
+
+
+def outcome_rewards(episode: Episode, metric_name: str) -> list[float]:
+    """`outcome[metric_name]` on the last turn, 0 elsewhere."""
     last = len(episode.turns) - 1
-    score = episode.outcome.get(metric, 0.0)
+    score = metric(episode, metric_name)
     return [score if t == last else 0.0 for t in range(len(episode.turns))]
 
 
@@ -148,19 +138,18 @@ def info_gain_rewards(episode: Episode) -> list[float]:
     """IGPO's p_t - p_{t-1} on every turn without an answer, 0 on answer turns."""
     if not episode.turns:
         return []
-    first = episode.turns[0].signals
-    if "gold_prob_initial" not in first:
-        raise _missing(episode, "gold_prob_initial", 0)
+    if episode.gold_prob_initial is None:
+        raise _missing(episode, "gold_prob_initial", None)
     # Answer turns are skipped entirely (their probability too), so the gains telescope.
-    previous = first["gold_prob_initial"]
+    previous = episode.gold_prob_initial
     out = []
     for t, turn in enumerate(episode.turns):
         if turn.answer is not None:
             out.append(0.0)
             continue
-        current = turn.signals.get("gold_prob")
+        current = turn.signals.gold_prob
         if current is None:
-            raise _missing(episode, "gold_prob", t)
+            raise _missing(episode, "signals.gold_prob", t)
         out.append(current - previous)
         previous = current
     return out
@@ -178,16 +167,16 @@ def otc_tool_reward(m: int, n: int, c: float = 1.0) -> float:
 
 def otc_target(group: Sequence[Episode], success_metric: str) -> int | None:
     """The fewest tool calls among the group's correct episodes; None when none is correct."""
-    calls = [e.n_tool_calls for e in group if e.outcome.get(success_metric, 0.0) >= 1.0]
+    calls = [e.n_tool_calls for e in group if metric(e, success_metric) >= 1.0]
     return min(calls) if calls else None
 
 
-def otc_rewards(episode: Episode, target: int | None, metric: str, c: float) -> list[float]:
+def otc_rewards(episode: Episode, target: int | None, metric_name: str, c: float) -> list[float]:
     """r_phi * (r_tool(m, n) - 1) on the last turn (see the module docstring), r_phi the
     outcome score (taken as 0 when negative); 0 when the group has no target."""
     out = [0.0] * len(episode.turns)
     if out and target is not None:
-        r_phi = max(episode.outcome.get(metric, 0.0), 0.0)
+        r_phi = max(metric(episode, metric_name), 0.0)
         out[-1] = r_phi * (otc_tool_reward(episode.n_tool_calls, target, c) - 1.0)
     return out
 
@@ -197,38 +186,35 @@ def saturation_rewards(episode: Episode, threshold: float | None) -> list[float]
     turns = episode.turns
     if not turns:
         return []
-    has_seen = all("gold_seen" in t.signals for t in turns)
+    has_seen = all(t.signals.gold_seen is not None for t in turns)
     has_prob = (
         threshold is not None
-        and "gold_prob_initial" in turns[0].signals
-        and all("gold_prob" in t.signals for t in turns[:-1])
+        and episode.gold_prob_initial is not None
+        and all(t.signals.gold_prob is not None for t in turns[:-1])
     )
     if not (has_seen or has_prob):
         raise ValueError(
-            f"episode {episode.episode_id}: the saturation reward needs `gold_seen` on every "
-            "turn's signals (see `mark_gold_seen`) or, with a `saturation_threshold`, "
-            "`gold_prob_initial` and `gold_prob` (see `turnrl.rl.info_gain`)"
+            f"episode {episode.episode_id}: the saturation reward needs `signals.gold_seen` on "
+            "every turn (see `mark_gold_seen`) or, with a `threshold`, `gold_prob_initial` and "
+            "`signals.gold_prob` (see `turnrl.rl.info_gain`)"
         )
     out = []
     seen = False
     for t, turn in enumerate(turns):
         reachable = seen
         if has_prob and threshold is not None:
-            before = (
-                turns[0].signals["gold_prob_initial"]
-                if t == 0
-                else turns[t - 1].signals["gold_prob"]
-            )
+            before = episode.gold_prob_initial if t == 0 else turns[t - 1].signals.gold_prob
+            assert before is not None  # has_prob
             reachable = reachable or before >= threshold
         out.append(-float(turn.n_tool_calls) if reachable else 0.0)
-        seen = seen or (has_seen and turn.signals["gold_seen"] >= 0.5)
+        seen = seen or (has_seen and bool(turn.signals.gold_seen))
     return out
 
 
-def eapo_rewards(episode: Episode, metric: str, gamma: float) -> list[float]:
+def eapo_rewards(episode: Episode, metric_name: str, gamma: float) -> list[float]:
     """-(1 - gamma) gamma^(T-2-t) R before the last turn, 0 on it (see the module docstring)."""
     n = len(episode.turns)
-    score = episode.outcome.get(metric, 0.0)
+    score = metric(episode, metric_name)
     return [-(1.0 - gamma) * gamma ** (n - 2 - t) * score if t < n - 1 else 0.0 for t in range(n)]
 
 
@@ -247,24 +233,26 @@ def coverage_rewards(episode: Episode, decay: float) -> list[float]:
     return out
 
 
-def mark_gold_seen(episode: Episode, golds: Sequence[str]) -> Episode:
-    """`episode` with `signals["gold_seen"]` on every turn: 1.0 when some gold answer occurs,
-    as whole words after SQuAD normalisation (the grader's), in the turn's tool outputs, else
-    0.0. Call it where the task's gold answers are known (training and replay), before
-    scoring, when the `saturation` component is weighted."""
-    needles = [f" {g} " for g in (normalize_answer(x) for x in golds) if g]
+def mark_gold_seen(
+    episode: Episode, golds: Sequence[str], normalize: Callable[[str], str]
+) -> Episode:
+    """`episode` with `signals.gold_seen` on every turn: True when some gold answer occurs, as
+    whole words after `normalize` (the suite grader's normalisation, e.g. SQuAD's), in the
+    turn's tool outputs. Call it where the task's gold answers are known (training and replay),
+    before scoring, when the `saturation` component is configured."""
+    needles = [f" {g} " for g in (normalize(x) for x in golds) if g]
     turns = []
     for turn in episode.turns:
-        hay = f" {normalize_answer(' '.join(r.text for r in turn.tool_results))} "
-        signals = {**turn.signals, "gold_seen": float(any(n in hay for n in needles))}
+        hay = f" {normalize(' '.join(r.text for r in turn.tool_results))} "
+        signals = turn.signals.model_copy(update={"gold_seen": any(n in hay for n in needles)})
         turns.append(turn.model_copy(update={"signals": signals}))
     return episode.model_copy(update={"turns": turns})
 
 
-def _missing(episode: Episode, signal: str, turn: int) -> ValueError:
+def _missing(episode: Episode, signal: str, turn: int | None) -> ValueError:
+    where = f"episode {episode.episode_id}" + ("" if turn is None else f" turn {turn}")
     return ValueError(
-        f"episode {episode.episode_id} turn {turn}: the info_gain reward needs "
-        f"`signals[{signal!r}]`; compute gold probabilities with "
+        f"{where}: the info_gain reward needs `{signal}`; compute gold probabilities with "
         "`turnrl.rl.info_gain.gold_probabilities` and store them with `with_gold_probs` "
         "before scoring"
     )
@@ -274,20 +262,21 @@ def _missing(episode: Episode, signal: str, turn: int) -> ValueError:
 
 
 def group_rewards(episodes: Sequence[Episode], config: RewardConfig) -> list[Episode]:
-    """Graded episodes (any number of groups) with every turn's `rewards` filled in with
-    `config.components()`; same order out. `otc` reads each episode's group (`group_id`)."""
-    names = config.components()
+    """Graded episodes (any number of groups) with every turn's `rewards` filled in with the
+    configured components, in `COMPONENTS` order; same order out. `otc` reads each episode's
+    group (`group_id`)."""
+    components = [c for k in config.computed() if (c := config.get(k)) is not None]
     targets: dict[str, int | None] = {}
-    if "otc" in names:
+    if config.get("otc") is not None:
         groups: dict[str, list[Episode]] = {}
         for e in episodes:
             groups.setdefault(e.group_id, []).append(e)
         targets = {g: otc_target(members, config.success_metric) for g, members in groups.items()}
     out = []
     for episode in episodes:
-        columns = {name: _component(name, episode, config, targets) for name in names}
+        columns = {c.kind: _component(c, episode, config, targets) for c in components}
         turns = [
-            turn.model_copy(update={"rewards": {name: columns[name][t] for name in names}})
+            turn.model_copy(update={"rewards": {name: col[t] for name, col in columns.items()}})
             for t, turn in enumerate(episode.turns)
         ]
         out.append(episode.model_copy(update={"turns": turns}))
@@ -301,27 +290,24 @@ def turn_rewards(episode: Episode, config: RewardConfig) -> Episode:
 
 
 def _component(
-    name: str, episode: Episode, config: RewardConfig, targets: Mapping[str, int | None]
+    c: RewardComponent, episode: Episode, config: RewardConfig, targets: Mapping[str, int | None]
 ) -> list[float]:
-    if name == "outcome":
-        return outcome_rewards(episode, config.outcome_metric)
-    if name == "format":
+    if isinstance(c, OutcomeReward):
+        return outcome_rewards(episode, c.metric)
+    if isinstance(c, FormatReward):
         return format_rewards(episode)
-    if name == "tool_cost":
-        return tool_cost_rewards(episode, config.cost_weights)
-    if name == "info_gain":
+    if isinstance(c, ToolCostReward):
+        return tool_cost_rewards(episode, c.cost_weights)
+    if isinstance(c, InfoGainReward):
         return info_gain_rewards(episode)
-    if name == "otc":
-        return otc_rewards(
-            episode, targets.get(episode.group_id), config.outcome_metric, config.otc_c
-        )
-    if name == "saturation":
-        return saturation_rewards(episode, config.saturation_threshold)
-    if name == "eapo":
-        return eapo_rewards(episode, config.outcome_metric, config.eapo_gamma)
-    if name == "coverage":
-        return coverage_rewards(episode, config.coverage_decay)
-    raise ValueError(f"unknown reward component {name!r}")
+    if isinstance(c, OtcReward):
+        return otc_rewards(episode, targets.get(episode.group_id), c.metric, c.c)
+    if isinstance(c, SaturationReward):
+        return saturation_rewards(episode, c.threshold)
+    if isinstance(c, EapoReward):
+        return eapo_rewards(episode, c.metric, c.gamma)
+    assert isinstance(c, CoverageReward)
+    return coverage_rewards(episode, c.decay)
 
 
 def weighted(rewards: Mapping[str, float], weights: Mapping[str, float]) -> float:

@@ -11,7 +11,7 @@ Design:
   merged exports and vLLM weight reloads never see it. The learner saves it next to the
   weights (`value_head.safetensors`) and trains it in its own optimizer parameter group.
 - Values are computed from stored token ids, in batches and without gradients, and stored on
-  the turns (`Turn.signals["value"]`, `with_values`) so that estimators and replay need no
+  the turns (`Turn.signals.value`, `with_values`) so that estimators and replay need no
   model.
 """
 
@@ -24,12 +24,6 @@ from torch import nn
 
 from turnrl.agent.records import Episode
 from turnrl.rl.learner_config import ValueHeadConfig
-
-VALUE_SIGNAL = "value"
-"""The `Turn.signals` key holding V(state before the turn)."""
-VALUE_AFTER_SIGNAL = "value_after"
-"""The `Turn.signals` key, on an episode's last turn only, holding V(state after it): the
-bootstrap value of a truncated episode (`Learner.values(..., bootstrap=True)`)."""
 
 
 class ValueHead(nn.Module):
@@ -63,9 +57,9 @@ def state_values(
 
 
 def with_values(episodes: Sequence[Episode], values: Sequence[Sequence[float]]) -> list[Episode]:
-    """The episodes with `values[i][j]` stored as `turns[j].signals["value"]` (other signals
+    """The episodes with `values[i][j]` stored as `turns[j].signals.value` (other signals
     kept), as `Learner.values` returns them. A row with one value more than the episode has
-    turns (`bootstrap=True`) stores the last as the last turn's `signals["value_after"]`."""
+    turns (`bootstrap=True`) stores the last as `Episode.value_after`."""
     if len(values) != len(episodes):
         raise ValueError(f"{len(values)} value rows for {len(episodes)} episodes")
     out = []
@@ -76,11 +70,12 @@ def with_values(episodes: Sequence[Episode], values: Sequence[Sequence[float]]) 
                 f"episode {episode.episode_id}: {len(episode_values)} values for {n} turns "
                 "(one per turn, plus optionally the state after the last)"
             )
-        turns = []
-        for j, turn in enumerate(episode.turns):
-            signals = {**turn.signals, VALUE_SIGNAL: float(episode_values[j])}
-            if j == n - 1 and len(episode_values) == n + 1:
-                signals[VALUE_AFTER_SIGNAL] = float(episode_values[n])
-            turns.append(turn.model_copy(update={"signals": signals}))
-        out.append(episode.model_copy(update={"turns": turns}))
+        turns = [
+            turn.model_copy(update={"signals": turn.signals.model_copy(update={"value": float(v)})})
+            for turn, v in zip(episode.turns, episode_values, strict=False)
+        ]
+        update: dict[str, object] = {"turns": turns}
+        if len(episode_values) == n + 1:
+            update["value_after"] = float(episode_values[n])
+        out.append(episode.model_copy(update=update))
     return out

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn
+from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn, TurnSignals
 from turnrl.rl.advantages import (
     ESTIMATORS,
     EmpgConfig,
@@ -154,7 +154,7 @@ def turn(
         tool_calls=calls,
         tool_results=results,
         answer=answer,
-        signals=signals or {},
+        signals=TurnSignals(value=(signals or {}).get("value")),
         replayed=replayed,
     )
 
@@ -165,6 +165,7 @@ def ep(
     *,
     stop: StopReason = StopReason.ANSWERED,
     name: str = "",
+    value_after: float | None = None,
     **turn_kwargs: list[object],
 ) -> Episode:
     """An episode of `steps`; each keyword gives one value per turn to `turn`."""
@@ -178,6 +179,7 @@ def ep(
         group_id=group,
         turns=turns,
         stop_reason=stop,
+        value_after=value_after,
     )
 
 
@@ -328,9 +330,13 @@ def test_trloo_baseline_does_not_depend_on_the_episodes_own_length(
 
 def _valued(stop: StopReason, value_after: float | None = None) -> Episode:
     values = [{"value": 0.5}, {"value": 0.6}, {"value": 0.8}]
-    if value_after is not None:
-        values[-1] = {"value": 0.8, "value_after": value_after}
-    return ep("g", ["search:a", "search:b", "answer:x"], stop=stop, signals=values)  # type: ignore[arg-type]
+    return ep(
+        "g",
+        ["search:a", "search:b", "answer:x"],
+        stop=stop,
+        value_after=value_after,
+        signals=values,  # type: ignore[arg-type]
+    )
 
 
 def test_gae_hand_example() -> None:
@@ -362,7 +368,7 @@ def test_tppo_bootstraps_a_truncated_episode_with_the_value_at_the_cut() -> None
 def test_value_based_estimators_say_what_is_missing() -> None:
     with pytest.raises(ValueError, match="value_after"):
         compute_advantages([_valued(StopReason.CONTEXT_FULL)], [[0.0] * 3], TppoConfig())
-    with pytest.raises(ValueError, match=r"signals\['value'\]"):
+    with pytest.raises(ValueError, match=r"signals\.value"):
         compute_advantages([ep("g", ["answer:x"])], [[1.0]], GaeConfig())
 
 
@@ -424,7 +430,8 @@ def batches(draw: st.DrawFn) -> tuple[list[Episode], list[list[float]]]:
                     steps,
                     stop=draw(st.sampled_from([StopReason.ANSWERED, StopReason.MAX_TURNS])),
                     name=f"g{g}/{n}",
-                    signals=[{"value": 0.25 * i, "value_after": 0.5} for i in range(k)],
+                    signals=[{"value": 0.25 * i} for i in range(k)],
+                    value_after=0.5,
                     replayed=replayed,
                     logprobs=[(-0.1 * (i + 1),) * (1 + i % 2) for i in range(k)],
                 )

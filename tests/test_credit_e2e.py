@@ -44,9 +44,9 @@ def test_online_credit_is_stored_and_replays_bit_for_bit(gigpo_run: Path) -> Non
         episodes = list(store.episodes())
     assert episodes and all(e.step == 0 for e in episodes)
     for e in episodes:
-        assert 0.0 < e.turns[0].signals["gold_prob_initial"] <= 1.0
+        assert e.gold_prob_initial is not None and 0.0 < e.gold_prob_initial <= 1.0
         for t in e.turns:
-            assert 0.0 < t.signals["gold_prob"] <= 1.0
+            assert t.signals.gold_prob is not None and 0.0 < t.signals.gold_prob <= 1.0
             assert {"outcome", "info_gain", "tool_cost"} <= set(t.rewards)
             assert t.advantage is not None
     # Information gain telescopes over the turns that did not answer.
@@ -54,8 +54,10 @@ def test_online_credit_is_stored_and_replays_bit_for_bit(gigpo_run: Path) -> Non
         open_turns = [t for t in e.turns if t.answer is None]
         if open_turns:
             total = sum(t.rewards["info_gain"] for t in open_turns)
-            first = e.turns[0].signals["gold_prob_initial"]
-            assert total == pytest.approx(open_turns[-1].signals["gold_prob"] - first, abs=1e-12)
+            first = e.gold_prob_initial
+            last = open_turns[-1].signals.gold_prob
+            assert first is not None and last is not None
+            assert total == pytest.approx(last - first, abs=1e-12)
     again = replay(gigpo_run)
     assert again["turns_compared"] > 0 and again["advantages_differing"] == 0
 
@@ -88,8 +90,8 @@ def test_critic_estimators_need_a_value_head(kind: str, tmp_path: Path) -> None:
     with RunStore.open_readonly(run_dir) as store:
         episodes = list(store.episodes())
         metrics = store.metrics()
-    assert all("value" in t.signals for e in episodes for t in e.turns)
+    assert all(t.signals.value is not None for e in episodes for t in e.turns)
     # The bootstrap value at the cut of a truncated episode (T-PPO) is stored too.
-    assert all("value_after" in e.turns[-1].signals for e in episodes)
+    assert all(e.value_after is not None for e in episodes)
     assert "value_loss" in metrics[0]
     assert replay(run_dir)["advantages_differing"] == 0

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from turnrl.agent.records import Episode, StopReason, Turn
+from turnrl.agent.records import Episode, StopReason, Turn, TurnSignals
 from turnrl.rl.info_gain import Method, boundaries, gold_probabilities, with_gold_probs
 from turnrl.rl.rewards import RewardConfig, group_rewards, info_gain_rewards
 
@@ -126,18 +126,17 @@ def test_real_tokens_and_info_gain_telescope(
     eps = [EPISODES[0], EPISODES[2]]
     probs = gold_probabilities(tiny_model, eps, [gold, gold], prefix)
     stored = with_gold_probs(eps, probs)
-    assert stored[0].turns[0].signals == {
-        "gold_prob_initial": probs[0][0],
-        "gold_prob": probs[0][1],
-    }
-    assert [t.signals["gold_prob"] for t in stored[1].turns] == probs[1][1:]
+    assert stored[0].gold_prob_initial == probs[0][0]
+    assert stored[0].turns[0].signals == TurnSignals(gold_prob=probs[0][1])
+    assert [t.signals.gold_prob for t in stored[1].turns] == probs[1][1:]
     assert all(0.0 < p <= 1.0 for row in probs for p in row)
     # Episode a answers on its last turn: the gains end at the turn before it.
     assert math.isclose(sum(info_gain_rewards(stored[0])), probs[0][1] - probs[0][0])
     # Episode c never answers: every turn has a gain.
     assert math.isclose(sum(info_gain_rewards(stored[1])), probs[1][-1] - probs[1][0])
     cfg = RewardConfig(weights={"outcome": 1.0, "info_gain": 1.0})
-    rewarded = group_rewards(stored, cfg)
+    graded = [e.model_copy(update={"outcome": {"f1": 0.0}}) for e in stored]
+    rewarded = group_rewards(graded, cfg)
     assert [t.rewards["info_gain"] for t in rewarded[1].turns] == pytest.approx(
         [probs[1][k + 1] - probs[1][k] for k in range(3)]
     )

@@ -13,7 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn
+from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn, TurnSignals
 from turnrl.rl.rewards import (
     COMPONENTS,
     RewardConfig,
@@ -31,6 +31,7 @@ from turnrl.rl.rewards import (
     saturation_rewards,
     turn_rewards,
 )
+from turnrl.tasks.grading import normalize_answer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -70,20 +71,30 @@ def turn(
         ],
         answer=answer,
         format_error=format_error,
-        signals=signals or {},
+        # gold_seen given as 1.0/0.0 reads as the flag it is.
+        signals=TurnSignals(
+            **{k: v >= 0.5 if k == "gold_seen" else v for k, v in (signals or {}).items()}
+        ),
     )
 
 
 def episode(
-    turns: list[Turn], outcome: dict[str, float] | None = None, group: str = "g", name: str = "e"
+    turns: list[Turn],
+    outcome: dict[str, float] | None = None,
+    group: str = "g",
+    name: str = "e",
+    gold_prob_initial: float | None = None,
 ) -> Episode:
     return Episode(
         episode_id=name,
         task_id="t",
         group_id=group,
         stop_reason=StopReason.ANSWERED,
-        outcome=outcome or {},
+        # Graded (a wrong answer) unless a test says otherwise: rewards never read a missing
+        # metric as 0.
+        outcome=outcome if outcome is not None else {"f1": 0.0, "correct": 0.0},
         turns=turns,
+        gold_prob_initial=gold_prob_initial,
     )
 
 
@@ -123,7 +134,7 @@ def test_config_rejects_unknown_components_and_negative_prices() -> None:
         RewardConfig(cost_weights={"calls": -1.0})
     cfg = RewardConfig(weights={"outcome": 1.0, "coverage": 0.0})
     # Base components are always filled; others when named (even at weight 0).
-    assert cfg.components() == ["outcome", "format", "tool_cost", "coverage"]
+    assert cfg.computed() == ["outcome", "format", "tool_cost", "coverage"]
     assert RewardConfig.model_validate(cfg.model_dump()) == cfg
     assert not RewardConfig().decoupled
     assert RewardConfig.model_validate({"decoupled": True}).decoupled
@@ -149,10 +160,11 @@ def test_tool_cost_weighs_heterogeneous_cost_vectors() -> None:
 def test_info_gain_hand_example() -> None:
     ep = episode(
         [
-            turn(0, 1, signals={"gold_prob_initial": 0.1, "gold_prob": 0.3}),
+            turn(0, 1, signals={"gold_prob": 0.3}),
             turn(1, 1, signals={"gold_prob": 0.25}),
             turn(2, answer="x", signals={"gold_prob": 0.9}),
-        ]
+        ],
+        gold_prob_initial=0.1,
     )
     # 0.3 - 0.1 = 0.2; 0.25 - 0.3 = -0.05; the answer turn's credit is the outcome: 0.
     gains = info_gain_rewards(ep)
@@ -160,8 +172,20 @@ def test_info_gain_hand_example() -> None:
     # Telescopes: 0.2 - 0.05 = 0.15 = 0.25 - 0.1.
     assert math.isclose(sum(gains), 0.25 - 0.1)
     # The answer turn needs no probability.
-    no_last = ep.turns[2].model_copy(update={"signals": {}})
+    no_last = ep.turns[2].model_copy(update={"signals": TurnSignals()})
     assert info_gain_rewards(ep.model_copy(update={"turns": [*ep.turns[:2], no_last]})) == gains
+
+
+def test_a_metric_the_grader_did_not_emit_is_an_error_naming_the_episode() -> None:
+    """Regression lock (issue 11): humaneval runs once trained on `f1`, which its grader never
+    emits, and every episode silently scored 0. Do not relax without a decision."""
+    graded = episode([turn(0, answer="x")], {"correct": 1.0}, name="he/0")
+    with pytest.raises(ValueError, match=r"episode he/0: no outcome metric 'f1'.*\['correct'\]"):
+        group_rewards([graded], RewardConfig(weights={"outcome": 1.0}, outcome_metric="f1"))
+    ungraded = episode([turn(0, answer="x")], {}, name="raw")
+    with pytest.raises(ValueError, match=r"episode raw: no outcome metric 'correct'.*not graded"):
+        group_rewards([ungraded], RewardConfig())
+    assert group_rewards([graded], RewardConfig())[0].turns[0].rewards["outcome"] == 1.0
 
 
 def test_info_gain_without_signals_says_what_to_compute() -> None:
@@ -169,8 +193,8 @@ def test_info_gain_without_signals_says_what_to_compute() -> None:
     cfg = RewardConfig(weights={"outcome": 1.0, "info_gain": 1.0})
     with pytest.raises(ValueError, match=r"gold_prob_initial.*gold_probabilities"):
         group_rewards([ep], cfg)
-    half = episode([turn(0, 1, signals={"gold_prob_initial": 0.1}), turn(1, answer="x")])
-    with pytest.raises(ValueError, match=r"turn 0.*'gold_prob'"):
+    half = episode([turn(0, 1), turn(1, answer="x")], gold_prob_initial=0.1)
+    with pytest.raises(ValueError, match=r"turn 0.*gold_prob"):
         group_rewards([half], cfg)
 
 
@@ -227,11 +251,12 @@ def test_otc_target_is_per_group_and_absent_without_a_correct_episode() -> None:
 def test_saturation_hand_example() -> None:
     ep = episode(
         [
-            turn(0, 1, signals={"gold_prob_initial": 0.1, "gold_prob": 0.6, "gold_seen": 0.0}),
+            turn(0, 1, signals={"gold_prob": 0.6, "gold_seen": 0.0}),
             turn(1, 2, signals={"gold_prob": 0.3, "gold_seen": 1.0}),
             turn(2, 1, signals={"gold_prob": 0.2, "gold_seen": 0.0}),
             turn(3, answer="x", signals={"gold_seen": 0.0}),
-        ]
+        ],
+        gold_prob_initial=0.1,
     )
     # threshold 0.5: turn 0 starts at p = 0.1 -> 0; turn 1 starts at p = 0.6 -> 2 calls -> -2;
     # turn 2 starts at p = 0.3, but turn 1 showed the gold answer -> -1; turn 3 makes no call.
@@ -251,8 +276,8 @@ def test_mark_gold_seen_matches_whole_normalised_words() -> None:
             turn(2, answer="Paris"),
         ]
     )
-    marked = mark_gold_seen(ep, ["Paris", ""])
-    assert [t.signals["gold_seen"] for t in marked.turns] == [1.0, 0.0, 0.0]
+    marked = mark_gold_seen(ep, ["Paris", ""], normalize_answer)
+    assert [t.signals.gold_seen for t in marked.turns] == [True, False, False]
 
 
 def test_eapo_hand_example() -> None:
@@ -319,8 +344,6 @@ def _episodes(draw: Any) -> list[Episode]:
         for i in range(n_turns):
             k = draw(st.integers(0, 3))
             signals = {"gold_prob": probs[i + 1], "gold_seen": float(draw(st.booleans()))}
-            if i == 0:
-                signals["gold_prob_initial"] = probs[0]
             turns.append(
                 turn(
                     i,
@@ -338,6 +361,7 @@ def _episodes(draw: Any) -> list[Episode]:
                 {"f1": score, "correct": float(correct)},
                 group=draw(st.sampled_from(["g1", "g2"])),
                 name=f"e{n}",
+                gold_prob_initial=probs[0],
             )
         )
     return out

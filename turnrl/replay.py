@@ -20,15 +20,16 @@ from turnrl.agent.model import load_model, load_tokenizer, tokenizer_dir
 from turnrl.agent.records import Episode
 from turnrl.agent.store import RunStore
 from turnrl.config import RunConfig
-from turnrl.credit import add_gold_signals, needs_gold_probs
 from turnrl.report import summarize
 from turnrl.rl.advantages import estimator_config
-from turnrl.rl.rewards import RewardConfig
-from turnrl.rl.rollout import grade_all
+from turnrl.rl.credit import add_gold_signals, needs_gold_probs
+from turnrl.rl.reward_config import RewardConfig, SaturationReward
+from turnrl.rollout import grade_all
 from turnrl.rl.scoring import score
 from turnrl.sandboxes.config import open_sandbox
-from turnrl.suites import build_suite, needs_sandbox
+from turnrl.suites import build_suite
 from turnrl.tasks.base import TaskItem
+from turnrl.tasks.grading import normalize_answer
 from turnrl.train import model_dir
 
 
@@ -48,42 +49,39 @@ def _measure(
     """Episodes with the signals the reward config needs: measured again with `checkpoint`'s
     weights when given, else the stored ones (`gold_seen` is always recomputed: it reads only
     the stored tool outputs)."""
+    rewards = config.rewards
+    saturation = rewards.get("saturation")
     model = None
-    needs_model = checkpoint is not None and needs_gold_probs(config.rewards)
-    if needs_model:
-        assert checkpoint is not None
+    if checkpoint is not None and needs_gold_probs(rewards):
         model = load_model(model_dir(config.model, checkpoint))
-    elif needs_gold_probs(config.rewards):
+    elif needs_gold_probs(rewards):
         missing = [
             e.episode_id
             for e in episodes
-            if e.step >= 0 and e.turns and "gold_prob_initial" not in e.turns[0].signals
+            if e.step >= 0 and e.turns and e.gold_prob_initial is None
         ]
         if missing:
             raise ValueError(
                 f"{len(missing)} stored episodes have no gold-answer probabilities (e.g. "
                 f"{missing[0]}): pass --checkpoint to measure them"
             )
-        if "saturation" not in config.rewards.weights:
-            return episodes
-    if "saturation" not in config.rewards.weights and model is None:
+    if saturation is None and model is None:
         return episodes
     path = model_dir(config.model, checkpoint) if checkpoint else tokenizer_dir()
     encode = HFTokenizer(load_tokenizer(path)).encode
-    rewards = config.rewards
     if model is None:
         # Keep the stored probabilities: only `gold_seen` is recomputed.
-        rewards = rewards.model_copy(update={"saturation_threshold": None})
         rewards = RewardConfig.model_validate(
-            {**rewards.model_dump(), "weights": {"saturation": 1.0}}
+            {"components": [SaturationReward(threshold=None).model_dump()]}
         )
     train = [e for e in episodes if e.step >= 0]
     measured = add_gold_signals(
         train,
-        items,
+        {task_id: item.answers for task_id, item in items.items()},
         rewards,
         model=model,
         encode=encode,
+        normalize=normalize_answer,
         temperature=config.learner.temperature,
         micro_batch_tokens=config.learner.micro_batch_tokens,
     )
@@ -95,7 +93,7 @@ async def _regrade(
     config: RunConfig, episodes: list[Episode]
 ) -> tuple[list[dict[str, float]], dict[str, TaskItem]]:
     """Grade every stored answer again (in a sandbox, for suites whose grader runs code)."""
-    sandbox = open_sandbox(config.sandbox) if needs_sandbox(config.task) else None
+    sandbox = open_sandbox(config.sandbox) if config.task.runs_code else None
     try:
         suite = build_suite(config.task, None, sandbox)
         items = {it.id: it for split in ("train", "test") for it in suite.items(split)}
@@ -125,9 +123,9 @@ def replay(
         train_cfg = train_cfg.model_copy(update={"estimator": estimator_config(estimator)})
     rewards = config.rewards
     if outcome_metric is not None:
-        rewards = rewards.model_copy(update={"outcome_metric": outcome_metric})
+        rewards = rewards.with_metric(outcome_metric)
     if reward_weights is not None:
-        rewards = RewardConfig.model_validate({**rewards.model_dump(), "weights": reward_weights})
+        rewards = rewards.reweighted(reward_weights)
     # Validated again as a whole: the new settings must pass the run config's cross-checks
     # (an answer-text reward on a suite without gold answers, a value estimator without a head).
     config = RunConfig.model_validate(

@@ -1,11 +1,9 @@
-"""The training and evaluation loops that `turnrl train` and `turnrl eval` run.
+"""The sessions that `turnrl train` and `turnrl eval` run: wiring, progress and printing.
 
-One synchronous RL loop on one process: roll out a batch of task groups with the current
-weights, grade, compute turn rewards and advantages, append the episodes to the run store,
-take one learner step, then bump the policy version (in-process weight sync: the policy
-generates with the very module the learner updates, so the next rollouts use the new weights).
-Rollouts and learning alternate, never overlap, so the shared module is never read while it is
-written.
+A `Session` holds a run's live objects (tokenizer, policy and its weight sync, suite, tools,
+sandbox, learner, store). The RL step itself is `turnrl.loop.train_step` (rollout -> grade ->
+measure -> score -> store -> learn -> sync); this module loops over steps, shows progress,
+prints curves and tables, and saves checkpoints.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ import gc
 import random
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,14 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from turnrl.agent.chat import ChatML, HFTokenizer
 from turnrl.agent.hf_policy import HFPolicy
@@ -35,27 +40,21 @@ from turnrl.agent.model import (
     tiny_model_dir,
     tokenizer_dir,
 )
-from turnrl.agent.policy import Policy, SamplingParams
-from turnrl.agent.records import Episode
+from turnrl.agent.policy import Policy, SamplingParams, WeightSync
 from turnrl.agent.runner import EpisodeRunner
 from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.agent.store import RunStore
-from turnrl.config import ModelConfig, RunConfig, WebToolConfig
-from turnrl.credit import add_gold_signals
+from turnrl.config import ModelConfig, RunConfig
+from turnrl.loop import Rollouts, StepHooks, StepReport, grade, rollout, train_step
 from turnrl.report import before_after_table, curves_table, summarize, write_eval
-from turnrl.rl.advantages import value_targets
 from turnrl.rl.learner import Learner
-from turnrl.rl.rollout import collect
-from turnrl.rl.scoring import score, turn_scalar_rewards
-from turnrl.rl.value_head import with_values
 from turnrl.sandboxes.base import Sandbox
 from turnrl.sandboxes.config import open_sandbox
-from turnrl.suites import build_suite, model_expert, needs_sandbox, oracle_policies
+from turnrl.suites import build_suite, open_expert, oracle_policies
 from turnrl.tasks.base import TaskItem, TaskSuite
 from turnrl.tasks.embodied_tools import Generate
 from turnrl.tools.base import AnyTool
-from turnrl.tools.mcp import McpToolkit
-from turnrl.tools.web import WebFetch
+from turnrl.tools_config import ToolContext, open_run_tools
 
 CURVES = {
     "reward": "reward",
@@ -98,7 +97,10 @@ class Session:
     config: RunConfig
     tokenizer: Any
     store: RunStore
-    policy: HFPolicy | ScriptedPolicy
+    policy: Policy
+    sync: WeightSync
+    """How the learner's new weights reach `policy` (for an in-process model, a pause and a
+    version stamp)."""
     renderer: ChatML
     suite: TaskSuite
     learner: Learner | None
@@ -113,16 +115,8 @@ class Session:
 
     async def open_tools(self) -> None:
         """Open `RunConfig.tools` in the run's event loop (an MCP connection lives in one)."""
-        for cfg in self.config.tools:
-            if isinstance(cfg, WebToolConfig):
-                web = WebFetch(self.renderer.tokenizer.encode, cfg.fetch)
-                self._closers.append(web.aclose)
-                self.extra_tools.append(web)
-            else:
-                kit = McpToolkit(cfg.server)
-                self._closers.append(kit.aclose)
-                await kit.connect()
-                self.extra_tools.extend(kit.tools)
+        ctx = ToolContext(self.renderer.tokenizer.encode, self.sandbox, self._closers)
+        self.extra_tools.extend(await open_run_tools(self.config.tools, ctx))
 
     async def close_sandbox(self) -> None:
         """Close the extra tools and destroy every sandbox of the run; awaited in the event
@@ -146,11 +140,29 @@ class Session:
         tools = [*self.suite.tools(), *self.extra_tools]
         return EpisodeRunner(self.policy, self.renderer, tools, self.config.budget, sampling)
 
+    def rollouts(self, temperature: float) -> Rollouts:
+        """The rollout stage's inputs at `temperature`."""
+        return Rollouts(
+            self.runner(temperature),
+            self.suite,
+            self.config.concurrency,
+            tuple(self.extra_tools),
+            self.policy_for,
+        )
+
 
 @contextmanager
 def open_session(
-    config: RunConfig, console: Console, train: bool, checkpoint: Path | None = None
+    config: RunConfig,
+    console: Console,
+    train: bool,
+    checkpoint: Path | None = None,
+    tag: str = "eval",
 ) -> Iterator[Session]:
+    """The live objects of a run. A training session writes the run's `config.yaml`; an
+    evaluation writes its config as `{tag}.config.yaml` beside a run's, so that evaluating
+    into a training run's folder never replaces the config `turnrl replay` reads (an
+    evaluation into a new folder writes `config.yaml` too)."""
     torch.manual_seed(config.seed)
     if config.policy.torch_threads:
         torch.set_num_threads(config.policy.torch_threads)
@@ -166,7 +178,7 @@ def open_session(
         console.print(f"[bold]model[/] {path.name}  [bold]run[/] {config.run_dir}")
     tokenizer = load_tokenizer(path)
     renderer = ChatML(HFTokenizer(tokenizer))
-    sandbox = open_sandbox(config.sandbox) if needs_sandbox(config.task) else None
+    sandbox = open_sandbox(config.sandbox) if config.needs_sandbox() else None
     expert = _expert(config, console)
     suite = build_suite(
         config.task, renderer.tokenizer.encode, sandbox, expert[1] if expert else None
@@ -188,13 +200,16 @@ def open_session(
             max_batch_size=config.policy.max_batch_size,
         )
     store = RunStore(config.run_dir)
-    store.write_config(config.to_yaml())
+    if train or store.config_text() is None:
+        store.write_config(config.to_yaml())
+    if not train:
+        store.write_config(config.to_yaml(), f"{tag}.config.yaml")
     # Move the start-up heap (torch, transformers, the corpus) out of the collector's view:
     # per-turn allocations would otherwise trigger gen-2 scans of millions of old objects.
     gc.freeze()
     try:
         session = Session(
-            config, tokenizer, store, policy, renderer, suite, learner, console, sandbox
+            config, tokenizer, store, policy, policy, renderer, suite, learner, console, sandbox
         )
         if config.model.kind == "oracle":
             session.policy_for = oracle
@@ -208,17 +223,15 @@ def open_session(
 
 
 def _expert(config: RunConfig, console: Console) -> tuple[HFPolicy, Generate] | None:
-    """The model that answers `ask` when the task says `ask.answered_by: model` (its policy,
-    to close, and its prompt-to-answer function)."""
-    ask = getattr(config.task, "ask", None)
-    if ask is None or ask.answered_by != "model":
+    """The model that answers the suite's `ask` when its config names one
+    (`SuiteConfig.expert()`: the embodied suite's `ask.answered_by: model`): its policy, to
+    close, and its prompt-to-answer function."""
+    spec = config.task.expert()
+    if spec is None:
         return None
-    path = model_dir(ask.model)
-    console.print(f"[bold]expert[/] {path.name} answers `ask`")
-    tokenizer = load_tokenizer(path)
-    renderer = ChatML(HFTokenizer(tokenizer))
-    policy = HFPolicy(load_model(path), tokenizer, max_batch_size=8)
-    return policy, model_expert(policy, renderer, ask.max_new_tokens)
+    expert = open_expert(spec)
+    console.print(f"[bold]expert[/] {expert.path.name} answers `ask`")
+    return expert.policy, expert.generate
 
 
 def _progress(console: Console) -> Progress:
@@ -232,38 +245,24 @@ def _progress(console: Console) -> Progress:
     )
 
 
-async def _rollouts(
-    s: Session,
-    items: Sequence[TaskItem],
-    group_size: int,
-    step: int,
-    temperature: float,
-    tag: str,
-    seed: int,
-) -> list[Episode]:
-    with _progress(s.console) as progress:
-        bar = progress.add_task(f"{tag}: rollouts", total=len(items) * group_size)
-        return await collect(
-            s.runner(temperature),
-            s.suite,
-            items,
-            group_size,
-            step,
-            seed,
-            s.config.concurrency,
-            on_episode=lambda _: progress.advance(bar),
-            tag=tag,
-            extra_tools=s.extra_tools,
-            policy_for=s.policy_for,
-        )
-
-
 async def evaluate(s: Session, tag: str) -> dict[str, float]:
     """Evaluate on the first `eval.n_items` test items; episodes are stored with step -1."""
     cfg = s.config.eval
     items = list(s.suite.items("test"))[: cfg.n_items]
     t0 = time.monotonic()
-    episodes = await _rollouts(s, items, cfg.group_size, -1, cfg.temperature, tag, s.config.seed)
+    r = s.rollouts(cfg.temperature)
+    with _progress(s.console) as progress:
+        bar = progress.add_task(f"{tag}: rollouts", total=len(items) * cfg.group_size)
+        episodes = await rollout(
+            r,
+            items,
+            cfg.group_size,
+            -1,
+            s.config.seed,
+            tag,
+            on_episode=lambda _: progress.advance(bar),
+        )
+        episodes = await grade(s.suite, items, episodes, r.concurrency)
     for e in episodes:
         s.store.append_episode(e)
     s.store.flush()
@@ -284,80 +283,59 @@ async def train_steps(s: Session) -> list[dict[str, float]]:
     cfg = s.config
     train_items = list(s.suite.items("train"))
     rng = random.Random(cfg.seed)
+    rollouts = s.rollouts(cfg.sampling.temperature)
     rows = []
     for step in range(cfg.train.steps):
         items = rng.sample(train_items, min(cfg.train.tasks_per_step, len(train_items)))
-        t0 = time.monotonic()
-        episodes = await _rollouts(
-            s,
-            items,
-            cfg.train.group_size,
-            step,
-            cfg.sampling.temperature,
-            f"s{step}",
-            seed=cfg.seed + 1_000_000 * (step + 1),
-        )
-        rollout_s = time.monotonic() - t0
-        episodes = await asyncio.to_thread(_measure, s, episodes, items)
-        episodes, returns = score(episodes, cfg.rewards, cfg.train.estimator)
-        for e in episodes:
-            s.store.append_episode(e)
-        s.store.flush()
-        t1 = time.monotonic()
-        advantages = [[t.advantage or 0.0 for t in e.turns] for e in episodes]
-        targets = None
-        if cfg.learner.value_head is not None:
-            rewards_NT = turn_scalar_rewards(episodes, cfg.rewards)
-            targets = value_targets(episodes, rewards_NT, cfg.train.estimator)
         with _progress(s.console) as progress:
-            progress.add_task(f"s{step}: learner step ({len(episodes)} episodes)", total=None)
-            learn = await asyncio.to_thread(s.learner.step, episodes, advantages, targets)
-        s.policy.set_version(s.learner.version)
-        row: dict[str, float] = {"step": float(step), "policy_version": float(s.learner.version)}
-        row["reward"] = sum(returns) / len(returns)
-        row |= summarize(episodes)
-        row |= {k: float(v) for k, v in learn.items()}
-        row |= {"rollout_s": rollout_s, "learn_s": time.monotonic() - t1}
+            bar = progress.add_task(f"s{step}: rollouts", total=len(items) * cfg.train.group_size)
+
+            def stage(name: str, step: int = step, bar: TaskID = bar) -> None:
+                if name != "rollout":
+                    progress.update(bar, description=f"s{step}: {name}", total=None)
+
+            hooks = StepHooks(on_episode=lambda _, bar=bar: progress.advance(bar), on_stage=stage)
+            report = await train_step(
+                step,
+                items,
+                rollouts,
+                cfg,
+                s.learner,
+                s.sync,
+                s.store,
+                s.renderer.tokenizer.encode,
+                hooks,
+            )
+        row = report.row()
         s.store.append_metrics(row)
         s.store.flush()
         rows.append(row)
-        loss = "skipped (no signal)" if row["skipped"] else f"{row['loss']:+.4f}"
-        s.console.print(
-            f"step {step}: reward {row['reward']:+.3f}  success {row['success']:.3f}  "
-            f"tool calls/ep {row['tool_calls_per_episode']:.2f}  loss {loss}  "
-            f"rollout {rollout_s:.0f} s  learn {row['learn_s']:.0f} s"
-        )
+        s.console.print(_step_line(report, row))
         if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
             s.save_checkpoint(cfg.run_dir / "checkpoints" / f"step-{step + 1}")
     return rows
 
 
-def _measure(s: Session, episodes: list[Episode], items: Sequence[TaskItem]) -> list[Episode]:
-    """The model measurements credit needs (gold-answer probabilities, values), taken with the
-    weights that sampled `episodes`, before the learner changes them."""
-    assert s.learner is not None
-    cfg = s.config
-    episodes = add_gold_signals(
-        episodes,
-        {it.id: it for it in items},
-        cfg.rewards,
-        model=s.learner.model,
-        encode=s.renderer.tokenizer.encode,
-        temperature=cfg.learner.temperature,
-        micro_batch_tokens=cfg.learner.micro_batch_tokens,
+def _step_line(report: StepReport, row: dict[str, float]) -> str:
+    loss = "skipped (no signal)" if report.learn.skipped else f"{row['loss']:+.4f}"
+    return (
+        f"step {report.step}: reward {row['reward']:+.3f}  success {row['success']:.3f}  "
+        f"tool calls/ep {row['tool_calls_per_episode']:.2f}  loss {loss}  "
+        f"rollout {row['rollout_s']:.0f} s  learn {row['learn_s']:.0f} s"
     )
-    if s.learner.value_head is not None:
-        # One value more per episode: the state after the last turn, T-PPO's bootstrap at a cut.
-        episodes = with_values(episodes, s.learner.values(episodes, bootstrap=True))
-    return episodes
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """A run folder holds one run: refuse to mix a new run into an old one's records."""
-    if (run_dir / "episodes.rec").exists():
+    """A run folder holds one run: refuse to mix a new run into an old one's records (or its
+    evaluations, or a run that crashed before its first episode)."""
+    held = [
+        name for name in ("config.yaml", "episodes.rec", "metrics.rec") if (run_dir / name).exists()
+    ]
+    if held:
         if not overwrite:
             raise FileExistsError(
-                f"{run_dir} already holds a run; pass --overwrite or choose another run_dir"
+                f"{run_dir} already holds a run ({', '.join(held)}): pass --overwrite to "
+                "replace it, or choose another run_dir (resuming a run is not supported yet)"
             )
         shutil.rmtree(run_dir)
 
@@ -395,7 +373,7 @@ def run_train(
 
 def run_eval(config: RunConfig, console: Console, checkpoint: Path | None) -> dict[str, float]:
     """`turnrl eval`: evaluate the configured model (or a checkpoint) on held-out items."""
-    with open_session(config, console, train=False, checkpoint=checkpoint) as s:
+    with open_session(config, console, train=False, checkpoint=checkpoint, tag="eval") as s:
 
         async def main() -> dict[str, float]:
             try:

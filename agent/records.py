@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION: Literal[2] = 2
 """Layout version of stored `Episode` records (`Episode.schema_version`)."""
 
 

@@ -147,8 +147,19 @@ def main() -> None:
 
     model, model_name = load(args.model)
     episodes = make_episodes(args.episodes, args.length, seed=0)
-    # Half the episodes are pushed up, half down: both PPO branches do work.
+    # Half the episodes are pushed up, half down: both PPO branches do work. The learner reads
+    # them from the turns; the raw baseline's batches take them as a list.
     advantages = [[1.0 if i % 2 else -1.0] * len(e.turns) for i, e in enumerate(episodes)]
+    episodes = [
+        e.model_copy(
+            update={
+                "turns": [
+                    t.model_copy(update={"advantage": a}) for t, a in zip(e.turns, adv, strict=True)
+                ]
+            }
+        )
+        for e, adv in zip(episodes, advantages, strict=True)
+    ]
     config = LearnerConfig(lr=1e-7, micro_batch_tokens=args.micro_batch_tokens)
     learner = Learner(model, config)
     batches = micro_batches(episodes, advantages, config.micro_batch_tokens)
@@ -161,11 +172,11 @@ def main() -> None:
     )
 
     # Warm-up: allocator, kernels, and AdamW's lazily created state.
-    learner.step(episodes, advantages)
+    learner.step(episodes)
     raw_fwd_bwd(model, batches)
 
     raw_s, step_s = timed(
-        [lambda: raw_fwd_bwd(model, batches), lambda: learner.step(episodes, advantages)],
+        [lambda: raw_fwd_bwd(model, batches), lambda: learner.step(episodes)],
         args.reps,
     )
     ratio = step_s / raw_s
@@ -199,9 +210,9 @@ def main() -> None:
         del learner  # its AdamW state; `model` stays for the raw baseline
         lora_model, _ = load(args.model)
         lora = Learner(lora_model, config.model_copy(update={"adaptation": LoraConfig()}))
-        lora.step(episodes, advantages)
+        lora.step(episodes)
         raw2_s, lora_s = timed(
-            [lambda: raw_fwd_bwd(model, batches), lambda: lora.step(episodes, advantages)],
+            [lambda: raw_fwd_bwd(model, batches), lambda: lora.step(episodes)],
             args.reps,
         )
         print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -13,14 +14,9 @@ from hypothesis import strategies as st
 
 from turnrl.agent.records import Episode, StopReason, Turn
 from turnrl.rl.batch import build_token_batch, micro_batches, plan_micro_batches
-from turnrl.rl.learner import (
-    FullConfig,
-    Learner,
-    LearnerConfig,
-    LoraConfig,
-    token_logprobs,
-)
-from turnrl.rl.learner_config import LossWeighting
+from turnrl.rl.learner import Learner
+from turnrl.rl.learner_config import FullConfig, LearnerConfig, LoraConfig, LossWeighting
+from turnrl.rl.logprobs import token_logprobs
 
 VOCAB = 512
 
@@ -97,6 +93,23 @@ def two_episodes(model: torch.nn.Module) -> list[Episode]:
 ADV = [[1.0, 1.0], [-1.0, -1.0, -1.0]]
 
 
+def with_advantages(
+    episodes: Sequence[Episode], advantages: Sequence[Sequence[float | None]]
+) -> list[Episode]:
+    """Copies of `episodes` with `advantages[i][j]` as turn j's `Turn.advantage` of episode
+    i, which is what the learner trains on."""
+    return [
+        e.model_copy(
+            update={
+                "turns": [
+                    t.model_copy(update={"advantage": a}) for t, a in zip(e.turns, adv, strict=True)
+                ]
+            }
+        )
+        for e, adv in zip(episodes, advantages, strict=True)
+    ]
+
+
 def flat_completion(e: Episode) -> list[int]:
     return [i for t in e.turns for i in t.completion_ids]
 
@@ -154,7 +167,7 @@ def test_batch_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="first token"):
         build_token_batch([e], [[1.0]])
     e = make_episode("e", [(2, 3, 1), (0, 1, 1)], seed=0)
-    with pytest.raises(ValueError, match="one advantage per turn"):
+    with pytest.raises(ValueError, match="one advantage, or None, per turn"):
         build_token_batch([e], [[1.0]])
     with pytest.raises(ValueError, match="non-finite"):
         build_token_batch([e], [[1.0, float("nan")]])
@@ -183,13 +196,13 @@ def test_rollout_logprobs_equal_learner_logprobs(adaptation: LoraConfig | FullCo
     for e, per_turn in zip(episodes, scored, strict=True):
         for t, lps in zip(e.turns, per_turn, strict=True):
             assert lps == pytest.approx(t.completion_logprobs, abs=1e-5)
-    metrics = learner.step(episodes, ADV)
-    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
-    assert metrics["clip_frac"] == 0.0
-    assert metrics["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    scalars = learner.step(with_advantages(episodes, ADV)).scalars
+    assert scalars["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert scalars["clip_frac"] == 0.0
+    assert scalars["approx_kl"] == pytest.approx(0.0, abs=1e-6)
     # Ratio 1: loss = -mean advantage over trained tokens = -(9 - 11) / 20.
-    assert metrics["n_tokens"] == 20
-    assert metrics["loss"] == pytest.approx(2 / 20, abs=1e-5)
+    assert scalars["n_tokens"] == 20
+    assert scalars["loss"] == pytest.approx(2 / 20, abs=1e-5)
 
 
 def test_head_selection_and_temperature_match_plain_path() -> None:
@@ -215,7 +228,7 @@ def test_learner_feeds_the_model_exactly_the_episode_ids() -> None:
     embed = learner.model.get_input_embeddings()
     hook = embed.register_forward_hook(lambda _m, args, _o: fed.extend(args[0].tolist()))
     try:
-        learner.step(episodes, ADV)
+        learner.step(with_advantages(episodes, ADV))
     finally:
         hook.remove()
     # The budget puts each episode alone in its micro-batch, so rows carry no padding.
@@ -231,7 +244,7 @@ def test_lora_step_changes_only_adapters() -> None:
     episodes = two_episodes(learner.model)
     before = _snapshot(learner.model)
     assert learner.version == 0
-    learner.step(episodes, ADV)
+    learner.step(with_advantages(episodes, ADV))
     assert learner.version == 1
     assert not learner.model.training
     after = _snapshot(learner.model)
@@ -245,9 +258,9 @@ def test_full_step_changes_weights() -> None:
     learner = make_learner(FullConfig(), lr=1e-3)
     episodes = two_episodes(learner.model)
     before = _snapshot(learner.model)
-    metrics = learner.step(episodes, ADV)
+    result = learner.step(with_advantages(episodes, ADV))
     after = _snapshot(learner.model)
-    assert metrics["skipped"] == 0.0 and metrics["grad_norm"] > 0
+    assert not result.skipped and result.scalars["grad_norm"] > 0
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert learner.version == 1 and not learner.model.training
 
@@ -261,7 +274,8 @@ def test_loss_falls_and_positive_episode_rises(adaptation: LoraConfig | FullConf
         return sum(sum(t) for t in learner.logprobs(episodes)[i])
 
     start_pos, start_neg = total(0), total(1)
-    losses = [learner.step(episodes, ADV)["loss"] for _ in range(6)]
+    trained = with_advantages(episodes, ADV)
+    losses = [learner.step(trained).scalars["loss"] for _ in range(6)]
     assert losses[-1] < losses[0]
     assert total(0) > start_pos
     assert total(1) < start_neg
@@ -272,11 +286,12 @@ def test_loss_falls_and_positive_episode_rises(adaptation: LoraConfig | FullConf
 def test_kl_to_reference_starts_at_zero_then_grows(adaptation: LoraConfig | FullConfig) -> None:
     learner = make_learner(adaptation, lr=1e-2, kl_coef=0.1)
     episodes = two_episodes(learner.model)
-    first = learner.step(episodes, ADV)
-    assert first["kl_ref"] == pytest.approx(0.0, abs=1e-7)
+    trained = with_advantages(episodes, ADV)
+    first = learner.step(trained)
+    assert first.scalars["kl_ref"] == pytest.approx(0.0, abs=1e-7)
     for _ in range(3):
-        last = learner.step(episodes, ADV)
-    assert last["kl_ref"] > 1e-5
+        last = learner.step(trained)
+    assert last.scalars["kl_ref"] > 1e-5
 
 
 @pytest.mark.parametrize("weighting", ["token", "episode"])
@@ -285,7 +300,7 @@ def test_micro_batch_budget_does_not_change_the_gradient(weighting: LossWeightin
     episodes = two_episodes(model) + with_model_logprobs(
         model, [make_episode("third", [(3, 7, 2), (0, 4, 0)], seed=3)]
     )
-    advantages = [*ADV, [0.5, -2.0]]
+    trained = with_advantages(episodes, [*ADV, [0.5, -2.0]])
     grads = []
     for budget in (8, 4096):
         learner = Learner(
@@ -296,7 +311,7 @@ def test_micro_batch_budget_does_not_change_the_gradient(weighting: LossWeightin
         with torch.no_grad():
             for p in learner.model.parameters():
                 p.add_(0.01 * torch.sin(torch.arange(p.numel(), dtype=p.dtype)).view_as(p))
-        metrics = learner.accumulate_gradients(episodes, advantages)
+        metrics = learner.accumulate_gradients(trained).scalars
         grad = {
             k: p.grad.clone() for k, p in learner.model.named_parameters() if p.grad is not None
         }
@@ -314,11 +329,11 @@ def test_step_without_signal_is_skipped() -> None:
     learner = make_learner(FullConfig(), lr=1e-2)
     episodes = two_episodes(learner.model)
     before = _snapshot(learner.model)
-    metrics = learner.step(episodes, [[0.0, 0.0], [0.0, 0.0, 0.0]])
-    assert metrics["skipped"] == 1.0 and "loss" not in metrics
+    result = learner.step(with_advantages(episodes, [[0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert result.skipped and "loss" not in result.scalars
     assert learner.version == 0
     no_completion = [make_episode("empty", [(4, 0, 2)], seed=9)]
-    assert learner.step(no_completion, [[1.0]])["skipped"] == 1.0
+    assert learner.step(with_advantages(no_completion, [[1.0]])).skipped
     assert all(torch.equal(before[k], v) for k, v in _snapshot(learner.model).items())
 
 
@@ -326,11 +341,11 @@ def test_step_without_signal_is_skipped() -> None:
 def test_checkpoint_round_trip(adaptation: LoraConfig | FullConfig, tmp_path: Path) -> None:
     learner = make_learner(adaptation, lr=1e-2)
     episodes = two_episodes(learner.model)
-    learner.step(episodes, ADV)
+    learner.step(with_advantages(episodes, ADV))
     learner.save_checkpoint(tmp_path, merged=True)
     saved = _snapshot(learner.model)
     saved_lp = learner.logprobs(episodes)
-    learner.step(episodes, ADV)
+    learner.step(with_advantages(episodes, ADV))
     assert learner.version == 2
     learner.load_checkpoint(tmp_path)
     assert learner.version == 1
@@ -364,10 +379,10 @@ def test_loss_weighting_at_ratio_one(weighting: LossWeighting, expected: float) 
     """Regression lock on `loss_weighting` (do not change without a decision): at ratio 1 the
     loss is minus the weighted mean advantage, under each convention."""
     learner = Learner(tiny_model(), LearnerConfig(loss_weighting=weighting))
-    metrics = learner.step(two_episodes(learner.model), WEIGHTING_ADV)
-    assert metrics["loss"] == pytest.approx(expected, abs=1e-5)
-    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
-    assert metrics["n_tokens"] == 20
+    scalars = learner.step(with_advantages(two_episodes(learner.model), WEIGHTING_ADV)).scalars
+    assert scalars["loss"] == pytest.approx(expected, abs=1e-5)
+    assert scalars["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert scalars["n_tokens"] == 20
 
 
 def test_episode_weighting_is_the_mean_of_per_episode_losses() -> None:
@@ -389,7 +404,7 @@ def test_episode_weighting_is_the_mean_of_per_episode_losses() -> None:
     ) -> dict[str, torch.Tensor]:
         config = LearnerConfig(loss_weighting=weighting, kl_coef=0.05, micro_batch_tokens=16)
         learner = Learner(copy.deepcopy(model), config)
-        learner.accumulate_gradients(eps, adv)
+        learner.accumulate_gradients(with_advantages(eps, adv))
         return {k: p.grad for k, p in learner.model.named_parameters() if p.grad is not None}
 
     together = grads([*episodes, empty], [*advantages, [1.0]], "episode")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import PreTrainedModel
 
-from turnrl.agent.records import Episode, StopReason, Turn
+from turnrl.agent.records import Episode, StopReason, Turn, TurnSignals
 from turnrl.rl.batch import build_token_batch, micro_batches
 from turnrl.rl.learner import Learner
 from turnrl.rl.learner_config import (
@@ -19,7 +20,7 @@ from turnrl.rl.learner_config import (
     LossWeighting,
     ValueHeadConfig,
 )
-from turnrl.rl.value_head import VALUE_AFTER_SIGNAL, VALUE_SIGNAL, with_values
+from turnrl.rl.value_head import with_values
 
 
 def episode(name: str, shapes: list[tuple[int, int, int]], seed: int) -> Episode:
@@ -42,6 +43,23 @@ def episode(name: str, shapes: list[tuple[int, int, int]], seed: int) -> Episode
     return Episode(
         episode_id=name, task_id="t", group_id="g", turns=turns, stop_reason=StopReason.ANSWERED
     )
+
+
+def with_advantages(
+    episodes: Sequence[Episode], advantages: Sequence[Sequence[float | None]]
+) -> list[Episode]:
+    """Copies of `episodes` with `advantages[i][j]` as turn j's `Turn.advantage` of episode
+    i, which is what the learner trains on."""
+    return [
+        e.model_copy(
+            update={
+                "turns": [
+                    t.model_copy(update={"advantage": a}) for t, a in zip(e.turns, adv, strict=True)
+                ]
+            }
+        )
+        for e, adv in zip(episodes, advantages, strict=True)
+    ]
 
 
 def with_own_logprobs(learner: Learner, episodes: list[Episode]) -> list[Episode]:
@@ -69,6 +87,12 @@ ZERO_ADV = [[0.0, 0.0], [0.0, 0.0, 0.0]]
 
 def two(seed: int = 0) -> list[Episode]:
     return [episode(name, shapes, seed + i) for i, (name, shapes) in enumerate(SHAPES.items())]
+
+
+def two_zero_adv(seed: int = 0) -> list[Episode]:
+    """`two()` with every turn's advantage 0: its tokens count as trained, but carry no
+    policy signal."""
+    return with_advantages(two(seed), ZERO_ADV)
 
 
 HEAD = ValueHeadConfig()
@@ -196,7 +220,8 @@ def test_with_values_stores_them_as_signals() -> None:
         episodes[0].model_copy(
             update={
                 "turns": [
-                    t.model_copy(update={"signals": {"gold_prob": 0.1}}) for t in episodes[0].turns
+                    t.model_copy(update={"signals": TurnSignals(gold_prob=0.1)})
+                    for t in episodes[0].turns
                 ]
             }
         ),
@@ -204,15 +229,16 @@ def test_with_values_stores_them_as_signals() -> None:
     ]
     out = with_values(signalled, [[1.0, 2.0], [3.0, 4.0, 5.0]])
     assert [t.signals for t in out[0].turns] == [
-        {"gold_prob": 0.1, VALUE_SIGNAL: 1.0},
-        {"gold_prob": 0.1, VALUE_SIGNAL: 2.0},
+        TurnSignals(gold_prob=0.1, value=1.0),
+        TurnSignals(gold_prob=0.1, value=2.0),
     ]
-    assert [t.signals[VALUE_SIGNAL] for t in out[1].turns] == [3.0, 4.0, 5.0]
-    assert all(VALUE_AFTER_SIGNAL not in t.signals for e in out for t in e.turns)
-    # One value more: the bootstrap value goes on the last turn.
+    assert [t.signals.value for t in out[1].turns] == [3.0, 4.0, 5.0]
+    assert all(e.value_after is None for e in out)
+    # One value more: the bootstrap value goes on the episode, the turns keep only theirs.
     out = with_values(episodes, [[1.0, 2.0, 9.0], [3.0, 4.0, 5.0]])
-    assert out[0].turns[-1].signals == {"value": 2.0, VALUE_AFTER_SIGNAL: 9.0}
-    assert VALUE_AFTER_SIGNAL not in out[0].turns[0].signals
+    assert out[0].turns[-1].signals == TurnSignals(value=2.0)
+    assert out[0].value_after == 9.0
+    assert out[0].turns[0].signals == TurnSignals(value=1.0)
     with pytest.raises(ValueError, match="values for"):
         with_values(episodes, [[1.0], [3.0, 4.0, 5.0]])
 
@@ -222,7 +248,7 @@ def test_no_head_no_values(tiny_model: PreTrainedModel) -> None:
     with pytest.raises(ValueError, match="no value head"):
         learner.values(two())
     with pytest.raises(ValueError, match="need a value head"):
-        learner.step(two(), ZERO_ADV, TARGETS)
+        learner.step(two_zero_adv(), TARGETS)
 
 
 # ---------------------------------------------------------------------------------- training
@@ -245,15 +271,15 @@ def test_value_loss_hand_values(
     learner = learner_for(
         tiny_model, ValueHeadConfig(coef=0.5, init_bias=0.5), loss_weighting=weighting
     )
-    metrics = learner.accumulate_gradients(two(), ZERO_ADV, TARGETS)
-    assert metrics["value_loss"] == pytest.approx(mse)
-    assert metrics["loss"] == pytest.approx(0.5 * mse)
-    assert metrics["n_value_targets"] == 4
+    result = learner.accumulate_gradients(two_zero_adv(), TARGETS)
+    assert result.scalars["value_loss"] == pytest.approx(mse)
+    assert result.scalars["loss"] == pytest.approx(0.5 * mse)
+    assert result.scalars["n_value_targets"] == 4
     assert learner.value_head is not None
     bias = learner.value_head.proj.bias
     assert bias.grad is not None and float(bias.grad[0]) == pytest.approx(bias_grad)
     # No advantage, detached head: nothing reaches the policy.
-    assert metrics["policy_updated"] == 0.0
+    assert not result.policy_updated
     assert all(p.grad is None for p in learner.trainable_parameters)
 
 
@@ -262,13 +288,13 @@ def test_value_only_step_trains_the_head_alone(
     tiny_model: PreTrainedModel, adaptation: LoraConfig | FullConfig
 ) -> None:
     learner = learner_for(tiny_model, ValueHeadConfig(lr=1e-2), adaptation, lr=1e-2)
-    episodes = two()
+    episodes = two_zero_adv()
     before = _snapshot(learner.model)
     losses = []
     for _ in range(8):
-        metrics = learner.step(episodes, ZERO_ADV, TARGETS)
-        assert metrics["skipped"] == 0.0 and metrics["value_grad_norm"] > 0
-        losses.append(metrics["value_loss"])
+        result = learner.step(episodes, TARGETS)
+        assert not result.skipped and result.scalars["value_grad_norm"] > 0
+        losses.append(result.scalars["value_loss"])
     assert losses[-1] < losses[0] / 2
     # The policy did not move, so its version did not either.
     assert learner.version == 0
@@ -277,7 +303,7 @@ def test_value_only_step_trains_the_head_alone(
     values = learner.values(episodes)
     assert values[0][0] > 0.3 and abs(values[1][0] - 0.5) < 0.3
     # Without targets (and without advantage) nothing trains.
-    assert learner.step(episodes, ZERO_ADV)["skipped"] == 1.0
+    assert learner.step(episodes).skipped
 
 
 @pytest.mark.parametrize("adaptation", ADAPTATIONS, ids=["lora", "full"])
@@ -287,8 +313,8 @@ def test_backprop_to_policy_moves_the_trained_weights(
     head = ValueHeadConfig(init_std=0.1, backprop_to_policy=True)
     learner = learner_for(tiny_model, head, adaptation, lr=1e-2)
     before = _snapshot(learner.model)
-    metrics = learner.step(two(), ZERO_ADV, TARGETS)
-    assert metrics["policy_updated"] == 1.0 and metrics["grad_norm"] > 0
+    result = learner.step(two_zero_adv(), TARGETS)
+    assert result.policy_updated and result.scalars["grad_norm"] > 0
     assert learner.version == 1
     changed = {k for k, v in _snapshot(learner.model).items() if not torch.equal(before[k], v)}
     assert changed
@@ -303,7 +329,8 @@ def test_detached_head_leaves_the_policy_gradient_alone(tiny_model: PreTrainedMo
     runs = []
     for targets in (None, TARGETS):
         learner = learner_for(tiny_model, ValueHeadConfig(coef=0.5, init_bias=0.5), kl_coef=0.1)
-        metrics = learner.accumulate_gradients(with_own_logprobs(learner, two()), adv, targets)
+        trained = with_own_logprobs(learner, with_advantages(two(), adv))
+        metrics = learner.accumulate_gradients(trained, targets).scalars
         grads = {k: p.grad for k, p in learner.model.named_parameters() if p.grad is not None}
         runs.append((metrics, grads))
     (plain, plain_grads), (both, both_grads) = runs
@@ -329,8 +356,8 @@ def test_micro_batches_do_not_change_the_value_gradient(
         assert learner.value_head is not None
         torch.manual_seed(0)
         torch.nn.init.normal_(learner.value_head.proj.weight, std=0.1)
-        scored = with_own_logprobs(learner, episodes)
-        metrics = learner.accumulate_gradients(scored, adv, targets)
+        scored = with_own_logprobs(learner, with_advantages(episodes, adv))
+        metrics = learner.accumulate_gradients(scored, targets).scalars
         named = [*learner.model.named_parameters(), *learner.value_head.named_parameters()]
         grads.append((metrics, {k: p.grad for k, p in named if p.grad is not None}))
     (m_small, small), (m_large, large) = grads
@@ -353,11 +380,11 @@ def test_checkpoint_keeps_the_value_head(
 ) -> None:
     head = ValueHeadConfig(lr=1e-2, backprop_to_policy=True)
     learner = learner_for(tiny_model, head, adaptation, lr=1e-2)
-    episodes = two()
-    learner.step(episodes, ZERO_ADV, TARGETS)
+    episodes = two_zero_adv()
+    learner.step(episodes, TARGETS)
     learner.save_checkpoint(tmp_path)
     saved_values = learner.values(episodes)
-    learner.step(episodes, ZERO_ADV, TARGETS)
+    learner.step(episodes, TARGETS)
     assert _flat(learner.values(episodes)) != pytest.approx(_flat(saved_values), abs=1e-6)
 
     # A fresh learner (another init) restores the head, the policy and the optimizer state.

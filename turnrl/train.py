@@ -41,6 +41,7 @@ from turnrl.agent.model import (
     tokenizer_dir,
 )
 from turnrl.agent.policy import Policy, SamplingParams, WeightSync
+from turnrl.agent.records import Episode
 from turnrl.agent.runner import EpisodeRunner
 from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.agent.store import RunStore
@@ -290,11 +291,14 @@ async def train_steps(s: Session) -> list[dict[str, float]]:
         with _progress(s.console) as progress:
             bar = progress.add_task(f"s{step}: rollouts", total=len(items) * cfg.train.group_size)
 
+            def advance(_: Episode, bar: TaskID = bar) -> None:
+                progress.advance(bar)
+
             def stage(name: str, step: int = step, bar: TaskID = bar) -> None:
                 if name != "rollout":
                     progress.update(bar, description=f"s{step}: {name}", total=None)
 
-            hooks = StepHooks(on_episode=lambda _, bar=bar: progress.advance(bar), on_stage=stage)
+            hooks = StepHooks(on_episode=advance, on_stage=stage)
             report = await train_step(
                 step,
                 items,

@@ -4,10 +4,10 @@ Design:
 - The learner trains the *same module object* the in-process policy samples with (in-process
   weight sync): `Learner.model` is the transformers model passed in (for LoRA, peft injects
   the adapter layers into it, so sampling with it uses the adapters), and `Learner.version`
-  counts the optimizer steps that moved the policy; the caller passes it to
-  `policy.set_version`. The caller must not
-  sample while `step` runs: the weights change, and the module is in train mode (dropout)
-  only for the duration of the step.
+  counts the optimizer steps that moved the policy; the loop (`turnrl.loop`) brackets each
+  step with the policy's `WeightSync.begin_update` / `end_update(version)`, so nothing samples
+  while `step` runs: the weights change, and the module is in train mode (dropout) only for
+  the duration of the step.
 - Tokens are the truth: batches come from `turnrl.rl.batch` (the stored ids, never re-tokenized)
   and logprobs are recomputed with the sampling convention of `turnrl.agent.policy`:
   log_softmax(logits / temperature) in float32, gathered at the next token. The PPO ratio is

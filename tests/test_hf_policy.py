@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from turnrl.agent.hf_policy import HFPolicy, _draw, _draw_nucleus
 from turnrl.agent.model import end_of_turn_id
-from turnrl.agent.policy import Completion, Policy, PolicyError, SamplingParams
+from turnrl.agent.policy import Completion, Policy, PolicyError, SamplingParams, WeightSync
 
 PROMPTS = [
     [1, 9690, 198, 2683, 359, 253],
@@ -325,6 +325,33 @@ def test_updating_weights_waits_for_rows_and_bumps_version(
     assert drained
     assert before.policy_version == 0
     assert after.policy_version == 3
+
+
+def test_weight_sync_protocol_holds_generation_between_begin_and_end(
+    tiny_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """`WeightSync` as the loop uses it: the version changes only at `end_update`, requests
+    made during the update wait for it, and the calls must pair up."""
+    params = SamplingParams(temperature=0, max_tokens=4)
+
+    async def main() -> tuple[Completion, bool, int, int]:
+        async with HFPolicy(tiny_model, tokenizer, end_token_ids=()) as policy:
+            sync: WeightSync = policy
+            await sync.begin_update()
+            queued = asyncio.create_task(policy.generate(PROMPTS[0], params))
+            await asyncio.sleep(0.05)
+            held = not queued.done()
+            during = sync.version
+            with pytest.raises(RuntimeError, match="twice"):
+                await sync.begin_update()
+            await sync.end_update(5)
+            with pytest.raises(RuntimeError, match="without begin_update"):
+                await sync.end_update(6)
+            return await queued, held, during, sync.version
+
+    completion, held, during, after = asyncio.run(main())
+    assert held and during == 0 and after == 5
+    assert completion.policy_version == 5
 
 
 def test_cancelled_request_leaves_the_others_alone(

@@ -1,20 +1,27 @@
 """What a task suite gives the runner: items with gold answers, a system prompt, the tools the
-agent may use, and a grader.
+agent may use, a grader and a gold solution.
 
-A grader is a function of (item, answer) only, so that a stored run can be re-graded without
-the model; it returns named scores in [0, 1]. It is async because some graders execute code
-(in a sandbox, never in the trainer's process). Every suite reports `correct` (0 or 1), which the
-evaluation tables and the default outcome reward read.
+A grader is a function of (item, stored episode) only, so that a stored run can be re-graded
+without the model; it returns named scores in [0, 1], the same names for every episode (the
+suite's config declares them: `SuiteConfig.metrics`). Most suites grade the final answer
+alone (`grade`); some grade what the agent did (`grade_episode`: the calls made, the state
+left). It is async because some graders execute code (in a sandbox, never in the trainer's
+process). Every suite reports `correct` (0 or 1), which the evaluation tables and the default
+outcome reward read.
+
+What suites differ in (tools per item, episode grading, a scripted gold solution) is part of
+the one `TaskSuite` interface; `BaseSuite` gives the plain behaviour of each, so callers never
+ask a suite what it can do.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol
 
-from turnrl.agent.records import Episode
-from turnrl.agent.runner import UserTurn
+from turnrl.agent.records import Episode, UserTurn
 from turnrl.tools.base import AnyTool
 
 Split = Literal["train", "test"]
@@ -68,8 +75,12 @@ class TaskSuite(Protocol):
         ...
 
     def tools(self) -> Sequence[AnyTool]:
-        """The tools offered to the agent (for a suite with `tools_for`, those every item
-        shares; may be empty)."""
+        """The tools offered in every episode (may be empty)."""
+        ...
+
+    def tools_for(self, item: TaskItem) -> Sequence[AnyTool]:
+        """The tools only `item`'s episodes get, besides `tools()` (simulators loaded with the
+        item's state, functions the item brings); empty for most suites."""
         ...
 
     def few_shot(self) -> Sequence[tuple[str, str]]:
@@ -82,43 +93,33 @@ class TaskSuite(Protocol):
         """Scores of `answer` (None when the agent gave none), including `correct`."""
         ...
 
-
-@runtime_checkable
-class ItemTools(Protocol):
-    """A suite whose tools depend on the item (simulators loaded with the item's state, an
-    oracle that knows the item's answer)."""
-
-    def tools_for(self, item: TaskItem) -> Sequence[AnyTool]:
-        """The tools of `item`'s episodes (used instead of `tools()`)."""
-        ...
-
-
-@runtime_checkable
-class EpisodeGrader(Protocol):
-    """A suite graded on what the agent did, not only on its final answer (the calls it made,
-    the state it left): from the stored episode, so a run can be re-graded without a model."""
-
     async def grade_episode(self, item: TaskItem, episode: Episode) -> dict[str, float]:
-        """Scores of `episode`, including `correct` (used instead of `grade`)."""
+        """Scores of a stored episode of `item`, including `correct`: what rollouts and
+        re-grading use (`BaseSuite`: `grade` of its answer)."""
         ...
-
-
-@runtime_checkable
-class Oracle(Protocol):
-    """A suite that knows a gold solution as the agent would write it."""
 
     def oracle_turns(self, item: TaskItem) -> list[str]:
-        """The completions (without the end-of-turn token) of a gold policy, in order."""
+        """The completions (without the end-of-turn token) of a gold policy for `item`, in
+        order, each reply to a user message ending with an answer (`BaseSuite`: the first gold
+        answer)."""
         ...
 
 
-def suite_tools(suite: TaskSuite, item: TaskItem) -> Sequence[AnyTool]:
-    """The tools of `item`'s episodes."""
-    return suite.tools_for(item) if isinstance(suite, ItemTools) else suite.tools()
+class BaseSuite(ABC):
+    """The plain behaviour of the `TaskSuite` methods a suite may leave out: no per-item
+    tools, no examples, graded on the final answer, an oracle that answers at once."""
 
+    def tools_for(self, item: TaskItem) -> Sequence[AnyTool]:
+        return ()
 
-async def grade_episode(suite: TaskSuite, item: TaskItem, episode: Episode) -> dict[str, float]:
-    """`suite`'s scores of a stored episode (by `grade_episode` when the suite has it)."""
-    if isinstance(suite, EpisodeGrader):
-        return await suite.grade_episode(item, episode)
-    return await suite.grade(item, episode.answer)
+    def few_shot(self) -> Sequence[tuple[str, str]]:
+        return ()
+
+    @abstractmethod
+    async def grade(self, item: TaskItem, answer: str | None) -> dict[str, float]: ...
+
+    async def grade_episode(self, item: TaskItem, episode: Episode) -> dict[str, float]:
+        return await self.grade(item, episode.answer)
+
+    def oracle_turns(self, item: TaskItem) -> list[str]:
+        return [f"<answer>{item.answers[0]}</answer>"]

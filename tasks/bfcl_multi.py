@@ -48,15 +48,18 @@ import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args
 
-from turnrl.agent.records import Episode
-from turnrl.agent.runner import UserTurn
-from turnrl.tasks.base import Split, TaskItem
+from pydantic import Field
+
+from turnrl.agent.records import Episode, UserTurn
+from turnrl.tasks.base import BaseSuite, Split, TaskItem
+from turnrl.tasks.suite_config import BuildContext, SuiteConfig
 from turnrl.tools.base import AnyTool, CostModel
 from turnrl.tools.bfcl import BfclToolkit, execute, new_instances, owners, parse_call
 
-CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
+Category = Literal["base", "miss_func", "miss_param", "long_context"]
+CATEGORIES: tuple[Category, ...] = get_args(Category)
 N_SCENARIOS = 200
 """Scenarios per category in bfcl-eval 2026.3.23."""
 EXCLUDED_SCENARIOS: dict[int, str] = {
@@ -271,7 +274,7 @@ def _item(e: Entry) -> TaskItem:
     )
 
 
-class BfclMultiTurn:
+class BfclMultiTurn(BaseSuite):
     """The BFCL v4 multi-turn suite (see the module docstring)."""
 
     source = "bfcl-eval 2026.3.23 (BFCL v4)"
@@ -358,3 +361,27 @@ class BfclMultiTurn:
                 out.append(f"<tool_call>{call}</tool_call>")
             out.append("<answer>done</answer>" if turn else "<answer>I cannot do that.</answer>")
         return out
+
+
+class BfclMultiTurnConfig(SuiteConfig):
+    """BFCL v4 multi-turn conversations over executable device-API simulators (file system,
+    messaging, posting, tickets, trading, travel, vehicle, math), graded on simulator state and
+    call results after every user turn."""
+
+    metrics: ClassVar[tuple[str, ...]] = ("correct", "turns_correct", "finished")
+    gold_answer_text: ClassVar[bool] = False
+
+    kind: Literal["bfcl_multi_turn"] = "bfcl_multi_turn"
+    categories: tuple[Category, ...] = CATEGORIES
+    """BFCL categories included (each has the same 200 scenarios, varied)."""
+    seed: int = 0
+    """Seed of the train/test split (by scenario, so no scenario is in both)."""
+    n_test: int | None = Field(None, ge=0)
+    """Scenarios held out for test (default a quarter)."""
+    cost: CostModel = Field(default_factory=CostModel)
+    """Price of one simulator call (default: one `calls`)."""
+
+    def build(self, ctx: BuildContext) -> BfclMultiTurn:
+        return BfclMultiTurn(
+            categories=tuple(self.categories), seed=self.seed, n_test=self.n_test, cost=self.cost
+        )

@@ -39,13 +39,30 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args
+
+from pydantic import Field
 
 from turnrl.agent.records import Episode
-from turnrl.tasks.base import Split, TaskItem
+from turnrl.tasks.base import BaseSuite, Split, TaskItem
 from turnrl.tasks.bfcl_ast import check_calls
+from turnrl.tasks.suite_config import BuildContext, SuiteConfig
 from turnrl.tools.base import AnyTool, ToolOutput, ToolSpec
 from turnrl.tools.bfcl_schema import function_spec
+
+Category = Literal[
+    "simple",
+    "multiple",
+    "parallel",
+    "parallel_multiple",
+    "irrelevance",
+    "live_simple",
+    "live_multiple",
+    "live_parallel",
+    "live_parallel_multiple",
+    "live_irrelevance",
+]
+"""A BFCL single-turn category (the keys of `FILES`, in the same order)."""
 
 FILES: dict[str, str] = {
     "simple": "simple_python",
@@ -255,7 +272,7 @@ class CheckedFunction:
         return ToolOutput(RECORDED)
 
 
-class BfclSingle:
+class BfclSingle(BaseSuite):
     """BFCL v4 single-turn Python categories (see the module docstring)."""
 
     source = "bfcl-eval 2026.3.23 (BFCL v4)"
@@ -359,3 +376,25 @@ class BfclSingle:
             body = json.dumps({"name": name, "arguments": args})
             calls.append(f"<tool_call>{body}</tool_call>")
         return ["\n".join(calls), f"<answer>{DONE_ANSWER}</answer>"]
+
+
+class BfclSingleConfig(SuiteConfig):
+    """BFCL v4 single-turn function calling (simple, multiple, parallel, irrelevance and their
+    live variants), graded by AST matching against the accepted answers."""
+
+    metrics: ClassVar[tuple[str, ...]] = ("correct",)
+    gold_answer_text: ClassVar[bool] = False
+
+    kind: Literal["bfcl_single"] = "bfcl_single"
+    categories: tuple[Category, ...] = get_args(Category)
+    """BFCL categories included."""
+    seed: int = 0
+    """Seed of the train/test split (items sharing a question or a function set stay
+    together)."""
+    test_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of the items held out for test."""
+
+    def build(self, ctx: BuildContext) -> BfclSingle:
+        return BfclSingle(
+            categories=tuple(self.categories), seed=self.seed, test_fraction=self.test_fraction
+        )

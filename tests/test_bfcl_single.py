@@ -35,7 +35,7 @@ from turnrl.agent.policy import SamplingParams
 from turnrl.agent.records import Episode, StopReason, Turn
 from turnrl.agent.runner import Budget, EpisodeRunner, EpisodeSpec
 from turnrl.agent.scripted import ScriptedPolicy
-from turnrl.tasks.base import EpisodeGrader, ItemTools, Oracle, TaskItem, TaskSuite
+from turnrl.tasks.base import BaseSuite, TaskItem, TaskSuite
 from turnrl.tasks.bfcl_ast import check_calls, standardize
 from turnrl.tasks.bfcl_single import (
     CATEGORIES,
@@ -390,7 +390,10 @@ def grade(item: TaskItem, texts: list[str]) -> float:
 
 def test_suite_protocols_and_metadata() -> None:
     s: TaskSuite = suite()
-    assert isinstance(s, ItemTools) and isinstance(s, EpisodeGrader) and isinstance(s, Oracle)
+    # Per-item tools, episode grading and a scripted oracle, each the suite's own.
+    assert s.tools_for(s.items("test")[0])
+    assert BfclSingle.grade_episode is not BaseSuite.grade_episode
+    assert BfclSingle.oracle_turns is not BaseSuite.oracle_turns
     assert s.name == "bfcl_single" and s.system_prompt == SYSTEM_PROMPT
     # The package says "Apache 2.0"; the suite gives the SPDX id, as every suite does.
     assert importlib.metadata.metadata("bfcl-eval")["License"] == "Apache 2.0"

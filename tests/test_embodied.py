@@ -20,7 +20,7 @@ from turnrl.agent.records import Episode, StopReason
 from turnrl.agent.runner import Budget, EpisodeRunner
 from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.rollout import episode_specs
-from turnrl.tasks.base import EpisodeGrader, ItemTools, Oracle, TaskItem, TaskSuite
+from turnrl.tasks.base import BaseSuite, TaskItem, TaskSuite
 from turnrl.tasks.embodied import (
     EmbodiedSearch,
     ask_turns,
@@ -187,8 +187,10 @@ def test_splits_are_seeded_and_disjoint() -> None:
 def test_suite_protocols() -> None:
     suite = EmbodiedSearch(n_train=2, n_test=1)
     checked: TaskSuite = suite
-    assert isinstance(checked, ItemTools) and isinstance(checked, EpisodeGrader)
-    assert isinstance(checked, Oracle)
+    # Per-item tools, episode grading and a scripted oracle, each the suite's own.
+    assert checked.tools_for(suite.items("train")[0])
+    assert EmbodiedSearch.grade_episode is not BaseSuite.grade_episode
+    assert EmbodiedSearch.oracle_turns is not BaseSuite.oracle_turns
     (kit,) = suite.tools_for(suite.items("train")[0])
     assert isinstance(kit, Toolkit)
     assert [s.name for s in kit.specs] == ["navigate", "look", "get_memory", "ask", "pick"]

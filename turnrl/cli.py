@@ -1,5 +1,8 @@
 """The `turnrl` command line: train, eval, replay, tasks list."""
 
+# Each command imports what it runs (config, torch, suites) when it runs, so that `--help` and
+# a mistyped command answer at once.
+
 from __future__ import annotations
 
 import json
@@ -8,10 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-import yaml
 from rich.console import Console
-
-from turnrl.config import ConfigError, load_config
 
 
 def _quiet_libraries() -> None:
@@ -29,6 +29,8 @@ console = Console() if sys.stdout.isatty() else Console(width=120)
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -39,6 +41,8 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _load(config: Path, sets: list[str]) -> Any:
+    from turnrl.config import ConfigError, load_config
+
     try:
         return load_config(config, _overrides(sets))
     except ConfigError as e:
@@ -156,7 +160,8 @@ app.add_typer(tasks_app, name="tasks")
 def tasks_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
 ) -> None:
-    """Every task suite: what `task.kind` selects it, its source, license and split sizes."""
+    """Every task suite: what `task.kind` selects it, its source, license, split sizes and the
+    metrics its grader emits (what `rewards` may read)."""
     from rich.table import Table
 
     from turnrl.suites import describe_suites
@@ -166,12 +171,15 @@ def tasks_list(
         console.print_json(json.dumps(rows))
         return
     table = Table(title="Task suites (task.kind)")
-    for column in ("kind", "train", "test", "source", "license", "description"):
+    for column in ("kind", "train", "test", "metrics", "source", "license", "description"):
         table.add_column(column, justify="right" if column in ("train", "test") else "left")
     for r in rows:
+        metrics = r["metrics"]
+        assert isinstance(metrics, list)
         table.add_row(
-            *(str(r[c]) for c in ("kind", "train", "test", "source", "license")),
-            str(r["description"]),
+            *(str(r[c]) for c in ("kind", "train", "test")),
+            ", ".join(metrics),
+            *(str(r[c]) for c in ("source", "license", "description")),
         )
     console.print(table)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from turnrl.agent.policy import Policy
 from turnrl.agent.records import Episode
 from turnrl.agent.runner import EpisodeRunner, EpisodeSpec
-from turnrl.tasks.base import ItemTools, TaskItem, TaskSuite, grade_episode
+from turnrl.tasks.base import TaskItem, TaskSuite
 from turnrl.tools.base import AnyTool
 
 
@@ -28,15 +28,17 @@ def episode_specs(
     policy_for: Callable[[TaskItem], Policy] | None = None,
 ) -> list[EpisodeSpec]:
     """One spec per rollout; the G rollouts of an item share a group id and differ in seed.
-    Group ids are `{tag}/{item id}` with `tag` defaulting to `s{step}`. A suite with per-item
-    tools gets them in each spec, followed by `extra_tools` (the run's own). `policy_for` gives
-    an item's episodes their own policy (the oracle's script for that item) instead of the
-    runner's."""
+    Group ids are `{tag}/{item id}` with `tag` defaulting to `s{step}`. An item with tools of
+    its own (`TaskSuite.tools_for`) gets the suite's shared tools, its own, then `extra_tools`
+    (the run's) in each spec; the other items' specs name no tools, so the runner offers the
+    set it holds (built once, not per item). `policy_for` gives an item's episodes their own
+    policy (the oracle's script for that item) instead of the runner's."""
     specs = []
     examples = tuple(suite.few_shot())
     for i, item in enumerate(items):
         group = f"{tag or f's{step}'}/{item.id}"
-        tools = (*suite.tools_for(item), *extra_tools) if isinstance(suite, ItemTools) else None
+        own = suite.tools_for(item)
+        tools = (*suite.tools(), *own, *extra_tools) if own else None
         for g in range(group_size):
             specs.append(
                 EpisodeSpec(
@@ -72,7 +74,7 @@ async def collect(
     policy_for: Callable[[TaskItem], Policy] | None = None,
 ) -> list[Episode]:
     """Roll out every item `group_size` times and grade each episode (`extra_tools` as in
-    `episode_specs`; for other suites the runner already holds them)."""
+    `episode_specs`; for items without tools of their own the runner already holds them)."""
     specs = episode_specs(suite, items, group_size, step, seed, tag, extra_tools, policy_for)
     episodes = await runner.run_many(specs, concurrency, on_episode)
     by_id = {it.id: it for it in items}
@@ -89,6 +91,6 @@ async def grade_all(
 
     async def one(item: TaskItem, episode: Episode) -> dict[str, float]:
         async with gate:
-            return await grade_episode(suite, item, episode)
+            return await suite.grade_episode(item, episode)
 
     return list(await asyncio.gather(*(one(i, e) for i, e in pairs)))

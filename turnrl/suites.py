@@ -1,36 +1,44 @@
-"""From a task config to a live suite (with its tools and sandbox), and the oracle policy.
+"""From a task config to a live suite (with its tools and sandbox), the expert model that
+answers `ask`, and the oracle policy.
 
-The oracle plays each item's gold solution through the real pipeline. A suite that knows its
-gold solutions as turns (`tasks.base.Oracle`: function calls, device-API sessions, a walk
-through a house) gives them; for the others the oracle calls the suite's tool first (the
-search that finds the evidence, the Python that runs the reference solution against the
-tests), reads nothing from the response, then answers with the gold answer. An oracle that
-does not score 100% points at a broken tool, sandbox, parser or grader.
+The oracle plays each item's gold solution (`TaskSuite.oracle_turns`) through the real
+pipeline: function calls, device-API sessions, a walk through a house, or the suite's tool
+first (the search that finds the evidence, the Python that runs the reference solution against
+the tests), its response unread, then the gold answer. An oracle that does not score 100%
+points at a broken tool, sandbox, parser or grader.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from turnrl.agent.chat import ChatML
+from turnrl.agent.chat import ChatML, HFTokenizer
+from turnrl.agent.model_config import ExpertConfig
 from turnrl.agent.policy import Policy, SamplingParams
-from turnrl.agent.runner import UserTurn
+from turnrl.agent.records import UserTurn
 from turnrl.agent.scripted import ScriptedPolicy
-from turnrl.config import TaskConfig
 from turnrl.sandboxes.base import Sandbox
-from turnrl.tasks.base import Oracle, TaskItem, TaskSuite
-from turnrl.tasks.embodied_tools import Costs, Generate
-from turnrl.tools.base import tool_specs
-from turnrl.tools.python import PythonTool
+from turnrl.tasks.base import TaskItem, TaskSuite
+from turnrl.tasks.registry import SUITE_CONFIGS, SUITE_KINDS, TaskConfig
+from turnrl.tasks.suite_config import BuildContext, Generate
+
+if TYPE_CHECKING:
+    from turnrl.agent.hf_policy import HFPolicy
+
+__all__ = [
+    "SUITE_KINDS",
+    "Expert",
+    "build_suite",
+    "describe_suites",
+    "model_expert",
+    "open_expert",
+    "oracle_policies",
+]
 
 Encode = Callable[[str], Sequence[int]]
-
-
-def needs_sandbox(cfg: TaskConfig) -> bool:
-    """Whether the suite runs code (in its tools or its grader)."""
-    return cfg.kind in ("humaneval", "gsm_symbolic")
 
 
 def build_suite(
@@ -39,65 +47,11 @@ def build_suite(
     sandbox: Sandbox | None,
     expert: Generate | None = None,
 ) -> TaskSuite:
-    """The configured suite; `sandbox` is required when `needs_sandbox(cfg)` and the suite will
-    run or grade code. Without `encode` (re-grading a stored run, listing) the suite's tools
-    that need a tokenizer are not built. `expert` answers the embodied suite's `ask` when its
-    config says `ask.answered_by: model`."""
-    if cfg.kind == "search_qa":
-        from turnrl.tasks.search_qa import SearchQA
-
-        return SearchQA(
-            seed=cfg.seed,
-            n_train=cfg.n_train,
-            n_test=cfg.n_test,
-            encode=encode,
-            search_k=cfg.search_k,
-            result_tokens=cfg.result_tokens,
-        )
-    if cfg.kind == "bfcl_multi_turn":
-        from turnrl.tasks.bfcl_multi import BfclMultiTurn
-
-        return BfclMultiTurn(
-            categories=tuple(cfg.categories), seed=cfg.seed, n_test=cfg.n_test, cost=cfg.cost
-        )
-    if cfg.kind == "bfcl_single":
-        from turnrl.tasks.bfcl_single import BfclSingle
-
-        return BfclSingle(
-            categories=tuple(cfg.categories), seed=cfg.seed, test_fraction=cfg.test_fraction
-        )
-    if cfg.kind == "embodied_search":
-        from turnrl.tasks.embodied import EmbodiedSearch
-
-        return EmbodiedSearch(
-            n_train=cfg.n_train,
-            n_test=cfg.n_test,
-            seed=cfg.seed,
-            rooms=cfg.rooms,
-            distractors=cfg.distractors,
-            ambiguity=cfg.ambiguity,
-            hint_rate=cfg.hint_rate,
-            costs=Costs(**cfg.costs.model_dump()),
-            expert=expert if cfg.ask.answered_by == "model" else None,
-        )
-    if sandbox is None and encode is not None:
-        raise ValueError(f"task {cfg.kind!r} runs code and needs a sandbox")
-    tool = None
-    if cfg.python is not None and encode is not None and sandbox is not None:
-        tool = PythonTool(
-            sandbox,
-            encode,
-            max_tokens=cfg.python.max_tokens,
-            stateful=cfg.python.stateful,
-            limits=cfg.python.limits,
-        )
-    if cfg.kind == "humaneval":
-        from turnrl.tasks.humaneval import HumanEval
-
-        return HumanEval(sandbox=sandbox, python_tool=tool, seed=cfg.seed, timeout_s=cfg.timeout_s)
-    from turnrl.tasks.math_python import MathPython
-
-    return MathPython(seed=cfg.seed, n_train=cfg.n_train, n_test=cfg.n_test, python_tool=tool)
+    """The configured suite; `sandbox` is required when the config `runs_code` and the suite
+    will run or grade code. Without `encode` (re-grading a stored run, listing) the suite's
+    tools that need a tokenizer are not built. `expert` answers `ask` when the config names an
+    expert model (`cfg.expert()`)."""
+    return cfg.build(BuildContext(encode=encode, sandbox=sandbox, expert=expert))
 
 
 def model_expert(policy: Policy, renderer: ChatML, max_tokens: int) -> Generate:
@@ -113,61 +67,59 @@ def model_expert(policy: Policy, renderer: ChatML, max_tokens: int) -> Generate:
     return generate
 
 
-SUITE_KINDS: tuple[str, ...] = (
-    "search_qa",
-    "humaneval",
-    "gsm_symbolic",
-    "bfcl_multi_turn",
-    "bfcl_single",
-    "embodied_search",
-)
-"""Every suite `task.kind` names, in the order `turnrl tasks list` shows them."""
+@dataclass(frozen=True)
+class Expert:
+    """A model loaded to answer `ask` (`open_expert`); close it when the run ends."""
+
+    path: Path
+    """The folder its weights came from."""
+    policy: HFPolicy
+    """Its policy (greedy generation)."""
+    generate: Generate
+    """A prompt in, its answer out."""
+
+    def close(self) -> None:
+        self.policy.close()
+
+
+def open_expert(spec: ExpertConfig) -> Expert:
+    """Load the expert model `spec` names (blocking: seconds)."""
+    from turnrl.agent.hf_policy import HFPolicy
+    from turnrl.agent.model import embedded_model_dir, load_model, load_tokenizer, tiny_model_dir
+
+    weights = spec.model
+    if weights.kind == "embedded":
+        path = embedded_model_dir()
+    elif weights.kind == "tiny":
+        path = tiny_model_dir()
+    else:
+        path = weights.path
+    tokenizer = load_tokenizer(path)
+    renderer = ChatML(HFTokenizer(tokenizer))
+    policy = HFPolicy(load_model(path), tokenizer, max_batch_size=8)
+    return Expert(path, policy, model_expert(policy, renderer, spec.max_new_tokens))
 
 
 def describe_suites() -> list[dict[str, object]]:
-    """What `turnrl tasks list` shows: each suite with its default config's item counts."""
-    from pydantic import TypeAdapter
-
-    adapter: TypeAdapter[TaskConfig] = TypeAdapter(TaskConfig)
+    """What `turnrl tasks list` shows: each suite with its default config's item counts and
+    declared metrics."""
     rows = []
-    for kind in SUITE_KINDS:
-        cfg = adapter.validate_python({"kind": kind})
-        suite = build_suite(cfg, None, None)
+    for config in SUITE_CONFIGS:
+        cfg = config()
+        suite = cfg.build(BuildContext())
         rows.append(
             {
-                "kind": kind,
+                "kind": config.kind_name(),
                 "name": suite.name,
                 "source": suite.source,
                 "license": suite.license,
                 "train": len(suite.items("train")),
                 "test": len(suite.items("test")),
-                "description": " ".join((type(cfg).__doc__ or "").split("\n\n")[0].split()),
+                "metrics": list(config.metrics),
+                "description": " ".join((config.__doc__ or "").split("\n\n")[0].split()),
             }
         )
     return rows
-
-
-def oracle_turns(suite: TaskSuite, item: TaskItem) -> list[str]:
-    """The replies the oracle gives for `item`, turn by turn."""
-    tools = {spec.name for spec in tool_specs(suite.tools())}
-    answer = item.answers[0]
-    call: dict[str, object] | None = None
-    if suite.name == "humaneval":
-        prompt, test, entry = (str(item.meta[k]) for k in ("prompt", "test", "entry_point"))
-        # The full function as the answer: robust to the answer's surrounding whitespace
-        # being stripped, which a body-only completion is not.
-        answer = prompt + answer
-        code = f"{answer}\n{test}\ncheck({entry})\nprint('all tests passed')"
-        call = {"name": "python", "arguments": {"code": code}}
-    elif "python" in tools:
-        call = {"name": "python", "arguments": {"code": f"print({answer!r})"}}
-    elif "search" in tools and "evidence_query" in item.meta:
-        call = {"name": "search", "arguments": {"query": str(item.meta["evidence_query"])}}
-    turns = []
-    if call is not None and call["name"] in tools:
-        turns.append(f"<tool_call>{json.dumps(call)}</tool_call>")
-    turns.append(f"<answer>{answer}</answer>")
-    return turns
 
 
 def oracle_policies(
@@ -186,8 +138,7 @@ def oracle_policies(
         policy = made.get(item.id)
         if policy is not None:
             return policy
-        turns = suite.oracle_turns(item) if isinstance(suite, Oracle) else oracle_turns(suite, item)
-        plan = _Plan(item.followups, _segments(turns))
+        plan = _Plan(item.followups, _segments(suite.oracle_turns(item)))
 
         def script(context: Sequence[int]) -> str:
             text = tokenizer.decode(list(context))

@@ -225,5 +225,7 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfi
         lines = [f"{path}: invalid config"]
         for err in e.errors():
             where = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {where}: {err['msg']}")
+            # A run-level check (a model validator) names its fields in its own message.
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {msg}" if where else f"  {msg}")
         raise ConfigError("\n".join(lines)) from None

@@ -11,9 +11,8 @@ call that did not parse, its raw argument text — plus its answer with whitespa
 and case folded; a turn with neither is keyed by its completion text with whitespace
 collapsed. The observation is the tool results' texts and error kinds (what the agent read).
 
-Keys are stable: the same history gives the same key in every process (blake2b, 96 bits, of
-the parent key and the turn's normalised action and observation, each field length-prefixed so
-that no two different turns hash the same input). Cost, measured on the 2-core dev VM: ~3-5 µs
+Keys are stable across processes (`turnrl.agent.state_key` computes them; the runner stores
+each turn's as it records it, `Turn.state_key`). Cost, measured on the 2-core dev VM: ~3-5 µs
 a turn, most of it reading the records' scattered objects rather than hashing; so the keys of
 an episode are memoised by the episode's identity (records are frozen: an episode must not be
 mutated in place), and the graph, GiGPO and SALT of one batch compute them once (~0.1 µs a
@@ -50,19 +49,13 @@ from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 from turnrl.agent.records import Episode, Turn
+from turnrl.agent.state_key import ROOT, chain_key, normalise, turn_text
 
 if TYPE_CHECKING:
     from turnrl.agent.runner import EpisodeSpec
 
-ROOT = "root"
 SCHEMA = "turnrl.trajectory_graph/1"
 """`schema` field of `TrajectoryGraph.to_json`; bumped on any incompatible change."""
-
-_encode_args = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.split()).casefold()
 
 
 def action_key(turn: Turn) -> str:
@@ -73,66 +66,17 @@ def action_key(turn: Turn) -> str:
             args = json.dumps(call.arguments or {}, sort_keys=True, ensure_ascii=False)
             parts.append(f"call:{call.name}:{args}")
         else:
-            parts.append(f"bad:{_norm(call.raw)}")
+            parts.append(f"bad:{normalise(call.raw)}")
     if turn.answer is not None:
-        parts.append(f"answer:{_norm(turn.answer)}")
+        parts.append(f"answer:{normalise(turn.answer)}")
     if not parts:
-        parts.append(f"text:{_norm(turn.text)}")
+        parts.append(f"text:{normalise(turn.text)}")
     return "\x1f".join(parts)
 
 
 def observation_key(turn: Turn) -> str:
     """What the environment showed after the turn."""
     return "\x1f".join(f"{r.error or ''}:{r.text}" for r in turn.tool_results)
-
-
-def _turn_text(turn: Turn) -> str:
-    """The turn's action and observation as one unambiguous string: each field is tagged and
-    length-prefixed. Equal exactly when `action_key` and `observation_key` are (written for
-    speed: this is the inner loop of every graph estimator)."""
-    parts: list[str] = []
-    for call in turn.tool_calls:
-        name = call.name
-        if call.parse_error is None and name is not None:
-            args = call.arguments
-            if not args:
-                a = "j{}"
-            else:
-                # One string argument (a query, a snippet of code) is the common case and
-                # needs no JSON encoder; a different tag keeps it apart from encoded ones.
-                a = ""
-                if len(args) == 1:
-                    ((k, v),) = args.items()
-                    if type(v) is str:
-                        a = f"s{len(k)}:{k}{v}"
-                if not a:
-                    a = "j" + _encode_args(args)
-            parts.append(f"c{len(name)}:{name}{len(a)}:{a}")
-        else:
-            raw = _norm(call.raw)
-            parts.append(f"b{len(raw)}:{raw}")
-    if turn.answer is not None:
-        answer = _norm(turn.answer)
-        parts.append(f"a{len(answer)}:{answer}")
-    if not parts:
-        text = _norm(turn.text)
-        parts.append(f"t{len(text)}:{text}")
-    for r in turn.tool_results:
-        err = r.error or ""
-        obs = r.text
-        parts.append(f"o{len(err)}:{err}{len(obs)}:{obs}")
-    return "".join(parts)
-
-
-def chain_key(parent: str, turn: Turn) -> str:
-    """The key of the state after `turn` taken from the state keyed `parent` (what the runner
-    stores as `Turn.state_key`)."""
-    return _chain(parent, turn)
-
-
-def _chain(parent: str, turn: Turn) -> str:
-    data = f"{parent}\x1e{_turn_text(turn)}".encode("utf-8", "surrogatepass")
-    return blake2b(data, digest_size=12).hexdigest()
 
 
 class _Memo(weakref.ref[Episode]):
@@ -162,8 +106,8 @@ def _after(episode: Episode) -> tuple[str, ...]:
         return tuple(k for k in stored if k is not None)
     keys = []
     parent = ROOT
-    for turn in episode.turns:  # `_chain`, inlined: this loop is the cold cost of a batch
-        data = f"{parent}\x1e{_turn_text(turn)}".encode("utf-8", "surrogatepass")
+    for turn in episode.turns:  # `chain_key`, inlined: this loop is the cold cost of a batch
+        data = f"{parent}\x1e{turn_text(turn)}".encode("utf-8", "surrogatepass")
         parent = blake2b(data, digest_size=12).hexdigest()
         keys.append(parent)
     memo = _Memo(episode, _forget)
@@ -580,7 +524,7 @@ def _merged_paths(episodes: Sequence[Episode], threshold: float) -> list[tuple[s
         parent = ROOT
         path = []
         for turn in episode.turns:
-            key = _chain(parent, turn)
+            key = chain_key(parent, turn)
             if key not in known:
                 slot = siblings[parent, action_key(turn)]
                 shingles = _shingles(observation_key(turn))

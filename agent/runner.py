@@ -33,10 +33,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from turnrl.agent.chat import ChatML
 from turnrl.agent.dispatch import Dispatcher, Session, ToolIndex, close_sessions
 from turnrl.agent.dispatch import error as _error
-from turnrl.agent.graph import ROOT, chain_key
 from turnrl.agent.parse import parse_completion
 from turnrl.agent.policy import Policy, SamplingParams
-from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn
+from turnrl.agent.records import (
+    Episode,
+    StopReason,
+    ToolCall,
+    ToolErrorKind,
+    ToolResult,
+    Turn,
+    TurnSignals,
+    UserTurn,
+)
+from turnrl.agent.state_key import ROOT, chain_key, step_key
 from turnrl.tools.base import AnyTool
 
 MIN_TURN_TOKENS = 8
@@ -60,15 +69,6 @@ class Budget(BaseModel):
     """Upper bound per cost kind (e.g. `{"time_s": 60}`); reaching one ends the episode."""
     wall_clock_s: float = Field(600.0, gt=0)
     """Wall-clock seconds per episode, policy queueing included."""
-
-
-@dataclass(frozen=True)
-class UserTurn:
-    """A user message that follows an answer."""
-
-    text: str
-    reveal: tuple[str, ...] = ()
-    """Hidden tools that become available with this message (their schemas are shown in it)."""
 
 
 @dataclass(frozen=True)
@@ -173,8 +173,10 @@ class EpisodeRunner:
         except Exception as e:  # the boundary: one episode's bug must not end the run
             state.stop(StopReason.ERROR, "".join(traceback.format_exception(e)))
         finally:
-            # Shielded: a cancelled run must still destroy the episode's sandboxes.
-            await asyncio.shield(close_sessions(state.sessions))
+            # Shielded: a cancelled run must still destroy the episode's sandboxes. Skipped when
+            # none was opened (stateless tools): the shield's task costs ~2 us a turn.
+            if state.sessions:
+                await asyncio.shield(close_sessions(state.sessions))
         return state.episode(self._clock())
 
     async def _loop(self, s: _State) -> None:
@@ -250,6 +252,9 @@ class EpisodeRunner:
                     observation = []
                     s.stop(StopReason.CONTEXT_FULL)
             context += ids + observation
+            # Keyed before the record is built: a copy to add the key would cost ~3 us a turn.
+            parent = s.turns[-1].state_key if s.turns else ROOT
+            key = step_key(parent or ROOT, parsed.tool_calls, parsed.answer, text, results)
             turn = Turn(
                 index=index,
                 prompt_ids=pending_prompt,
@@ -268,9 +273,9 @@ class EpisodeRunner:
                 policy_version=completion.policy_version,
                 generate_s=generate_s,
                 tools_s=tools_s,
+                state_key=key,
             )
-            parent = s.turns[-1].state_key if s.turns else ROOT
-            s.turns.append(turn.model_copy(update={"state_key": chain_key(parent or ROOT, turn)}))
+            s.turns.append(turn)
             pending_prompt = []
 
     async def _restore(self, s: _State) -> list[int]:
@@ -288,7 +293,7 @@ class EpisodeRunner:
             context += turn.completion_ids
             context += turn.observation_ids
             for call, stored in zip(turn.tool_calls, turn.tool_results, strict=True):
-                if stored.error == "budget":  # refused, never run: nothing to replay
+                if stored.error == ToolErrorKind.BUDGET:  # refused, never run: nothing to replay
                     continue
                 s.n_calls += 1
                 for kind, amount in stored.cost.items():
@@ -309,7 +314,7 @@ class EpisodeRunner:
                         "state_key": turn.state_key or chain_key(parent or ROOT, turn),
                         "replayed": True,
                         "rewards": {},
-                        "signals": {},
+                        "signals": TurnSignals(),
                         "advantage": None,
                         "tokens_left": self.budget.max_context_tokens - len(context),
                     }
@@ -324,10 +329,12 @@ class EpisodeRunner:
         results: list[ToolResult] = []
         for call in calls:
             if s.stop_reason is not None:
-                results.append(_error(call, "budget", "not run: the episode's budget ran out"))
+                results.append(
+                    _error(call, ToolErrorKind.BUDGET, "not run: the episode's budget ran out")
+                )
                 continue
             if s.n_calls >= self.budget.max_tool_calls:
-                results.append(_error(call, "budget", "tool-call budget exhausted"))
+                results.append(_error(call, ToolErrorKind.BUDGET, "tool-call budget exhausted"))
                 s.stop(StopReason.MAX_TOOL_CALLS)
                 continue
             s.n_calls += 1

@@ -24,8 +24,9 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from turnrl.agent.graph import ROOT, TrajectoryGraph, chain_key, clear_key_cache
+from turnrl.agent.graph import TrajectoryGraph, clear_key_cache
 from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn
+from turnrl.agent.state_key import ROOT, chain_key
 from turnrl.rl.advantages import compute_advantages, estimator_config
 from turnrl.rl.group_advantages import dense_index
 from turnrl.rl.step_advantages import turn_graph

@@ -17,8 +17,8 @@ from fakes import CharTokenizer
 
 from turnrl.agent.chat import ChatML
 from turnrl.agent.policy import SamplingParams
-from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn
-from turnrl.agent.runner import Budget, EpisodeRunner, UserTurn
+from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn, UserTurn
+from turnrl.agent.runner import Budget, EpisodeRunner
 from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.rollout import episode_specs
 from turnrl.tasks.base import TaskItem

@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from turnrl.agent import graph as graph_module
+from turnrl.agent import state_key as state_key_module
 from turnrl.agent.chat import ChatML
 from turnrl.agent.graph import (
-    ROOT,
     TrajectoryGraph,
     action_key,
     after_keys,
@@ -31,6 +31,7 @@ from turnrl.agent.policy import SamplingParams
 from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn
 from turnrl.agent.runner import Budget, EpisodeRunner, EpisodeSpec
 from turnrl.agent.scripted import ScriptedPolicy
+from turnrl.agent.state_key import ROOT
 from turnrl.sandboxes.local import SubprocessSandbox
 from turnrl.tools.base import EpisodeTool, Tool, ToolOutput, ToolSpec
 from turnrl.tools.python import PythonTool
@@ -108,7 +109,7 @@ def test_fast_turn_text_partitions_like_the_readable_keys(
         )
     a, b = turns
     readable = (action_key(a), observation_key(a)) == (action_key(b), observation_key(b))
-    assert (graph_module._turn_text(a) == graph_module._turn_text(b)) == readable
+    assert (state_key_module.turn_text(a) == state_key_module.turn_text(b)) == readable
 
 
 @given(st.lists(steps_st, min_size=2, max_size=6))

@@ -106,7 +106,7 @@ def test_bad_calls_become_observations(call: str, kind: str, fragment: str) -> N
 
 def test_tool_exceptions_and_hangs_are_observations() -> None:
     ep, _ = run([CALL, ANSWER], tools=[EchoTool(fail=True)])
-    assert ep.turns[0].tool_results[0].error == "tool_error"
+    assert ep.turns[0].tool_results[0].error == "tool_bug"
     assert "echo broke" in ep.turns[0].tool_results[0].text
     ep, _ = run([CALL, ANSWER], tools=[EchoTool(delay_s=5, timeout_s=0.05)])
     assert ep.turns[0].tool_results[0].error == "timeout"

@@ -18,10 +18,10 @@ from pydantic import BaseModel, Field
 from turnrl.agent.chat import ChatML
 from turnrl.agent.dispatch import Dispatcher, ToolIndex
 from turnrl.agent.policy import SamplingParams
-from turnrl.agent.records import Episode, StopReason, ToolCall
-from turnrl.agent.runner import Budget, EpisodeRunner, EpisodeSpec, UserTurn
+from turnrl.agent.records import Episode, StopReason, ToolCall, ToolErrorKind, UserTurn
+from turnrl.agent.runner import Budget, EpisodeRunner, EpisodeSpec
 from turnrl.agent.scripted import ScriptedPolicy
-from turnrl.tools.base import AnyTool, ArgumentError, CostModel, ToolOutput, ToolSpec
+from turnrl.tools.base import AnyTool, ArgumentError, CostModel, ToolError, ToolOutput, ToolSpec
 from turnrl.tools.function import FunctionTool, state_toolkit, tool
 
 TOK = CharTokenizer()
@@ -199,7 +199,7 @@ def test_failures_become_typed_observations_and_the_episode_goes_on() -> None:
     kinds = [r.error for r in results]
     assert kinds == [
         "timeout",
-        "tool_error",
+        "tool_bug",
         "bad_output",
         None,
         None,
@@ -466,7 +466,27 @@ def test_a_tool_that_changes_its_arguments_cannot_rewrite_the_stored_call() -> N
     assert stored.arguments == {"a": [{"x": 1}]}
 
 
-def test_a_schema_that_cannot_be_checked_is_a_tool_error_observation() -> None:
+def test_a_tool_error_shows_its_message_and_any_other_exception_is_a_tool_bug() -> None:
+    @tool
+    async def lookup(key: str) -> str:
+        """Looks a key up."""
+        if key == "bug":
+            raise KeyError(key)
+        raise ToolError(f"no entry called {key!r}; try 'alpha'")
+
+    ep, _ = run([call("lookup", key="beta") + call("lookup", key="bug")], [lookup])
+    refused, bug = ep.turns[0].tool_results
+    assert refused.error == ToolErrorKind.TOOL_ERROR
+    assert refused.text == "Error: lookup failed: no entry called 'beta'; try 'alpha'"
+    assert bug.error == ToolErrorKind.TOOL_BUG
+    assert bug.text == "Error: lookup failed: KeyError: 'bug'"
+    # Stored as the same strings as before the enum existed; loaded back as the enum.
+    stored = ep.model_dump_json()
+    assert '"error":"tool_error"' in stored and '"error":"tool_bug"' in stored
+    assert Episode.model_validate_json(stored) == ep
+
+
+def test_a_schema_that_cannot_be_checked_is_a_tool_bug_observation() -> None:
     broken = FunctionTool(
         weather.fn,
         ToolSpec(
@@ -478,7 +498,7 @@ def test_a_schema_that_cannot_be_checked_is_a_tool_error_observation() -> None:
     ep, _ = run([call("broken", a=1), call("weather", city="Rome")], [broken, weather])
     assert ep.stop_reason == StopReason.ANSWERED
     first = ep.turns[0].tool_results[0]
-    assert first.error == "tool_error" and "could not check its arguments" in first.text
+    assert first.error == "tool_bug" and "could not check its arguments" in first.text
     assert ep.turns[1].tool_results[0].error is None
 
 

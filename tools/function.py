@@ -29,14 +29,9 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from turnrl.tools.base import CostModel, ToolError, ToolOutput, ToolSpec
+from turnrl.tools.base import BadOutputError, CostModel, ToolOutput, ToolSpec
 
 T = TypeVar("T")
-
-
-class BadOutputError(ToolError):
-    """A tool returned something that is not text and has no faithful text form (bytes, an
-    arbitrary object). The runner records it as a `bad_output` observation."""
 
 
 class _Args(BaseModel):

@@ -4,17 +4,18 @@ The run folders in `tests/fixtures/runs/` were written by turnrl before `Episode
 a schema version (version 1: `Turn.signals` a dict of floats, the initial gold probability and
 the bootstrap value on the first and last turns, `rewards: {weights: ...}`): `v0_a` trains with
 GiGPO and every reward component (gold probabilities, `gold_seen`), `v0_b` with GAE and a
-value head (values), `v0_c` is an oracle evaluation (tool calls and results). Regression lock:
-do not regenerate these fixtures with newer code; add new ones beside them.
+value head (values), `v0_c` is an oracle evaluation of the embodied suite (tool calls, results,
+cost vectors). Regression lock: do not regenerate these fixtures with newer code; add new ones
+beside them.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from turnrl.agent.records import SCHEMA_VERSION, Episode, upgrade_episode
 from turnrl.agent.store import RunStore
@@ -40,7 +41,7 @@ def test_version_1_signals_become_typed_fields() -> None:
     assert valued and all(e.value_after is not None for e in valued)
     assert all(t.signals.value is not None for e in valued for t in e.turns)
     oracle = _episodes("v0_c")
-    assert oracle and all(e.turns[0].tool_results for e in oracle)
+    assert oracle and all(e.turns[0].tool_results and e.cost for e in oracle)
 
 
 def test_upgrade_is_exact_on_what_it_moves() -> None:
@@ -94,6 +95,7 @@ def test_runs_written_before_the_schema_version_replay_with_no_difference(
     assert out["advantages_differing"] == 0 and out["grades_differing"] == 0
     if name != "v0_c":
         assert out["turns_compared"] > 0
-    # The weights-form reward config still means what it meant (outcome on f1).
-    raw = json.dumps(config.rewards.model_dump())
-    assert '"metric": "f1"' in raw
+    # The weights-form reward config still means what it meant: its `outcome_metric` (f1 by
+    # default there) is the outcome's metric.
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())["rewards"]
+    assert config.rewards.outcome().metric == stored.get("outcome_metric", "f1")

@@ -86,7 +86,8 @@ class ToolErrorKind(StrEnum):
     INVALID_ARGUMENTS = "invalid_arguments"
     """The arguments do not fit the tool's schema; the text names each bad field."""
     TIMEOUT = "timeout"
-    """The tool did not answer within its `timeout_s` and was cancelled."""
+    """The tool did not answer within its `timeout_s` and was cancelled (or raised
+    `TimeoutError` itself: a deadline of its own ran out)."""
     TOOL_ERROR = "tool_error"
     """The tool refused or failed and said why: it raised `ToolError` (a missing file, a blank
     question, a server's error reply). The text is its message, with no Python class name:

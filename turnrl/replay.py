@@ -24,8 +24,8 @@ from turnrl.report import summarize
 from turnrl.rl.advantages import estimator_config
 from turnrl.rl.credit import add_gold_signals, needs_gold_probs
 from turnrl.rl.reward_config import RewardConfig, SaturationReward
-from turnrl.rollout import grade_all
 from turnrl.rl.scoring import score
+from turnrl.rollout import grade_all
 from turnrl.sandboxes.config import open_sandbox
 from turnrl.suites import build_suite
 from turnrl.tasks.base import TaskItem

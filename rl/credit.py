@@ -20,28 +20,13 @@ from collections.abc import Callable, Mapping, Sequence
 from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode
-from turnrl.rl.estimator_config import EmpgConfig, EstimatorConfig, GaeConfig, TppoConfig
 from turnrl.rl.info_gain import gold_probabilities, with_gold_probs
-from turnrl.rl.reward_config import RewardConfig, SaturationReward
+from turnrl.rl.reward_config import RewardConfig, needs_gold_probs
 from turnrl.rl.rewards import mark_gold_seen
 
 ANSWER_PREFIX = "<answer>"
 """What the policy writes before an answer: teacher-forced between the context (which ends with
 an assistant header after every observation) and the gold answer's ids."""
-
-
-def needs_gold_probs(rewards: RewardConfig) -> bool:
-    """Whether a configured component reads gold-answer probabilities."""
-    saturation = rewards.get("saturation")
-    return rewards.get("info_gain") is not None or (
-        isinstance(saturation, SaturationReward) and saturation.threshold is not None
-    )
-
-
-def needs_values(estimator: EstimatorConfig) -> bool:
-    """Whether the estimator reads state values (a value head's)."""
-    inner = estimator.base if isinstance(estimator, EmpgConfig) else estimator
-    return isinstance(inner, GaeConfig | TppoConfig)
 
 
 def add_gold_signals(

@@ -203,3 +203,9 @@ def estimator_config(value: str | dict[str, object] | BaseModel) -> EstimatorCon
     elif isinstance(value, BaseModel):
         value = value.model_dump()
     return _ADAPTER.validate_python(value)
+
+
+def needs_values(estimator: EstimatorConfig) -> bool:
+    """Whether the estimator reads state values (a value head's: `turnrl.rl.credit`)."""
+    inner = estimator.base if isinstance(estimator, EmpgConfig) else estimator
+    return isinstance(inner, GaeConfig | TppoConfig)

@@ -301,3 +301,12 @@ def _legacy(data: Mapping[str, Any]) -> dict[str, Any]:
             components.append({"kind": kind, "weight": 0.0, **params[kind]})
     combine = "gdpo" if data.get("decoupled", False) else "weighted"
     return {**rest, "components": components, "combine": combine}
+
+
+def needs_gold_probs(rewards: RewardConfig) -> bool:
+    """Whether a configured component reads gold-answer probabilities (measured with a model:
+    `turnrl.rl.credit`)."""
+    saturation = rewards.get("saturation")
+    return rewards.get("info_gain") is not None or (
+        isinstance(saturation, SaturationReward) and saturation.threshold is not None
+    )

@@ -246,3 +246,26 @@ def test_config_imports_no_heavy_library(module: str) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.split() == []
+
+
+def test_loading_every_example_config_imports_no_heavy_library() -> None:
+    """Validation too (the run-level checks), not only the import: `turnrl train --help` and a
+    config error answer without loading a model library."""
+    heavy = ("torch", "transformers", "peft", "httpx", "mcp")
+    code = (
+        "import sys, pathlib\n"
+        "from turnrl.config import load_config\n"
+        "for p in sorted(pathlib.Path('examples').glob('*.yaml')):\n"
+        "    load_config(p)\n"
+        f"print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        cwd=root,
+    )
+    assert result.stdout.split() == []

@@ -44,5 +44,5 @@ def test_eval_into_a_new_folder_writes_both_configs(tmp_path: Path) -> None:
     assert (run_dir / "config.yaml").read_text() == cfg.to_yaml()
     assert (run_dir / "eval.config.yaml").read_text() == cfg.to_yaml()
     # An evaluation-only folder is still a run folder: training into it needs --overwrite.
-    with pytest.raises(FileExistsError, match="config.yaml"):
+    with pytest.raises(FileExistsError, match=r"config\.yaml"):
         run_train(cfg, Console(width=120, record=True), with_eval=False)

@@ -34,9 +34,9 @@ from turnrl.agent.model_config import (
     TinyModel,
 )
 from turnrl.agent.runner import Budget
-from turnrl.rl.estimator_config import EstimatorConfig, GrpoConfig
+from turnrl.rl.estimator_config import EstimatorConfig, GrpoConfig, needs_values
 from turnrl.rl.learner_config import LearnerConfig
-from turnrl.rl.rewards import RewardConfig
+from turnrl.rl.reward_config import RewardConfig
 from turnrl.sandboxes.config import AutoConfig, SandboxConfig
 from turnrl.tasks.registry import SUITE_KINDS, TaskConfig
 from turnrl.tasks.search_qa_config import SearchQAConfig
@@ -155,8 +155,6 @@ class RunConfig(_Config):
 
     @model_validator(mode="after")
     def _estimator_has_its_inputs(self) -> RunConfig:
-        from turnrl.rl.credit import needs_values
-
         if needs_values(self.train.estimator) and self.learner.value_head is None:
             raise ValueError(
                 f"train.estimator {self.train.estimator.kind!r} needs state values: set "
@@ -185,7 +183,7 @@ class RunConfig(_Config):
         if needs_text and not self.task.gold_answer_text:
             raise ValueError(
                 f"rewards {needs_text} need gold answer text, which task {self.task.kind!r} "
-                "does not have (it grades the calls made): remove them from rewards.weights"
+                "does not have (it grades the calls made): remove them from rewards"
             )
         return self
 

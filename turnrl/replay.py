@@ -22,8 +22,8 @@ from turnrl.agent.store import RunStore
 from turnrl.config import RunConfig
 from turnrl.report import summarize
 from turnrl.rl.advantages import estimator_config
-from turnrl.rl.credit import add_gold_signals, needs_gold_probs
-from turnrl.rl.reward_config import RewardConfig, SaturationReward
+from turnrl.rl.credit import add_gold_signals
+from turnrl.rl.reward_config import RewardConfig, SaturationReward, needs_gold_probs
 from turnrl.rl.scoring import score
 from turnrl.rollout import grade_all
 from turnrl.sandboxes.config import open_sandbox

@@ -299,7 +299,7 @@ class EpisodeRunner:
                 for kind, amount in stored.cost.items():
                     s.cost[kind] = s.cost.get(kind, 0.0) + amount
                 if s.tools.episodic(call.name):
-                    again = await self._run_call(s, call)
+                    again = await self.dispatcher.call(s.tools, s.sessions, call, s.hidden)
                     if (again.error, again.text) != (stored.error, stored.text):
                         s.notes.append(_mismatch(turn.index, call, stored, again))
                 elif call.name not in s.tools.entries and stored.error is None:
@@ -338,7 +338,7 @@ class EpisodeRunner:
                 s.stop(StopReason.MAX_TOOL_CALLS)
                 continue
             s.n_calls += 1
-            result = await self._run_call(s, call)
+            result = await self.dispatcher.call(s.tools, s.sessions, call, s.hidden)
             for kind, amount in result.cost.items():
                 s.cost[kind] = s.cost.get(kind, 0.0) + amount
             results.append(result)
@@ -346,9 +346,6 @@ class EpisodeRunner:
             if over:
                 s.stop(StopReason.BUDGET_EXHAUSTED, f"cost budget reached: {', '.join(over)}")
         return results
-
-    async def _run_call(self, s: _State, call: ToolCall) -> ToolResult:
-        return await self.dispatcher.call(s.tools, s.sessions, call, s.hidden)
 
     def _next_user_turn(self, s: _State, closed: bool) -> list[int]:
         """Ids of the next followup message (with the schemas of the tools it reveals)."""

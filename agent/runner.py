@@ -174,7 +174,7 @@ class EpisodeRunner:
             state.stop(StopReason.ERROR, "".join(traceback.format_exception(e)))
         finally:
             # Shielded: a cancelled run must still destroy the episode's sandboxes. Skipped when
-            # none was opened (stateless tools): the shield's task costs ~2 us a turn.
+            # none was opened (stateless tools): the shield's task costs ~3 us a turn.
             if state.sessions:
                 await asyncio.shield(close_sessions(state.sessions))
         return state.episode(self._clock())

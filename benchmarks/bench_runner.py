@@ -2,8 +2,9 @@
 
 2,000 episodes x 5 turns (4 tool calls, then an answer) with a zero-latency policy that
 returns pre-tokenized replies and a no-op tool, 64 episodes in flight. Everything measured is
-turnrl's own work per turn: decoding the sample, parsing calls, validating arguments, running
-the tool coroutine, rendering and tokenizing the observation, building the turn record.
+turnrl's own work per turn: decoding the sample, parsing calls, dispatching them (argument
+checks, limits, timeout, result checks, cost), rendering and tokenizing the observation,
+keying the turn's trajectory-graph state, building the turn record.
 
 The peer is a bare asyncio loop doing the same awaits (one policy await and one tool await
 per turn, under the same semaphore) with no bookkeeping: the floor any harness pays.

@@ -136,6 +136,10 @@ class TurnSignals(Record):
     """A value head's estimate V(s) of the state before this turn (`gae`, `tppo`)."""
 
 
+_NO_SIGNALS = TurnSignals()
+"""Every new turn's signals: one shared value (records are frozen), not one built per turn."""
+
+
 class Turn(Record):
     """One policy step and what the environment appended after it."""
 
@@ -175,7 +179,7 @@ class Turn(Record):
     """Key of the trajectory-graph state after this turn (`turnrl.agent.graph`), hashed by the
     runner as the turn is recorded (while its data is in cache), so that credit assignment on
     a large batch need not hash every turn again; None in records from before it existed."""
-    signals: TurnSignals = Field(default_factory=lambda: TurnSignals())
+    signals: TurnSignals = Field(default_factory=lambda: _NO_SIGNALS)
     """What a model measured about this turn for credit assignment (stored, so replay needs no
     model)."""
     advantage: float | None = None

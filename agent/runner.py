@@ -28,8 +28,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from turnrl.agent.budget import Budget
 from turnrl.agent.chat import ChatML
 from turnrl.agent.dispatch import Dispatcher, Session, ToolIndex, close_sessions
 from turnrl.agent.dispatch import error as _error
@@ -50,25 +49,6 @@ from turnrl.tools.base import AnyTool
 
 MIN_TURN_TOKENS = 8
 """A turn with fewer context tokens left than this cannot say anything useful."""
-
-
-class Budget(BaseModel):
-    """Per-episode limits. A limit that is reached ends the episode with its `StopReason`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_turns: int = Field(4, ge=1)
-    """Policy turns per episode."""
-    max_tool_calls: int = Field(8, ge=0)
-    """Tool calls per episode; a call beyond it is not run and the episode stops."""
-    max_context_tokens: int = Field(4096, ge=64)
-    """Prompt plus completions plus observations, in tokens (at most the model's window)."""
-    max_new_tokens: int = Field(256, ge=1)
-    """Tokens sampled per turn."""
-    max_cost: dict[str, float] = Field(default_factory=dict)
-    """Upper bound per cost kind (e.g. `{"time_s": 60}`); reaching one ends the episode."""
-    wall_clock_s: float = Field(600.0, gt=0)
-    """Wall-clock seconds per episode, policy queueing included."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from turnrl.agent.budget import Budget
 from turnrl.agent.model_config import (
     EmbeddedModel,
     ModelConfig,
@@ -33,7 +34,6 @@ from turnrl.agent.model_config import (
     PathModel,
     TinyModel,
 )
-from turnrl.agent.runner import Budget
 from turnrl.rl.estimator_config import EstimatorConfig, GrpoConfig, needs_values
 from turnrl.rl.learner_config import LearnerConfig
 from turnrl.rl.reward_config import RewardConfig

@@ -49,6 +49,7 @@ from transformers.cache_utils import DynamicLayer
 
 from turnrl.agent.model import end_of_turn_id
 from turnrl.agent.policy import Completion, PolicyError, SamplingParams
+from turnrl.agent.sampling import draw, draw_nucleus
 
 FinishReason = Literal["stop", "length"]
 
@@ -420,9 +421,9 @@ class HFPolicy:
             nucleus = [j for j, p in enumerate(top_p) if p < 1]
             picked_S = torch.empty(len(drawn), dtype=torch.long, device=self._device)
             if whole:
-                picked_S[whole] = _draw(probs_S_V[whole], u_S[whole])
+                picked_S[whole] = draw(probs_S_V[whole], u_S[whole])
             if nucleus:
-                picked_S[nucleus] = _draw_nucleus(
+                picked_S[nucleus] = draw_nucleus(
                     probs_S_V[nucleus],
                     torch.tensor([top_p[j] for j in nucleus], device=self._device),
                     u_S[nucleus],
@@ -547,42 +548,6 @@ class HFPolicy:
             _fail(self._waiting.popleft(), closed)
         if self._pause is not None:
             _settle(self._pause.loop, self._pause.paused, None, PolicyError(*closed.args))
-
-
-def _draw(probs_S_V: torch.Tensor, u_S: torch.Tensor) -> torch.Tensor:
-    """One id per row from `probs_S_V`, by inverse CDF at the uniforms `u_S`."""
-    cum_S_V = probs_S_V.cumsum(dim=-1)
-    total_S = cum_S_V[:, -1]
-    # x < total even when u * total rounds up, and right=True finds the first id whose CDF
-    # step passes x: a step of height zero (an id of probability zero) is never picked.
-    x_S = torch.minimum(u_S * total_S, torch.nextafter(total_S, torch.zeros_like(total_S)))
-    return torch.searchsorted(cum_S_V, x_S[:, None], right=True)[:, 0]
-
-
-def _draw_nucleus(
-    probs_S_V: torch.Tensor, top_p_S: torch.Tensor, u_S: torch.Tensor
-) -> torch.Tensor:
-    """Like `_draw`, restricted to each row's top-p nucleus (arXiv:1904.09751): the most
-    likely ids, in order, while the mass before them is below top_p.
-
-    The nucleus is searched among the top 64 ids first, then 1,024, then the whole vocabulary,
-    as a full sort of the vocabulary costs far more than a small `topk`.
-    """
-    vocab = probs_S_V.shape[-1]
-    picked_S = torch.empty(len(u_S), dtype=torch.long, device=u_S.device)
-    todo_R = torch.arange(len(u_S), device=u_S.device)
-    for k in (min(64, vocab), min(1024, vocab), vocab):
-        probs_R_K, order_R_K = probs_S_V[todo_R].topk(k, dim=-1)
-        cum_R_K = probs_R_K.cumsum(dim=-1)
-        top_p_R = top_p_S[todo_R]
-        covered_R = cum_R_K[:, -1] >= top_p_R if k < vocab else torch.ones_like(top_p_R).bool()
-        kept_R_K = probs_R_K * ((cum_R_K - probs_R_K) < top_p_R[:, None])
-        ids_R = order_R_K.gather(1, _draw(kept_R_K, u_S[todo_R])[:, None])[:, 0]
-        picked_S[todo_R[covered_R]] = ids_R[covered_R]
-        todo_R = todo_R[~covered_R]
-        if len(todo_R) == 0:
-            break
-    return picked_S
 
 
 def _dynamic(layer: object) -> tuple[DynamicLayer, tuple[torch.Tensor, torch.Tensor]]:

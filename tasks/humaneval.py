@@ -374,11 +374,7 @@ class HumanEvalConfig(SuiteConfig):
     """The python tool offered to the agent; null for none."""
 
     def build(self, ctx: BuildContext) -> HumanEval:
-        if ctx.sandbox is None and ctx.encode is not None:
-            raise ValueError(f"task {self.kind!r} runs code and needs a sandbox")
-        tool = None
-        if self.python is not None and ctx.encode is not None and ctx.sandbox is not None:
-            tool = self.python.build(ctx.sandbox, ctx.encode)
+        tool = ctx.python_tool(self.kind, self.python)
         return HumanEval(
             sandbox=ctx.sandbox, python_tool=tool, seed=self.seed, timeout_s=self.timeout_s
         )

@@ -348,11 +348,7 @@ class MathPythonConfig(SuiteConfig):
     """The python tool offered to the agent; null for none."""
 
     def build(self, ctx: BuildContext) -> MathPython:
-        if ctx.sandbox is None and ctx.encode is not None:
-            raise ValueError(f"task {self.kind!r} runs code and needs a sandbox")
-        tool = None
-        if self.python is not None and ctx.encode is not None and ctx.sandbox is not None:
-            tool = self.python.build(ctx.sandbox, ctx.encode)
+        tool = ctx.python_tool(self.kind, self.python)
         return MathPython(
             seed=self.seed, n_train=self.n_train, n_test=self.n_test, python_tool=tool
         )

@@ -18,9 +18,11 @@ from pydantic import BaseModel, ConfigDict
 
 from turnrl.agent.model_config import ExpertConfig
 from turnrl.sandboxes.base import Sandbox
+from turnrl.tools.python_config import PythonToolConfig
 
 if TYPE_CHECKING:
     from turnrl.tasks.base import TaskSuite
+    from turnrl.tools.python import PythonTool
 
 Encode = Callable[[str], Sequence[int]]
 Generate = Callable[[str], Awaitable[str]]
@@ -38,6 +40,15 @@ class BuildContext:
     """Where model-written code runs; the run opens one when the config `runs_code`."""
     expert: Generate | None = None
     """The model that answers `ask`, when the config's `expert()` names one."""
+
+    def python_tool(self, kind: str, config: PythonToolConfig | None) -> PythonTool | None:
+        """The python tool a code suite offers (None for `python: null`, or with no episode
+        to run); a suite that will run code refuses to build without a sandbox."""
+        if self.sandbox is None and self.encode is not None:
+            raise ValueError(f"task {kind!r} runs code and needs a sandbox")
+        if config is None or self.encode is None or self.sandbox is None:
+            return None
+        return config.build(self.sandbox, self.encode)
 
 
 class SuiteConfig(BaseModel, ABC):

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
+from turnrl.agent.records import Episode
 from turnrl.tools.base import CostModel, ToolOutput, ToolSpec
 
 SPECIALS = ("<|im_start|>", "<|im_end|>")
@@ -62,3 +63,20 @@ class EchoTool:
         if self.fail:
             raise RuntimeError("echo broke")
         return ToolOutput(text=args.text * args.times)
+
+
+def with_advantages(
+    episodes: Sequence[Episode], advantages: Sequence[Sequence[float | None]]
+) -> list[Episode]:
+    """Copies of `episodes` with `advantages[i][j]` as turn j's `Turn.advantage` of episode
+    i, which is what the learner trains on."""
+    return [
+        e.model_copy(
+            update={
+                "turns": [
+                    t.model_copy(update={"advantage": a}) for t, a in zip(e.turns, adv, strict=True)
+                ]
+            }
+        )
+        for e, adv in zip(episodes, advantages, strict=True)
+    ]

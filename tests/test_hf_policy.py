@@ -10,9 +10,11 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from turnrl.agent.hf_policy import HFPolicy, _draw, _draw_nucleus
+from turnrl.agent.hf_policy import HFPolicy
 from turnrl.agent.model import end_of_turn_id
 from turnrl.agent.policy import Completion, Policy, PolicyError, SamplingParams, WeightSync
+from turnrl.agent.sampling import draw as _draw
+from turnrl.agent.sampling import draw_nucleus as _draw_nucleus
 
 PROMPTS = [
     [1, 9690, 198, 2683, 359, 253],

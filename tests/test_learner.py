@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from fakes import with_advantages
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -91,23 +91,6 @@ def two_episodes(model: torch.nn.Module) -> list[Episode]:
 
 
 ADV = [[1.0, 1.0], [-1.0, -1.0, -1.0]]
-
-
-def with_advantages(
-    episodes: Sequence[Episode], advantages: Sequence[Sequence[float | None]]
-) -> list[Episode]:
-    """Copies of `episodes` with `advantages[i][j]` as turn j's `Turn.advantage` of episode
-    i, which is what the learner trains on."""
-    return [
-        e.model_copy(
-            update={
-                "turns": [
-                    t.model_copy(update={"advantage": a}) for t, a in zip(e.turns, adv, strict=True)
-                ]
-            }
-        )
-        for e, adv in zip(episodes, advantages, strict=True)
-    ]
 
 
 def flat_completion(e: Episode) -> list[int]:

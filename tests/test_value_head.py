@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
+from fakes import with_advantages
 from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode, StopReason, Turn, TurnSignals
@@ -43,23 +43,6 @@ def episode(name: str, shapes: list[tuple[int, int, int]], seed: int) -> Episode
     return Episode(
         episode_id=name, task_id="t", group_id="g", turns=turns, stop_reason=StopReason.ANSWERED
     )
-
-
-def with_advantages(
-    episodes: Sequence[Episode], advantages: Sequence[Sequence[float | None]]
-) -> list[Episode]:
-    """Copies of `episodes` with `advantages[i][j]` as turn j's `Turn.advantage` of episode
-    i, which is what the learner trains on."""
-    return [
-        e.model_copy(
-            update={
-                "turns": [
-                    t.model_copy(update={"advantage": a}) for t, a in zip(e.turns, adv, strict=True)
-                ]
-            }
-        )
-        for e, adv in zip(episodes, advantages, strict=True)
-    ]
 
 
 def with_own_logprobs(learner: Learner, episodes: list[Episode]) -> list[Episode]:

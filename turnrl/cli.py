@@ -1,4 +1,4 @@
-"""The `turnrl` command line: train, eval, replay, tasks list."""
+"""The `turnrl` command line: train, sft, eval, replay, tasks list."""
 
 # Each command imports what it runs (config, torch, suites) when it runs, so that `--help` and
 # a mistyped command answer at once.
@@ -72,6 +72,27 @@ def train(
     try:
         run_train(_load(config, sets or []), console, with_eval=not no_eval, overwrite=overwrite)
     except FileExistsError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def sft(
+    config: Annotated[Path, typer.Argument(help="YAML run config")],
+    sets: SetOpt = None,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip before/after eval")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier run in the same run_dir")
+    ] = False,
+) -> None:
+    """Warm start: supervised fine-tuning on trajectories (the config's `warm_start`; by
+    default the suite's oracle on its train items), evaluated before and after."""
+    from turnrl.train import run_sft
+
+    _quiet_libraries()
+    try:
+        run_sft(_load(config, sets or []), console, with_eval=not no_eval, overwrite=overwrite)
+    except (FileExistsError, ValueError) as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
 

@@ -38,6 +38,7 @@ from turnrl.rl.estimator_config import EstimatorConfig, GrpoConfig, needs_values
 from turnrl.rl.learner_config import LearnerConfig
 from turnrl.rl.reward_config import RewardConfig
 from turnrl.sandboxes.config import AutoConfig, SandboxConfig
+from turnrl.sft_config import WarmStartConfig
 from turnrl.tasks.registry import SUITE_KINDS, TaskConfig
 from turnrl.tasks.search_qa_config import SearchQAConfig
 from turnrl.tools_config import ExtraToolConfig, McpToolConfig, WebToolConfig
@@ -58,6 +59,7 @@ __all__ = [
     "TaskConfig",
     "TinyModel",
     "TrainConfig",
+    "WarmStartConfig",
     "WebToolConfig",
     "load_config",
 ]
@@ -140,6 +142,9 @@ class RunConfig(_Config):
     """Episodes in flight at once."""
     rewards: RewardConfig = Field(default_factory=RewardConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    warm_start: WarmStartConfig | None = None
+    """Supervised fine-tuning on trajectories before RL (`turnrl sft`; `turnrl train` runs it
+    first when set); None starts RL from the model as it is."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

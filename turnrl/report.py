@@ -17,6 +17,7 @@ from typing import Any
 from rich.table import Table
 
 from turnrl.agent.records import Episode
+from turnrl.stats import mean_interval, wilson_interval
 
 MAX_TOOL_KEYS = 24
 """Per-tool call counts are reported only when the episodes called at most this many names."""
@@ -94,25 +95,6 @@ def episode_row(e: Episode) -> dict[str, Any]:
     }
 
 
-def before_after_table(before: dict[str, float], after: dict[str, float]) -> Table:
-    """The demo's before/after table."""
-    table = Table(title="Held-out evaluation: before vs after RL")
-    table.add_column("metric")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
-    for key in sorted(set(before) | set(after), key=_order):
-        b, a = before.get(key), after.get(key)
-        change = "—" if a is None or b is None else f"{a - b:+.3f}"
-        table.add_row(key, _cell(b), _cell(a), change)
-    return table
-
-
-def _cell(value: float | None) -> str:
-    # Absent (e.g. cost per success when nothing succeeded) is not zero.
-    return "—" if value is None else f"{value:.3f}"
-
-
 def curves_table(rows: Sequence[dict[str, float]], columns: Mapping[str, str]) -> Table:
     """Per-step training curves; `columns` maps metric keys to column labels."""
     table = Table(title="Training curves (per learner step)")
@@ -132,3 +114,94 @@ _FIRST = ["success", "f1", "answered", "tool_calls_per_episode", "successes_per_
 
 def _order(key: str) -> tuple[int, str]:
     return (_FIRST.index(key), key) if key in _FIRST else (len(_FIRST), key)
+
+
+def with_intervals(summary: dict[str, float], episodes: Sequence[Episode]) -> dict[str, float]:
+    """`summary` plus the 95% Wilson interval of its success rate (`success_low`,
+    `success_high`), so every printed rate can carry one."""
+    if not episodes:
+        return summary
+    successes = round(sum(e.outcome.get("correct", 0.0) >= 1.0 for e in episodes))
+    low, high = wilson_interval(successes, len(episodes))
+    return {**summary, "success_low": low, "success_high": high}
+
+
+def rate_cell(summary: Mapping[str, float], key: str = "success") -> str:
+    """`0.600 [0.502, 0.691]`: a rate with its interval, when the summary has one."""
+    value = summary.get(key)
+    if value is None:
+        return "—"
+    low, high = summary.get(f"{key}_low"), summary.get(f"{key}_high")
+    return f"{value:.3f}" if low is None or high is None else f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+COMPARED = {
+    "success": "success",
+    "f1": "f1",
+    "tool_calls_per_episode": "tool calls / episode",
+    "format_error_rate": "format errors / turn",
+    "completion_tokens_per_episode": "sampled tokens / episode",
+}
+"""The per-episode figures the evaluation table compares, with their labels."""
+
+
+def _per_episode(e: Episode, key: str) -> float:
+    if key == "success":
+        return float(e.outcome.get("correct", 0.0) >= 1.0)
+    if key == "tool_calls_per_episode":
+        return float(e.n_tool_calls)
+    if key == "format_error_rate":
+        return fmean(t.format_error is not None for t in e.turns) if e.turns else 0.0
+    if key == "completion_tokens_per_episode":
+        return float(e.n_completion_tokens)
+    return e.outcome.get(key, 0.0)
+
+
+def comparison_table(columns: Mapping[str, Sequence[Episode]]) -> Table:
+    """Evaluations side by side (e.g. base, warm start, after RL), each figure with its 95%
+    interval (Wilson for success, normal for means), and each later column's change from the
+    first with its paired interval over the items both evaluated: the change is clear of noise
+    when that interval excludes 0 (`*`)."""
+    names = list(columns)
+    table = Table(title="Held-out evaluation (95% intervals; * = paired change clear of 0)")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(f"{name} (n={len(columns[name])})", justify="right")
+    for name in names[1:]:
+        table.add_column(f"{name} − {names[0]}", justify="right")
+    first = columns[names[0]]
+    for key, label in COMPARED.items():
+        if key == "f1" and not any("f1" in e.outcome for e in first):
+            continue
+        cells = []
+        for name in names:
+            values = [_per_episode(e, key) for e in columns[name]]
+            if not values:
+                cells.append("—")
+                continue
+            if key == "success":
+                low, high = wilson_interval(round(sum(values)), len(values))
+            else:
+                low, high = mean_interval(values)
+            cells.append(f"{fmean(values):.3f} [{low:.3f}, {high:.3f}]")
+        for name in names[1:]:
+            cells.append(_paired_change(first, columns[name], key))
+        table.add_row(label, *cells)
+    return table
+
+
+def _paired_change(base: Sequence[Episode], other: Sequence[Episode], key: str) -> str:
+    """Mean change of `key` over the items both evaluated (per item, the mean of its
+    episodes), with a normal 95% interval of the paired differences."""
+    by_item: dict[str, list[float]] = {}
+    for e in base:
+        by_item.setdefault(e.task_id, []).append(_per_episode(e, key))
+    mine: dict[str, list[float]] = {}
+    for e in other:
+        mine.setdefault(e.task_id, []).append(_per_episode(e, key))
+    diffs = [fmean(mine[k]) - fmean(v) for k, v in by_item.items() if k in mine]
+    if not diffs:
+        return "—"
+    low, high = mean_interval(diffs)
+    clear = "*" if low > 0 or high < 0 else ""
+    return f"{fmean(diffs):+.3f} [{low:+.3f}, {high:+.3f}]{clear}"

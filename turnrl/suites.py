@@ -139,10 +139,17 @@ def oracle_policies(
         if policy is not None:
             return policy
         plan = _Plan(item.followups, _segments(suite.oracle_turns(item)))
+        question_end: list[int] = []
 
         def script(context: Sequence[int]) -> str:
             text = tokenizer.decode(list(context))
-            rest = text[text.find(item.question) + len(item.question) :]
+            if not question_end:
+                # The first call is a turn-0 prompt, which ends with the item's own question:
+                # its last copy (a few-shot example may hold an earlier one, which would make
+                # the oracle read the example's replies as its own). Every later context
+                # starts with that same prompt, so the position holds for them too.
+                question_end.append(text.rfind(item.question) + len(item.question))
+            rest = text[question_end[0] :]
             u, at = plan.served(rest)
             segment = plan.segments[min(u, len(plan.segments) - 1)]
             # Replies so far to this message: the assistant headers after it, less the last

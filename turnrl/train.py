@@ -30,6 +30,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from transformers import PreTrainedModel
 
 from turnrl.agent.chat import ChatML, HFTokenizer
 from turnrl.agent.hf_policy import HFPolicy
@@ -47,10 +48,27 @@ from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.agent.store import RunStore
 from turnrl.config import ModelConfig, RunConfig
 from turnrl.loop import Rollouts, StepHooks, StepReport, grade, rollout, train_step
-from turnrl.report import before_after_table, curves_table, summarize, write_eval
+from turnrl.plots import plot_curves
+from turnrl.report import (
+    comparison_table,
+    curves_table,
+    rate_cell,
+    summarize,
+    with_intervals,
+    write_eval,
+)
 from turnrl.rl.learner import Learner
 from turnrl.sandboxes.base import Sandbox
 from turnrl.sandboxes.config import open_sandbox
+from turnrl.sft import (
+    WarmStartReport,
+    collect,
+    merge_adapters,
+    sft_learner_config,
+    store_warm_start,
+    train_on,
+)
+from turnrl.sft_config import WarmStartConfig
 from turnrl.suites import build_suite, open_expert, oracle_policies
 from turnrl.tasks.base import TaskItem, TaskSuite
 from turnrl.tasks.embodied_tools import Generate
@@ -105,13 +123,19 @@ class Session:
     renderer: ChatML
     suite: TaskSuite
     learner: Learner | None
+    """The RL learner; None for an evaluation, and until the warm start has run."""
     console: Console
     sandbox: Sandbox | None = None
+    model: PreTrainedModel | None = None
+    """The weights the policy samples with (None for the oracle): what a warm start and the
+    RL learner train in place."""
 
     extra_tools: list[AnyTool] = field(default_factory=list)
     """The configured tools offered besides the suite's (`RunConfig.tools`), once opened."""
     policy_for: Callable[[TaskItem], Policy] | None = None
     """Each item's own policy (the oracle's script), instead of `policy`."""
+    evaluations: dict[str, list[Episode]] = field(default_factory=dict)
+    """The episodes of each evaluation so far, by tag (paired before/after comparisons)."""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def open_tools(self) -> None:
@@ -129,12 +153,21 @@ class Session:
         if self.sandbox is not None:
             await self.sandbox.close()
 
-    def save_checkpoint(self, folder: Path) -> Path:
+    def save_checkpoint(self, folder: Path, learner: Learner | None = None) -> Path:
         """Learner state plus a loadable model folder (with the tokenizer) for `turnrl eval`."""
-        assert self.learner is not None
-        self.learner.save_checkpoint(folder, merged=True)
+        learner = learner or self.learner
+        assert learner is not None
+        learner.save_checkpoint(folder, merged=True)
         self.tokenizer.save_pretrained(str(model_dir(self.config.model, folder)))
         return folder
+
+    def start_learner(self, version: int = 0) -> Learner:
+        """The RL learner over the session's model, its version continuing from `version` (the
+        warm start's steps), so policy versions only ever grow."""
+        assert self.model is not None
+        self.learner = Learner(self.model, self.config.learner)
+        self.learner.version = version
+        return self.learner
 
     def runner(self, temperature: float) -> EpisodeRunner:
         sampling = SamplingParams(temperature=temperature, top_p=self.config.sampling.top_p)
@@ -194,12 +227,12 @@ def open_session(
         policy = ScriptedPolicy(lambda _: f"(no item){eot}", renderer.tokenizer)
     else:
         model = load_model(path)
-        learner = Learner(model, config.learner) if train else None
-        policy = HFPolicy(
-            learner.model if learner else model,
-            tokenizer,
-            max_batch_size=config.policy.max_batch_size,
-        )
+        # With a warm start, the RL learner is built after it (`Session.start_learner`): its
+        # KL reference and LoRA adapters belong to the warm-started weights. The policy samples
+        # with `model` itself; both learners train it in place (peft injects into it).
+        if train and config.warm_start is None:
+            learner = Learner(model, config.learner)
+        policy = HFPolicy(model, tokenizer, max_batch_size=config.policy.max_batch_size)
     store = RunStore(config.run_dir)
     if train or store.config_text() is None:
         store.write_config(config.to_yaml())
@@ -210,7 +243,17 @@ def open_session(
     gc.freeze()
     try:
         session = Session(
-            config, tokenizer, store, policy, policy, renderer, suite, learner, console, sandbox
+            config,
+            tokenizer,
+            store,
+            policy,
+            policy,
+            renderer,
+            suite,
+            learner,
+            console,
+            sandbox,
+            model=None if isinstance(policy, ScriptedPolicy) else policy.model,
         )
         if config.model.kind == "oracle":
             session.policy_for = oracle
@@ -267,10 +310,11 @@ async def evaluate(s: Session, tag: str) -> dict[str, float]:
     for e in episodes:
         s.store.append_episode(e)
     s.store.flush()
-    summary = summarize(episodes)
+    summary = with_intervals(summarize(episodes), episodes)
     write_eval(s.config.run_dir, tag, episodes, summary)
+    s.evaluations[tag] = episodes
     s.console.print(
-        f"[bold]{tag}[/]: success {summary['success']:.3f}  "
+        f"[bold]{tag}[/]: success {rate_cell(summary)}  "
         + (f"f1 {summary['f1']:.3f}  " if "f1" in summary else "")
         + f"tool calls/ep {summary['tool_calls_per_episode']:.2f}  "
         f"({time.monotonic() - t0:.0f} s, {len(episodes)} episodes)"
@@ -344,11 +388,120 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(run_dir)
 
 
+async def run_warm_start(s: Session) -> WarmStartReport:
+    """The warm start (`RunConfig.warm_start`): collect trajectories, train on them with a
+    learner of its own, store both, checkpoint the weights; the policy is paused meanwhile and
+    resumes at the warm start's version."""
+    cfg = s.config
+    ws = cfg.warm_start
+    assert ws is not None and s.model is not None
+    elapsed = _clock()
+    eot = str(s.tokenizer.convert_ids_to_tokens(s.renderer.end_of_turn_id()))
+    s.console.print("[bold]warm start[/]: collecting trajectories")
+    data = await collect(
+        ws,
+        rollouts_at=s.rollouts,
+        oracle=oracle_policies(s.suite, s.renderer, eot),
+        suite=s.suite,
+        temperature=cfg.sampling.temperature,
+        seed=cfg.seed,
+        success_metric=cfg.rewards.success_metric,
+        gold_answer_text=cfg.task.gold_answer_text,
+    )
+    report = WarmStartReport(data, collect_s=elapsed())
+    if not data.episodes:
+        raise ValueError(
+            f"warm start: no episode to train on (collected {data.collected}, failed "
+            f"{data.failed}, unsupported {data.unsupported})"
+        )
+    learner = Learner(s.model, sft_learner_config(cfg.learner, ws))
+    s.console.print(
+        f"[bold]warm start[/]: {len(data.episodes)} episodes (collected {data.collected}, "
+        f"failed {data.failed}, answer unsupported by an observation {data.unsupported}"
+        f"{', kept' if ws.evidence == 'flag' else ''}); training {ws.epochs} epoch(s)"
+    )
+    elapsed = _clock()
+    await s.sync.begin_update()
+    try:
+        report.rows = await asyncio.to_thread(train_on, learner, data.episodes, ws, cfg.seed)
+        report.train_s = elapsed()
+        report.version = learner.version
+        store_warm_start(cfg.run_dir, report, cfg.to_yaml())
+        s.save_checkpoint(cfg.run_dir / "checkpoints" / "warm_start", learner)
+        merge_adapters(learner)
+    finally:
+        await s.sync.end_update(learner.version)
+    nll = [r["nll"] for r in report.rows if "nll" in r]
+    s.console.print(
+        f"[bold]warm start[/]: {len(report.rows)} steps, nll {nll[0]:.3f} -> {nll[-1]:.3f} "
+        f"(collect {report.collect_s:.0f} s, train {report.train_s:.0f} s)"
+    )
+    return report
+
+
 def run_train(
     config: RunConfig, console: Console, with_eval: bool = True, overwrite: bool = False
 ) -> dict[str, Any]:
-    """`turnrl train`: evaluate, train, evaluate again; print curves and the before/after table."""
+    """`turnrl train`: evaluate, warm-start (when configured), evaluate, train with RL,
+    evaluate again; print curves and the evaluations side by side with their intervals."""
     t0 = time.monotonic()
+    prepare_run_dir(config.run_dir, overwrite)
+    stages: dict[str, float] = {}
+    with open_session(config, console, train=True) as s:
+
+        async def main() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            try:
+                await s.open_tools()
+                lap = _laps(stages)
+                out["before"] = await evaluate(s, "eval-before") if with_eval else {}
+                lap("eval-before")
+                version = 0
+                if config.warm_start is not None:
+                    version = (await run_warm_start(s)).version
+                    lap("warm-start")
+                    if with_eval:
+                        out["warm"] = await evaluate(s, "eval-warm")
+                        lap("eval-warm")
+                if s.learner is None:
+                    s.start_learner(version)
+                out["rows"] = await train_steps(s)
+                lap("rl")
+                out["after"] = await evaluate(s, "eval-after") if with_eval else {}
+                lap("eval-after")
+            finally:
+                await s.close_sandbox()
+            return out
+
+        out = asyncio.run(main())
+        ckpt = s.save_checkpoint(config.run_dir / "checkpoints" / "final")
+        evaluations = dict(s.evaluations)
+    out["stages_s"] = stages
+    if out["rows"]:
+        console.print(curves_table(out["rows"], CURVES))
+        plot = plot_curves(config.run_dir, out["rows"])
+        if plot is not None:
+            console.print(f"training curves: {plot}")
+    if with_eval:
+        columns = {"base": "eval-before", "warm start": "eval-warm", "after RL": "eval-after"}
+        console.print(
+            comparison_table({k: evaluations[v] for k, v in columns.items() if v in evaluations})
+        )
+    console.print(
+        "stages: " + "  ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + "\n"
+        f"done in {time.monotonic() - t0:.0f} s; episodes, metrics and config in "
+        f"{config.run_dir}; checkpoint in {ckpt}"
+    )
+    return out
+
+
+def run_sft(
+    config: RunConfig, console: Console, with_eval: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
+    """`turnrl sft`: evaluate, warm-start on trajectories (`RunConfig.warm_start`, the oracle
+    on train items by default), evaluate again."""
+    if config.warm_start is None:
+        config = config.model_copy(update={"warm_start": WarmStartConfig()})
     prepare_run_dir(config.run_dir, overwrite)
     with open_session(config, console, train=True) as s:
 
@@ -356,23 +509,35 @@ def run_train(
             try:
                 await s.open_tools()
                 before = await evaluate(s, "eval-before") if with_eval else {}
-                rows = await train_steps(s)
-                after = await evaluate(s, "eval-after") if with_eval else {}
+                report = await run_warm_start(s)
+                after = await evaluate(s, "eval-warm") if with_eval else {}
             finally:
                 await s.close_sandbox()
-            return {"before": before, "rows": rows, "after": after}
+            return {"before": before, "report": report, "after": after}
 
         out = asyncio.run(main())
-        ckpt = s.save_checkpoint(config.run_dir / "checkpoints" / "final")
-    if out["rows"]:
-        console.print(curves_table(out["rows"], CURVES))
+        evaluations = dict(s.evaluations)
     if with_eval:
-        console.print(before_after_table(out["before"], out["after"]))
-    console.print(
-        f"done in {time.monotonic() - t0:.0f} s; episodes, metrics and config in {config.run_dir}; "
-        f"checkpoint in {ckpt}"
-    )
+        columns = {"base": "eval-before", "warm start": "eval-warm"}
+        console.print(comparison_table({k: evaluations[v] for k, v in columns.items()}))
+    console.print(f"checkpoint in {config.run_dir / 'checkpoints' / 'warm_start'}")
     return out
+
+
+def _clock() -> Callable[[], float]:
+    t0 = time.monotonic()
+    return lambda: time.monotonic() - t0
+
+
+def _laps(into: dict[str, float]) -> Callable[[str], None]:
+    last = [time.monotonic()]
+
+    def lap(name: str) -> None:
+        now = time.monotonic()
+        into[name] = now - last[0]
+        last[0] = now
+
+    return lap
 
 
 def run_eval(config: RunConfig, console: Console, checkpoint: Path | None) -> dict[str, float]:

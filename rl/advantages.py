@@ -15,14 +15,15 @@ then broadcasts each turn's value to its sampled tokens.
 | `rloo`         | R_i - mean of the group's other R_j                      | group_advantages  |
 | `reinforce_pp` | return-to-go, normalised over the batch's turns          | group_advantages  |
 | `trloo`        | G_{i,t} - mean of the other episodes' G_{j,t}            | group_advantages  |
-| `gigpo`        | A^E_i + omega * anchor-state-normalised G^gamma_{i,t}    | step_advantages   |
+| `gigpo`        | A^E_i + omega * anchor-state-normalised G^gamma_{i,t}    | step_advantages*  |
 | `salt`         | mean trajectory advantage over the turn's graph edge     | step_advantages   |
 | `tempo`        | A_GRPO + (Q(s,a) - V(s)) / sigma (or G - V(s))           | step_advantages   |
 | `gae`          | GAE over turns, V(s_t) from `signals.value`              | critic_advantages |
 | `tppo`         | `gae`, bootstrapping V at a truncation                   | critic_advantages |
 | `empg`         | entropy modulation of another estimator's advantages     | entropy_advantages |
 
-Formulas and papers are in each module's docstring (modules `turnrl.rl.*`). R_i = sum_t
+Formulas and papers are in each module's docstring (modules `turnrl.rl.*`); * the
+conventions below are applied here (`trajectory_advantages`, `gigpo`, `whiten`). R_i = sum_t
 r_{i,t} is added with Python's `sum`, the same float as `rl.rewards.episode_return`, so GRPO
 here reproduces the runs scored before per-turn rewards, bit for bit.
 
@@ -34,6 +35,13 @@ already ended, episodes count). GiGPO, SALT and TEMPO group turns by state, neve
 index. GAE's baseline is V(s_t). REINFORCE++ and EMPG's centring use one mean over the whole
 batch's turns, the same shift for every turn.
 
+Conventions (each an option with turnrl's default; verl and TRL differ, see DESIGN.md).
+`std`: population (default) or sample (n - 1) std of a group (verl, verl-agent's GiGPO and TRL
+use `torch.std`, the sample std). `singleton`: a group of one gets 0 (default; TRL) or its
+return (verl: mean 0, std 1, so GRPO gives R / (1 + eps)). `whiten` (GAE, T-PPO): none
+(default), or verl's `masked_whiten` over the batch's trained turns or tokens. TEMPO keeps the
+population std (its paper's normalised rewards); REINFORCE++ its batch normalisation.
+
 Replayed turns (a branched rollout's restored prefix) count as visits of their states, so
 they inform the statistics of the states they pass through, but get advantage exactly 0 and
 stay out of batch-wide statistics: this episode's policy did not sample them.
@@ -44,6 +52,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import Literal
 
 import numpy as np
 import torch
@@ -61,13 +70,17 @@ from turnrl.rl.estimator_config import (
     EstimatorConfig,
     GaeConfig,
     GigpoConfig,
+    GroupStd,
     GrpoConfig,
     ReinforcePPConfig,
     RlooConfig,
     SaltConfig,
+    Singleton,
+    StepScale,
     TempoConfig,
     TppoConfig,
     TrlooConfig,
+    Whiten,
     estimator_config,
 )
 from turnrl.rl.group_advantages import (
@@ -78,12 +91,12 @@ from turnrl.rl.group_advantages import (
     divide,
     reinforce_pp,
     returns_to_go,
+    segment_mean_std,
     segment_sum,
     trloo,
 )
 from turnrl.rl.step_advantages import (
     TurnGraph,
-    gigpo,
     salt,
     tempo,
     turn_graph,
@@ -99,24 +112,32 @@ __all__ = [
     "EstimatorConfig",
     "GaeConfig",
     "GigpoConfig",
+    "GroupStd",
     "GrpoConfig",
     "ReinforcePPConfig",
     "RlooConfig",
     "SaltConfig",
+    "Singleton",
     "TempoConfig",
     "TppoConfig",
     "TrlooConfig",
     "TurnBatch",
     "TurnGraph",
+    "Whiten",
     "compute_advantages",
     "dr_grpo",
     "estimator_config",
+    "gigpo",
     "group_ids_to_index",
+    "group_mean_std",
+    "group_normalised",
     "grpo",
+    "trajectory_advantages",
     "turn_advantages",
     "turn_batch",
     "turn_graph",
     "value_targets",
+    "whiten",
 ]
 
 TRUNCATIONS = frozenset(
@@ -243,12 +264,117 @@ def _broadcast(advantages_N: Floats, mask_N_T: Bools) -> Floats:
     return np.where(mask_N_T, advantages_N[:, None], 0.0)
 
 
-def _trajectory(kind: str, batch: TurnBatch, eps: float) -> Floats:
+def group_mean_std(values_K: Floats, ids_K: Ints, std: GroupStd) -> tuple[Floats, Floats, Floats]:
+    """Per-id mean, std and count, gathered back to each element. `population` divides the
+    squared deviations by n, `sample` by n - 1 (Bessel; 0 for an id seen once, where it is
+    undefined). The population path is `segment_mean_std`, to the bit."""
+    mean_K, std_K, count_K = segment_mean_std(values_K, ids_K)
+    if std == "population":
+        return mean_K, std_K, count_K
+    n = int(ids_K.max()) + 1 if ids_K.size else 0
+    squares_K = segment_sum((values_K - mean_K) ** 2, ids_K, n)[ids_K]
+    return mean_K, np.sqrt(squares_K / np.maximum(count_K - 1.0, 1.0)), count_K
+
+
+def group_normalised(values_K: Floats, ids_K: Ints, std: GroupStd, eps: float) -> Floats:
+    """(x - mean_id) / (std_id + eps), 0 where the id's std is 0 (a constant group, or a
+    group of one under the sample std)."""
+    mean_K, std_K, _ = group_mean_std(values_K, ids_K, std)
+    return divide(values_K - mean_K, std_K + eps, std_K > 0)
+
+
+def trajectory_advantages(
+    kind: Literal["grpo", "dr_grpo", "rloo"],
+    returns_N: Floats,
+    group_N: Ints,
+    eps: float = 1e-6,
+    std: GroupStd = "population",
+    singleton: Singleton = "zero",
+) -> Floats:
+    """One advantage per episode from its return: GRPO (with the `std` convention), Dr. GRPO
+    or RLOO; a group of one gets 0 or, with `singleton="return"`, its return as verl gives it
+    (mean 0 and std 1 for GRPO: R / (1 + eps); R for the others)."""
     if kind == "grpo":
-        return group_adv.grpo(batch.returns_N, batch.group_N, eps)
-    if kind == "dr_grpo":
-        return group_adv.dr_grpo(batch.returns_N, batch.group_N)
-    return group_adv.rloo(batch.returns_N, batch.group_N)
+        adv_N = group_normalised(returns_N, group_N, std, eps)
+    elif kind == "dr_grpo":
+        adv_N = group_adv.dr_grpo(returns_N, group_N)
+    else:
+        adv_N = group_adv.rloo(returns_N, group_N)
+    if singleton == "zero":
+        return adv_N
+    alone_N = np.bincount(group_N)[group_N] == 1
+    passed_N = returns_N / (1.0 + eps) if kind == "grpo" else returns_N
+    return np.where(alone_N, passed_N, adv_N)
+
+
+def gigpo(
+    returns_N: Floats,
+    rewards_N_T: Floats,
+    mask_N_T: Bools,
+    group_N: Ints,
+    state_N_T: Ints,
+    gamma: float = 0.95,
+    omega: float = 1.0,
+    scale: StepScale = "std",
+    eps: float = 1e-6,
+    std: GroupStd = "population",
+    singleton: Singleton = "zero",
+) -> Floats:
+    """GiGPO (`step_advantages` gives the formula and paper) with the std and group-of-one
+    conventions: A^E from `trajectory_advantages`, A^S the discounted return-to-go normalised
+    within its anchor state (a singleton state: 0). With the defaults it is
+    `step_advantages.gigpo`, to the bit."""
+    episode_N = trajectory_advantages(
+        "grpo" if scale == "std" else "dr_grpo", returns_N, group_N, eps, std, singleton
+    )
+    step_K = returns_to_go(rewards_N_T, gamma)[mask_N_T]
+    state_K = state_N_T[mask_N_T]
+    if scale == "std":
+        step_K = group_normalised(step_K, state_K, std, eps)
+    else:
+        step_K = step_K - segment_mean_std(step_K, state_K)[0]
+    out_N_T = np.zeros(mask_N_T.shape)
+    out_N_T[mask_N_T] = np.broadcast_to(episode_N[:, None], mask_N_T.shape)[mask_N_T] + (
+        omega * step_K
+    )
+    return out_N_T
+
+
+# verl's `masked_whiten` divides by sqrt(var + 1e-8), a fixed floor rather than an eps config.
+_WHITEN_FLOOR = 1e-8
+
+
+def whiten(advantages_N_T: Floats, weights_N_T: Floats) -> Floats:
+    """Whitening over the batch (verl's `masked_whiten`, shift_mean=True): (A - m) /
+    sqrt(v + 1e-8) with m and the Bessel-corrected v weighted by `weights_N_T` (1 per trained
+    turn, or its number of sampled tokens: each token one sample), the mean not added back;
+    0 where the weight is 0."""
+    where_N_T = weights_N_T > 0
+    w_K, a_K = weights_N_T[where_N_T], advantages_N_T[where_N_T]
+    total = float(w_K.sum())
+    if total == 0.0:
+        return np.zeros(advantages_N_T.shape)
+    mean = float((w_K * a_K).sum()) / total
+    var = float((w_K * (a_K - mean) ** 2).sum()) / max(total - 1.0, 1.0)
+    out_N_T = np.zeros(advantages_N_T.shape)
+    out_N_T[where_N_T] = (a_K - mean) / np.sqrt(var + _WHITEN_FLOOR)
+    return out_N_T
+
+
+def _whiten_weights(episodes: Sequence[Episode], batch: TurnBatch, mode: Whiten) -> Floats:
+    if mode == "turns":
+        return batch.train_N_T.astype(np.float64)
+    weights_N_T = np.zeros(batch.mask_N_T.shape)
+    weights_N_T[batch.mask_N_T] = [len(t.completion_ids) for e in episodes for t in e.turns]
+    return np.where(batch.train_N_T, weights_N_T, 0.0)
+
+
+def _gae(episodes: Sequence[Episode], batch: TurnBatch, cfg: GaeConfig | TppoConfig) -> Floats:
+    values, bootstrap = _values(episodes, batch, isinstance(cfg, TppoConfig))
+    adv_N_T = gae(batch.rewards_N_T, values, batch.mask_N_T, bootstrap, cfg.gamma, cfg.lam)[0]
+    if cfg.whiten == "none":
+        return adv_N_T
+    return whiten(adv_N_T, _whiten_weights(episodes, batch, cfg.whiten))
 
 
 def _estimate(
@@ -258,13 +384,20 @@ def _estimate(
     graph: TurnGraph | None,
 ) -> Floats:
     mask, train, group = batch.mask_N_T, batch.train_N_T, batch.group_N
+    returns = batch.returns_N
     match cfg:
-        case GrpoConfig(eps=eps):
-            return _broadcast(_trajectory("grpo", batch, eps), mask)
-        case DrGrpoConfig():
-            return _broadcast(_trajectory("dr_grpo", batch, 0.0), mask)
-        case RlooConfig():
-            return _broadcast(_trajectory("rloo", batch, 0.0), mask)
+        case GrpoConfig(eps=eps, std=std, singleton=singleton):
+            return _broadcast(
+                trajectory_advantages("grpo", returns, group, eps, std, singleton), mask
+            )
+        case DrGrpoConfig(singleton=singleton):
+            return _broadcast(
+                trajectory_advantages("dr_grpo", returns, group, singleton=singleton), mask
+            )
+        case RlooConfig(singleton=singleton):
+            return _broadcast(
+                trajectory_advantages("rloo", returns, group, singleton=singleton), mask
+            )
         case ReinforcePPConfig(gamma=gamma, eps=eps):
             return reinforce_pp(batch.rewards_N_T, train, gamma, eps)
         case TrlooConfig(gamma=gamma, ended=ended):
@@ -273,7 +406,7 @@ def _estimate(
             if graph is None or anchor != "history":
                 graph = turn_graph(episodes, group, anchor)
             return gigpo(
-                batch.returns_N,
+                returns,
                 batch.rewards_N_T,
                 mask,
                 group,
@@ -282,19 +415,18 @@ def _estimate(
                 cfg.omega,
                 cfg.scale,
                 cfg.eps,
+                cfg.std,
+                cfg.singleton,
             )
-        case SaltConfig(base=base, eps=eps):
+        case SaltConfig(base=base, eps=eps, std=std, singleton=singleton):
             graph = graph or turn_graph(episodes, group)
-            return salt(_trajectory(base, batch, eps), mask, graph.edge_N_T)
+            base_N = trajectory_advantages(base, returns, group, eps, std, singleton)
+            return salt(base_N, mask, graph.edge_N_T)
         case TempoConfig(form=form, eps=eps):
             graph = graph or turn_graph(episodes, group)
-            return tempo(batch.returns_N, batch.rewards_N_T, mask, group, graph, form, eps)
-        case GaeConfig(gamma=gamma, lam=lam):
-            values, bootstrap = _values(episodes, batch, bootstrap_truncated=False)
-            return gae(batch.rewards_N_T, values, mask, bootstrap, gamma, lam)[0]
-        case TppoConfig(gamma=gamma, lam=lam):
-            values, bootstrap = _values(episodes, batch, bootstrap_truncated=True)
-            return gae(batch.rewards_N_T, values, mask, bootstrap, gamma, lam)[0]
+            return tempo(returns, batch.rewards_N_T, mask, group, graph, form, eps)
+        case GaeConfig() | TppoConfig():
+            return _gae(episodes, batch, cfg)
         case EmpgConfig():
             base_N_T = _estimate(episodes, batch, cfg.base, graph)
             entropy, measured = _entropies(episodes, mask)
@@ -367,15 +499,9 @@ def turn_advantages(
     """Per-episode, per-turn advantages of a trajectory-level estimator (`grpo`, `dr_grpo`,
     `rloo`) from episode returns: the episode's advantage on each of its turns. The others
     need per-turn rewards: `compute_advantages`."""
-    if estimator not in ("grpo", "dr_grpo", "rloo"):
+    if estimator != "grpo" and estimator != "dr_grpo" and estimator != "rloo":
         raise ValueError(f"{estimator} needs per-turn rewards: use compute_advantages")
-    batch = TurnBatch(
-        returns_N=np.array(list(returns), np.float64),
-        rewards_N_T=np.zeros((len(episodes), 0)),
-        mask_N_T=np.zeros((len(episodes), 0), np.bool_),
-        train_N_T=np.zeros((len(episodes), 0), np.bool_),
-        group_N=dense_index([e.group_id for e in episodes]),
-        lengths=[len(e.turns) for e in episodes],
-    )
-    adv_N = _trajectory(estimator, batch, 1e-6)
+    returns_N = np.array(list(returns), np.float64)
+    group_N = dense_index([e.group_id for e in episodes])
+    adv_N = trajectory_advantages(estimator, returns_N, group_N)
     return [[a] * len(e.turns) for e, a in zip(episodes, adv_N.tolist(), strict=True)]

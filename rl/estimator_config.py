@@ -18,6 +18,20 @@ StepScale = Literal["std", "none"]
 """Normaliser of GiGPO's two levels."""
 TempoForm = Literal["td", "node_baseline"]
 """TEMPO's step correction: temporal difference, or the node's mean return as the baseline."""
+GroupStd = Literal["population", "sample"]
+"""The std that divides a group's deviations: `population` (squared deviations over n;
+turnrl's default) or `sample` (over n - 1, Bessel-corrected: `torch.std`'s default, what verl,
+verl-agent's GiGPO and TRL use). A group of one has sample std 0 here (undefined), so it gets
+the group-of-one rule (`Singleton`), never a division."""
+Singleton = Literal["zero", "return"]
+"""The advantage of a group of one episode: 0, no baseline to compare with (`zero`; TRL and
+turnrl's default), or its own return unbaselined (`return`; verl, which sets a group of one's
+mean to 0 and std to 1, so GRPO gives R / (1 + eps) and Dr. GRPO and RLOO give R)."""
+Whiten = Literal["none", "turns", "tokens"]
+"""Whitening of GAE advantages over the batch after they are computed: none, each trained turn
+one sample, or each trained (sampled) token one sample, i.e. turns weighted by their number
+of completion tokens (verl's `masked_whiten` over the response mask: the mean is subtracted
+and not added back, the variance is Bessel-corrected, the divisor is sqrt(var + 1e-8))."""
 
 
 Estimator = Literal[
@@ -40,23 +54,35 @@ class _Config(BaseModel):
 
 
 class GrpoConfig(_Config):
-    """GRPO: group-normalised episode return on every turn."""
+    """GRPO: group-normalised episode return on every turn.
+
+    Reproducing a framework: verl is `std="sample", singleton="return"` (eps 1e-6, its
+    default); TRL is `std="sample", eps=1e-4` (`scale_rewards="group"`), a group of one 0."""
 
     kind: Literal["grpo"] = "grpo"
     eps: float = Field(1e-6, ge=0)
     """Added to the group's std before dividing."""
+    std: GroupStd = "population"
+    """Population or sample (Bessel-corrected) std of the group's returns."""
+    singleton: Singleton = "zero"
+    """A group of one's advantage: 0, or R / (1 + eps) as verl gives it."""
 
 
 class DrGrpoConfig(_Config):
-    """Dr. GRPO: group-centred episode return on every turn."""
+    """Dr. GRPO: group-centred episode return on every turn (verl: `grpo` with
+    `norm_adv_by_std_in_grpo=False`, and `singleton="return"`)."""
 
     kind: Literal["dr_grpo"] = "dr_grpo"
+    singleton: Singleton = "zero"
+    """A group of one's advantage: 0, or its return R (verl)."""
 
 
 class RlooConfig(_Config):
     """RLOO: episode return minus the mean of the group's other returns, on every turn."""
 
     kind: Literal["rloo"] = "rloo"
+    singleton: Singleton = "zero"
+    """A group of one's advantage: 0, or its return R (verl passes it through unchanged)."""
 
 
 class ReinforcePPConfig(_Config):
@@ -81,7 +107,12 @@ class TrlooConfig(_Config):
 
 
 class GigpoConfig(_Config):
-    """GiGPO: episode-level GRPO plus a step-level advantage over shared anchor states."""
+    """GiGPO: episode-level GRPO plus a step-level advantage over shared anchor states.
+
+    verl-agent's reference is `std="sample", singleton="return"` (its `mean_std_norm` mode;
+    its default `mean_norm` mode is `scale="none"`). It computes the episode-level mean and std
+    over the group's turns rather than its episodes (`compute_mean_std_cross_steps`), which
+    weighs long episodes more; here each episode counts once."""
 
     kind: Literal["gigpo"] = "gigpo"
     gamma: float = Field(0.95, ge=0, le=1)
@@ -94,6 +125,11 @@ class GigpoConfig(_Config):
     """What makes two turns' states the same: the whole history, or the last observation."""
     eps: float = Field(1e-6, ge=0)
     """Added to each std before dividing."""
+    std: GroupStd = "population"
+    """Population or sample std, at both levels (`scale="std"`)."""
+    singleton: Singleton = "zero"
+    """Episode level: a group of one's advantage, 0 or its return (as `GrpoConfig`). A
+    singleton anchor state's step advantage is always 0 (verl-agent's too)."""
 
 
 class SaltConfig(_Config):
@@ -104,6 +140,10 @@ class SaltConfig(_Config):
     """The trajectory-level estimator whose advantages are averaged."""
     eps: float = Field(1e-6, ge=0)
     """GRPO's eps, where `base` is `grpo`."""
+    std: GroupStd = "population"
+    """GRPO's std, where `base` is `grpo`."""
+    singleton: Singleton = "zero"
+    """The base estimator's advantage for a group of one (as `GrpoConfig`)."""
 
 
 class TempoConfig(_Config):
@@ -118,13 +158,17 @@ class TempoConfig(_Config):
 
 
 class GaeConfig(_Config):
-    """Turn-level GAE with the value head's V(s_t); every episode end is terminal."""
+    """Turn-level GAE with the value head's V(s_t); every episode end is terminal. verl
+    whitens its (token-level) GAE advantages over the batch: `whiten="tokens"`."""
 
     kind: Literal["gae"] = "gae"
     gamma: float = Field(1.0, ge=0, le=1)
     """Discount per turn."""
     lam: float = Field(0.95, ge=0, le=1)
     """GAE's lambda: 0 is one-step TD, 1 the Monte Carlo return minus V."""
+    whiten: Whiten = "none"
+    """Whitening of the advantages over the batch's trained turns or tokens (value targets
+    are the lambda-returns before it)."""
 
 
 class TppoConfig(_Config):
@@ -136,6 +180,8 @@ class TppoConfig(_Config):
     """Discount per turn."""
     lam: float = Field(0.95, ge=0, le=1)
     """GAE's lambda."""
+    whiten: Whiten = "none"
+    """Whitening of the advantages over the batch (as `GaeConfig.whiten`)."""
 
 
 BaseEstimatorConfig: TypeAlias = Annotated[

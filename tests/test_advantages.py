@@ -26,8 +26,10 @@ from turnrl.rl.advantages import (
     estimator_config,
     group_ids_to_index,
     grpo,
+    trajectory_advantages,
     turn_advantages,
     value_targets,
+    whiten,
 )
 from turnrl.rl.entropy_advantages import empg
 from turnrl.rl.group_advantages import dense_index, reinforce_pp, rloo, trloo
@@ -475,3 +477,137 @@ def test_thread_count_does_not_change_a_bit(
     finally:
         torch.set_num_threads(before)
     assert one == two
+
+
+# --- Conventions: sample std, group of one, whitening (verl / TRL) --------------------------
+
+
+def _verl_grpo(returns: list[float], groups: list[str], eps: float = 1e-6) -> list[float]:
+    """verl's `compute_grpo_outcome_advantage`, transcribed: per group mean and `torch.std`
+    (sample), a group of one mean 0 and std 1."""
+    by: dict[str, list[float]] = {}
+    for g, r in zip(groups, returns, strict=True):
+        by.setdefault(g, []).append(r)
+    out = []
+    for g, r in zip(groups, returns, strict=True):
+        scores = torch.tensor(by[g], dtype=torch.float64)
+        mean, std = (0.0, 1.0) if len(scores) == 1 else (scores.mean(), scores.std())
+        out.append(float((r - mean) / (std + eps)))
+    return out
+
+
+def test_grpo_sample_std_and_group_of_one_hand_example() -> None:
+    # Group a: 1, 0, 0, 1 -> mean 0.5, sample var (4 * 0.25) / 3 = 1/3 -> +-0.5 * sqrt3.
+    # Group c: 0, 3, 0 -> mean 1, sample var (1 + 4 + 1) / 2 = 3 -> -1/sqrt3, 2/sqrt3, -1/sqrt3.
+    # Group s: one episode, return 5 -> "zero": 0 (TRL); "return": 5 / (1 + 0) = 5 (verl).
+    returns = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 3.0, 0.0, 5.0])
+    group = dense_index(["a"] * 4 + ["c"] * 3 + ["s"])
+    r3 = math.sqrt(3)
+    h = 0.5 * r3
+    sample = [h, -h, -h, h, -1 / r3, 2 / r3, -1 / r3]
+    adv = trajectory_advantages("grpo", returns, group, eps=0.0, std="sample").tolist()
+    assert close([adv], [[*sample, 0.0]])
+    adv = trajectory_advantages("grpo", returns, group, 0.0, "sample", "return").tolist()
+    assert close([adv], [[*sample, 5.0]])
+    # verl's eps stays in a group of one's divisor: 5 / (1 + 1e-6).
+    adv = trajectory_advantages("grpo", returns, group, 1e-6, "sample", "return").tolist()
+    assert adv[-1] == 5.0 / (1.0 + 1e-6)
+    # Dr. GRPO and RLOO: a group of one keeps its return R (verl), or 0.
+    # Dr. GRPO a: 1 - 0.5 = 0.5 ...; RLOO a: 2/3, -2/3, -2/3, 2/3 (test_rloo_hand_example).
+    adv = trajectory_advantages("dr_grpo", returns, group, singleton="return").tolist()
+    assert close([adv], [[0.5, -0.5, -0.5, 0.5, -1.0, 2.0, -1.0, 5.0]])
+    adv = trajectory_advantages("rloo", returns, group, singleton="return").tolist()
+    rloo_c = [0 - 1.5, 3 - 0.0, 0 - 1.5]  # others' means (3 + 0)/2, (0 + 0)/2, (0 + 3)/2
+    assert close([adv], [[2 / 3, -2 / 3, -2 / 3, 2 / 3, *rloo_c, 5.0]])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 4), st.floats(-10, 10, allow_nan=False)), min_size=1, max_size=30
+    )
+)
+def test_grpo_verl_convention_reproduces_verl(rows: list[tuple[int, float]]) -> None:
+    groups = [str(g) for g, _ in rows]
+    returns = [r for _, r in rows]
+    episodes = [ep(g, ["answer:x"], name=str(i)) for i, g in enumerate(groups)]
+    cfg = GrpoConfig(std="sample", singleton="return")
+    ours = [row[0] for row in compute_advantages(episodes, [[r] for r in returns], cfg)]
+    verl = _verl_grpo(returns, groups)
+    # verl divides a constant group's zero deviations (up to the mean's rounding) by eps.
+    constant = {g for g in groups if len({r for h, r in rows if str(h) == g}) == 1}
+    for g, a, b in zip(groups, ours, verl, strict=True):
+        if g in constant and groups.count(g) > 1:
+            assert a == 0.0 and abs(b) < 1e-6
+        else:
+            assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def test_grpo_trl_convention_gives_a_group_of_one_zero() -> None:
+    # TRL: (R - mean) / (torch.std + 1e-4); its group of one has std 0 and R - mean = 0.
+    # Group a: 2, 4 -> mean 3, sample std sqrt2 -> -1/(sqrt2 + 1e-4), +1/(sqrt2 + 1e-4).
+    episodes = [ep("a", ["answer:x"], name="1"), ep("a", ["answer:y"], name="2")]
+    episodes.append(ep("b", ["answer:x"], name="3"))
+    cfg = GrpoConfig(std="sample", eps=1e-4)
+    adv = compute_advantages(episodes, [[2.0], [4.0], [7.0]], cfg)
+    d = 1 / (math.sqrt(2) + 1e-4)
+    assert close(adv, [[-d], [d], [0.0]], tol=1e-12)
+
+
+def test_whiten_hand_example() -> None:
+    # Turns: 1, 3, 5 (the padding slot has weight 0) -> mean 3, Bessel var (4 + 0 + 4)/2 = 4,
+    # divisor sqrt(4 + 1e-8) ~ 2 -> -1, 0, 1.
+    adv = np.array([[1.0, 3.0], [5.0, 9.0]])
+    out = whiten(adv, np.array([[1.0, 1.0], [1.0, 0.0]])).tolist()
+    assert close(out, [[-1.0, 0.0], [1.0, 0.0]], tol=1e-8)
+    # Tokens: the turn of 3 has two tokens -> samples 1, 3, 3, 5: mean 3, var 8/3,
+    # (5 - 3) / sqrt(8/3) = sqrt(1.5).
+    out = whiten(adv, np.array([[1.0, 2.0], [1.0, 0.0]])).tolist()
+    s = math.sqrt(1.5)
+    assert close(out, [[-s, 0.0], [s, 0.0]], tol=1e-8)
+
+
+def _verl_masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """verl's `masked_whiten` (shift_mean=True), transcribed."""
+    mean = (values * mask).sum() / mask.sum()
+    var = (((values - mean) ** 2) * mask).sum() / mask.sum() * (mask.sum() / (mask.sum() - 1))
+    return (values - mean) * torch.rsqrt(var + 1e-8)
+
+
+def test_gae_whitened_over_tokens_is_verl_masked_whiten_of_the_broadcast() -> None:
+    """Each turn's advantage broadcast to its sampled tokens and whitened by verl's function
+    equals turnrl's token-weighted whitening; replayed turns count for nothing."""
+    values = [{"value": 0.5}, {"value": 0.6}, {"value": 0.8}]
+    lps = [(-0.1,), (-0.1, -0.2, -0.3), (-0.1, -0.1)]
+    episodes = [
+        ep("g", ["search:a", "search:b", "answer:x"], signals=values, logprobs=lps, name="1"),  # type: ignore[arg-type]
+        ep("g", ["search:c", "answer:y"], signals=values[:2], logprobs=lps[1:], name="2"),  # type: ignore[arg-type]
+        ep("g", ["search:a", "answer:z"], signals=values[:2], replayed=[True, False], name="3"),  # type: ignore[arg-type]
+    ]
+    rewards = [[0.0, 0.0, 1.0], [0.0, 0.3], [0.0, 0.7]]
+    plain = GaeConfig(gamma=0.9, lam=0.5)
+
+    def trained(rows: list[list[float]]) -> list[tuple[Turn, float]]:
+        pairs = (zip(e.turns, r, strict=True) for e, r in zip(episodes, rows, strict=True))
+        return [(t, a) for pair in pairs for t, a in pair if not t.replayed]
+
+    turns = trained(compute_advantages(episodes, rewards, plain))
+    flat = torch.tensor([a for t, a in turns for _ in t.completion_ids], dtype=torch.float64)
+    verl = _verl_masked_whiten(flat, torch.ones_like(flat)).tolist()
+    starts = np.cumsum([0] + [len(t.completion_ids) for t, _ in turns])[:-1].tolist()
+    got = compute_advantages(episodes, rewards, plain.model_copy(update={"whiten": "tokens"}))
+    assert close([[a for _, a in trained(got)]], [[verl[s] for s in starts]], tol=1e-9)
+    assert got[2][0] == 0.0
+    # verl's returns are computed before whitening: the value targets do not change.
+    cfg = TppoConfig(gamma=0.9, lam=0.5, whiten="tokens")
+    assert value_targets(episodes, rewards, cfg) == value_targets(episodes, rewards, plain)
+
+
+def test_convention_defaults_keep_todays_numbers() -> None:
+    """Regression lock (do not change without a decision): the defaults are the population
+    std, a group of one 0, and no whitening."""
+    assert (GrpoConfig().std, GrpoConfig().singleton) == ("population", "zero")
+    assert GigpoConfig().std == "population" and GigpoConfig().singleton == "zero"
+    assert GaeConfig().whiten == "none" and TppoConfig().whiten == "none"
+    cfg = estimator_config({"kind": "grpo", "std": "sample", "singleton": "return"})
+    assert estimator_config(cfg.model_dump(mode="json")) == cfg

@@ -19,6 +19,7 @@ from turnrl.rl.advantages import (
     compute_advantages,
     turn_graph,
 )
+from turnrl.rl.advantages import gigpo as gigpo_with_conventions
 from turnrl.rl.group_advantages import dense_index, dr_grpo, grpo
 from turnrl.rl.step_advantages import gigpo, salt
 
@@ -204,3 +205,63 @@ def test_identical_episodes_make_one_path_and_groups_stay_apart() -> None:
         assert compute_advantages(episodes, rewards, cfg, graph=graph) == compute_advantages(
             episodes, rewards, cfg
         )
+
+
+def test_gigpo_sample_std_hand_example() -> None:
+    # verl-agent's mean_std_norm: torch.std (sample) at both levels. R = 1, 0, 1: mean 2/3,
+    # sample var ((1/3)^2 * 2 + (2/3)^2) / 2 = 1/3 -> A^E = 1/sqrt3, -2/sqrt3, 1/sqrt3.
+    # gamma 0.5, root anchor [0.25, 0, 0.5]: mean 0.25, sample var 0.125/2, std 0.25 -> 0, -1, 1.
+    # After A [0.5, 0]: mean 0.25, sample var 0.125, std 1/sqrt8 -> +-0.25 * sqrt8 = +-1/sqrt2.
+    episodes, rewards = three()
+    cfg = GigpoConfig(gamma=0.5, eps=0.0, std="sample")
+    r3 = math.sqrt(3)
+    assert close(
+        compute_advantages(episodes, rewards, cfg),
+        [
+            [1 / r3, 1 / r3 + 1 / R2, 1 / r3],
+            [-2 / r3 - 1, -2 / r3 - 1 / R2, -2 / r3],
+            [1 / r3 + 1, 1 / r3],
+        ],
+    )
+
+
+def test_gigpo_and_salt_pass_a_group_of_one_through_as_verl_does() -> None:
+    # Group h holds one episode (R = 2): its states are all singletons -> A^S = 0, and A^E is
+    # 0 ("zero") or 2 / (1 + eps) ("return", eps 0 -> 2). Group g is unchanged by the option.
+    episodes, rewards = three()
+    episodes.append(ep("h", ["search:A", "answer:x"]))
+    rewards.append([0.0, 2.0])
+    for cfg in (GigpoConfig(gamma=0.5, eps=0.0), SaltConfig(eps=0.0)):
+        zero = compute_advantages(episodes, rewards, cfg)
+        passed = compute_advantages(
+            episodes, rewards, cfg.model_copy(update={"singleton": "return"})
+        )
+        assert zero[3] == [0.0, 0.0] and passed[3] == [2.0, 2.0]
+        assert passed[:3] == zero[:3]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 2), st.lists(_reward, min_size=0, max_size=4)),
+        min_size=1,
+        max_size=10,
+    ),
+    n_states=st.integers(1, 4),
+    scale=st.sampled_from(["std", "none"]),
+)
+def test_gigpo_defaults_are_step_advantages_gigpo_to_the_bit(
+    rows: list[tuple[int, list[float]]], n_states: int, scale: str
+) -> None:
+    width = max(len(r) for _, r in rows)
+    rewards = np.array([r + [0.0] * (width - len(r)) for _, r in rows]).reshape(len(rows), width)
+    mask = np.array([[t < len(r) for t in range(width)] for _, r in rows], np.bool_).reshape(
+        len(rows), width
+    )
+    group = dense_index([str(g) for g, _ in rows])
+    returns = np.array([sum(r) for _, r in rows])
+    # Few state ids, so anchor groups are shared across episodes.
+    states = (np.arange(len(rows) * width).reshape(len(rows), width) % n_states).astype(np.int64)
+    ours = gigpo_with_conventions(returns, rewards, mask, group, states, 0.9, 0.7, scale)  # type: ignore[arg-type]
+    theirs = gigpo(returns, rewards, mask, group, states, 0.9, 0.7, scale)  # type: ignore[arg-type]
+    assert np.array_equal(ours, theirs)

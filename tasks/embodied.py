@@ -307,6 +307,7 @@ class EmbodiedConfig(SuiteConfig):
     exploring (time) or asking (human attention)."""
 
     metrics: ClassVar[tuple[str, ...]] = ("correct", "picked", "answer_correct", "asked")
+    answer_in_observations: ClassVar[bool] = True
 
     kind: Literal["embodied_search"] = "embodied_search"
     seed: int = 0

@@ -336,6 +336,7 @@ class MathPythonConfig(SuiteConfig):
 
     metrics: ClassVar[tuple[str, ...]] = ("correct", "close", "parsed")
     runs_code: ClassVar[bool] = True
+    answer_in_observations: ClassVar[bool] = True
 
     kind: Literal["gsm_symbolic"] = "gsm_symbolic"
     seed: int = 0

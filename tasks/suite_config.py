@@ -64,6 +64,11 @@ class SuiteConfig(BaseModel, ABC):
     gold_answer_text: ClassVar[bool] = True
     """Items carry gold answer text (False where the grader judges calls or state, not text):
     rewards that measure the answer's probability or appearance need it."""
+    answer_in_observations: ClassVar[bool] = False
+    """A correct answer is something the tools show (a search result, a printed number, a room
+    seen): an episode whose answer no tool output contained guessed it, and a warm start
+    should not clone it (`turnrl.sft.answer_supported`). False where the answer is written,
+    not found (code, calls)."""
 
     @abstractmethod
     def build(self, ctx: BuildContext) -> TaskSuite:

@@ -170,3 +170,23 @@ def _suite_items(cfg: object, split: str) -> list[object]:
 
     suite = build_suite(cfg.task, None, None)  # type: ignore[attr-defined]
     return list(suite.items(split))
+
+
+@pytest.mark.parametrize(
+    "example",
+    ["bfcl_single", "bfcl_multi_turn", "embodied", "gsm_symbolic", "humaneval"],
+)
+def test_turnrl_sft_works_on_every_suite_with_an_oracle(example: str, tmp_path: Path) -> None:
+    cfg = load_config(
+        ROOT / "examples" / f"{example}.yaml",
+        {
+            "run_dir": str(tmp_path / example),
+            "model": {"kind": "tiny"},
+            "learner.adaptation": {"kind": "full"},
+            "warm_start": {"sources": [{"kind": "oracle", "n_items": 2}], "batch_episodes": 2},
+        },
+    )
+    report = run_sft(cfg, Console(width=120, record=True), with_eval=False)["report"]
+    assert report.data.collected == {"oracle": 2}
+    assert len(report.data.episodes) == 2, "the oracle solves its items, with evidence"
+    assert report.version == 1 and report.rows[0]["n_tokens"] > 0

@@ -176,7 +176,7 @@ async def collect(
     temperature: float,
     seed: int,
     success_metric: str,
-    gold_answer_text: bool,
+    answer_in_observations: bool,
 ) -> WarmStartData:
     """Successful, graded episodes from every source of `cfg`, evidence-checked, with their
     SFT weights set. `rollouts_at(t)` gives the rollout stage at temperature `t` with the
@@ -208,7 +208,9 @@ async def collect(
         wins = filter_successes(episodes, keep, success_metric)
         failed += sum(not succeeded(e, success_metric) for e in episodes)
         for e in wins:
-            supported = not gold_answer_text or answer_supported(e, answers.get(e.task_id, ()))
+            supported = not answer_in_observations or answer_supported(
+                e, answers.get(e.task_id, ())
+            )
             unsupported += not supported
             if supported or cfg.evidence != "require":
                 kept.append(sft_targets(e))

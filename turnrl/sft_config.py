@@ -74,9 +74,10 @@ class WarmStartConfig(_Config):
     sources: list[WarmStartSource] = Field(default_factory=lambda: _oracle(), min_length=1)
     """Where the trajectories come from; several are concatenated."""
     evidence: Literal["require", "flag", "off"] = "require"
-    """For suites whose answers are text (`gold_answer_text`): an episode whose answer no tool
-    output supported (the gold answer does not occur in an observation before it) teaches
-    guessing. `require` drops it, `flag` keeps it and counts it, `off` skips the check."""
+    """For suites whose answers the tools show (`answer_in_observations`: search, math with
+    Python, the embodied house): an episode whose answer no tool output supported (the gold
+    answer does not occur in an observation before it) teaches guessing. `require` drops it,
+    `flag` keeps it and counts it, `off` skips the check."""
     epochs: int = Field(1, ge=1)
     """Passes over the collected episodes."""
     batch_episodes: int = Field(16, ge=1)

@@ -406,7 +406,7 @@ async def run_warm_start(s: Session) -> WarmStartReport:
         temperature=cfg.sampling.temperature,
         seed=cfg.seed,
         success_metric=cfg.rewards.success_metric,
-        gold_answer_text=cfg.task.gold_answer_text,
+        answer_in_observations=cfg.task.answer_in_observations,
     )
     report = WarmStartReport(data, collect_s=elapsed())
     if not data.episodes:

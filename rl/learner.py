@@ -37,40 +37,42 @@ Design:
   learning rate and their own gradient clipping (a large value error never shrinks the
   policy's step); without `backprop_to_policy` the value loss never reaches the policy's
   weights, and a step whose only signal is the value loss leaves `version` unchanged.
+- `sft_step` is the supervised variant (warm start, behaviour cloning): the same micro-batches
+  and optimizer, with the weighted NLL of the trained tokens (`turnrl.rl.losses.sft_loss`)
+  for loss; each turn's `advantage` is its weight.
+- Checkpoints: `turnrl.rl.learner_checkpoint`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import peft
-import safetensors.torch
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode
+from turnrl.rl import learner_checkpoint
 from turnrl.rl.batch import TokenBatch, micro_batches
 from turnrl.rl.learner_config import LearnerConfig, LoraConfig
 from turnrl.rl.logprobs import decoder_hidden, token_logprobs
 from turnrl.rl.losses import (
+    Metrics,
     kl_penalty,
     ppo_clip_loss,
     sample_weights,
+    sft_loss,
     value_loss,
 )
 from turnrl.rl.value_head import ValueHead, state_values
-
-VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 @dataclass(frozen=True)
@@ -190,11 +192,7 @@ class Learner:
         )
         n_tokens = sum(b.n_tokens for b in batches)
         n_targets = sum(b.n_value_targets for b in batches)
-        counts = {
-            "n_tokens": float(n_tokens),
-            "n_sequences": float(len(episodes)),
-            "n_padded_tokens": float(sum(b.n_padded for b in batches)),
-        }
+        counts = _counts(batches, len(episodes))
         policy_signal = n_tokens > 0 and (
             cfg.kl_coef > 0 or any(bool(b.advantages_B_T.any()) for b in batches)
         )
@@ -211,33 +209,103 @@ class Learner:
         # Step-wide counts of the episodes that take a share under "episode" weighting.
         n_policy_rows = sum(int(b.loss_mask_B_T.any(dim=1).sum()) for b in batches)
         n_value_rows = sum(int(b.value_mask_B_J.any(dim=1).sum()) for b in batches)
-
         use_kl = cfg.kl_coef > 0
-        sums: dict[str, torch.Tensor] = {}
+        value_reaches_trunk = head_cfg is not None and head_cfg.backprop_to_policy
+
+        def loss_of(cpu_batch: TokenBatch) -> tuple[torch.Tensor, Metrics] | None:
+            train_policy = policy_signal and cpu_batch.n_tokens > 0
+            train_value = value_signal and cpu_batch.n_value_targets > 0
+            if not (train_policy or train_value):
+                return None
+            batch = cpu_batch.to(self.device)
+            with torch.set_grad_enabled(train_policy or value_reaches_trunk):
+                hidden_B_T_H = decoder_hidden(self.model, batch)
+            loss = torch.zeros((), device=self.device)
+            metrics: Metrics = {}
+            if train_policy:
+                loss, metrics = self._policy_loss(
+                    batch, hidden_B_T_H, n_tokens, n_policy_rows, use_kl
+                )
+            if train_value:
+                assert head_cfg is not None
+                hidden = hidden_B_T_H if value_reaches_trunk else hidden_B_T_H.detach()
+                v_loss, v_metrics = self._value_loss(batch, hidden, n_targets, n_value_rows)
+                loss = loss + head_cfg.coef * v_loss
+                metrics.update(v_metrics)
+            return loss, metrics
+
+        out = self._backward(batches, loss_of)
+        trunk = policy_signal or (value_signal and value_reaches_trunk)
+        return StepResult(
+            skipped=False,
+            policy_updated=trunk,
+            version=self.version,
+            scalars={"n_micro_batches": float(len(batches)), **counts, **out},
+        )
+
+    def accumulate_sft_gradients(self, episodes: Sequence[Episode]) -> StepResult:
+        """`accumulate_gradients` for supervised fine-tuning (`sft_step`): the gradient of the
+        weighted NLL of the trained tokens, added to `.grad`; no optimizer step. The stored
+        `completion_logprobs` are not read. Scalars: loss, nll, n_tokens, n_padded_tokens,
+        n_sequences, n_micro_batches."""
+        cfg = self.config
+        # Placeholders: oracle and other cloned episodes carry no usable logprobs.
+        scrubbed = [_without_logprobs(e, keep_replayed=True) for e in episodes]
+        advantages = [[t.advantage for t in e.turns] for e in episodes]
+        batches = micro_batches(scrubbed, advantages, cfg.micro_batch_tokens, pad_id=self.pad_id)
+        n_tokens = sum(b.n_tokens for b in batches)
+        counts = _counts(batches, len(episodes))
+        if n_tokens == 0 or not any(bool(b.advantages_B_T.any()) for b in batches):
+            return StepResult(
+                skipped=True,
+                policy_updated=False,
+                version=self.version,
+                scalars={"n_micro_batches": 0.0, **counts},
+            )
+        n_rows = sum(int(b.loss_mask_B_T.any(dim=1).sum()) for b in batches)
+
+        def loss_of(cpu_batch: TokenBatch) -> tuple[torch.Tensor, Metrics] | None:
+            if cpu_batch.n_tokens == 0:
+                return None
+            batch = cpu_batch.to(self.device)
+            logprobs_B_T, _ = token_logprobs(self.model, batch, cfg.temperature)
+            weights_B_T = None
+            if cfg.loss_weighting != "token":
+                weights_B_T = sample_weights(
+                    batch.loss_mask_B_T, cfg.loss_weighting, n_tokens, n_rows
+                )
+            return sft_loss(
+                logprobs_B_T,
+                batch.advantages_B_T,
+                batch.loss_mask_B_T,
+                n_tokens=n_tokens,
+                weights_B_T=weights_B_T,
+            )
+
+        out = self._backward(batches, loss_of)
+        return StepResult(
+            skipped=False,
+            policy_updated=True,
+            version=self.version,
+            scalars={"n_micro_batches": float(len(batches)), **counts, **out},
+        )
+
+    def _backward(
+        self,
+        batches: Sequence[TokenBatch],
+        loss_of: Callable[[TokenBatch], tuple[torch.Tensor, Metrics] | None],
+    ) -> dict[str, float]:
+        """Backward of each micro-batch's loss (None: nothing to train in it), in train mode;
+        returns the metrics (and `loss`) summed over the micro-batches."""
+        sums: Metrics = {}
         was_training = self.model.training
         self.model.train()
         try:
             for cpu_batch in batches:
-                train_policy = policy_signal and cpu_batch.n_tokens > 0
-                train_value = value_signal and cpu_batch.n_value_targets > 0
-                if not (train_policy or train_value):
+                out = loss_of(cpu_batch)
+                if out is None:
                     continue
-                batch = cpu_batch.to(self.device)
-                value_reaches_trunk = head_cfg is not None and head_cfg.backprop_to_policy
-                with torch.set_grad_enabled(train_policy or value_reaches_trunk):
-                    hidden_B_T_H = decoder_hidden(self.model, batch)
-                loss = torch.zeros((), device=self.device)
-                metrics: dict[str, torch.Tensor] = {}
-                if train_policy:
-                    loss, metrics = self._policy_loss(
-                        batch, hidden_B_T_H, n_tokens, n_policy_rows, use_kl
-                    )
-                if train_value:
-                    assert head_cfg is not None
-                    hidden = hidden_B_T_H if value_reaches_trunk else hidden_B_T_H.detach()
-                    v_loss, v_metrics = self._value_loss(batch, hidden, n_targets, n_value_rows)
-                    loss = loss + head_cfg.coef * v_loss
-                    metrics.update(v_metrics)
+                loss, metrics = out
                 loss.backward()
                 metrics["loss"] = loss.detach()
                 for k, v in metrics.items():
@@ -245,16 +313,7 @@ class Learner:
         finally:
             self.model.train(was_training)
         # One host sync for the whole step, not one per micro-batch.
-        out = {k: float(v) for k, v in sums.items()}
-        trunk = policy_signal or (
-            value_signal and head_cfg is not None and head_cfg.backprop_to_policy
-        )
-        return StepResult(
-            skipped=False,
-            policy_updated=trunk,
-            version=self.version,
-            scalars={"n_micro_batches": float(len(batches)), **counts, **out},
-        )
+        return {k: float(v) for k, v in sums.items()}
 
     def _policy_loss(
         self,
@@ -339,14 +398,42 @@ class Learner:
         (`policy_updated`): not when skipped, nor when the value head alone trained.
         """
         start = time.perf_counter()
+        result = self.accumulate_gradients(episodes, value_targets)
+        return self._apply(result, start, value=value_targets is not None)
+
+    def sft_step(self, episodes: Sequence[Episode]) -> StepResult:
+        """One optimizer step of supervised fine-tuning (behaviour cloning) on the stored ids:
+        loss = -sum_tokens w * a * logprob(token) over the tokens `micro_batches` trains (the
+        sampled `completion_ids` of turns whose `advantage` is not None, outside replayed
+        turns; prompt, user and observation ids never are). The turn's `advantage` is its
+        weight `a` (1.0 clones the turn, None leaves it out as context); `w` is the step's
+        share under `LearnerConfig.loss_weighting` (`"token"`: 1 / the step's trained-token
+        count; `"episode"`: every episode the same total). The stored `completion_logprobs`
+        are ignored (cloned episodes carry placeholders). Gradient accumulation, clipping and
+        AdamW as in `step`; `version` += 1.
+
+        Logprobs are taken under `LearnerConfig.temperature` like the RL path; cloning should
+        normally use temperature 1.0 (the model's own distribution), so configure the SFT
+        learner with it.
+
+        Scalars: loss (the weighted objective), nll (plain mean of -logprob per trained token),
+        n_tokens, n_sequences, n_padded_tokens, n_micro_batches, grad_norm, seconds. A step
+        with no trained token, or only zero weights, is skipped like `step`'s.
+        """
+        start = time.perf_counter()
+        result = self.accumulate_sft_gradients(episodes)
+        return self._apply(result, start, value=False)
+
+    def _apply(self, result: StepResult, start: float, *, value: bool) -> StepResult:
+        """Clip and take the optimizer step after an accumulation (none when skipped);
+        bump `version` when the policy moved; zero the gradients either way."""
+        scalars = dict(result.scalars)
         try:
-            result = self.accumulate_gradients(episodes, value_targets)
-            scalars = dict(result.scalars)
             if not result.skipped:
                 max_norm = self.config.max_grad_norm or math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm)
                 scalars["grad_norm"] = float(grad_norm)
-                if value_targets is not None:
+                if value:
                     value_norm = torch.nn.utils.clip_grad_norm_(self.value_parameters, max_norm)
                     scalars["value_grad_norm"] = float(value_norm)
                 # Parameters without a gradient (the policy's, in a value-only step with a
@@ -363,22 +450,7 @@ class Learner:
         """Micro-batches of `episodes` for scoring: their own logprobs and advantages are
         ignored (placeholders), only the ids and turn boundaries matter; replayed turns are
         scored like the others."""
-        placeholders = [
-            e.model_copy(
-                update={
-                    "turns": [
-                        t.model_copy(
-                            update={
-                                "completion_logprobs": [0.0] * len(t.completion_ids),
-                                "replayed": False,
-                            }
-                        )
-                        for t in e.turns
-                    ]
-                }
-            )
-            for e in episodes
-        ]
+        placeholders = [_without_logprobs(e, keep_replayed=False) for e in episodes]
         zero_adv = [[0.0] * len(e.turns) for e in episodes]
         return micro_batches(
             placeholders, zero_adv, self.config.micro_batch_tokens, pad_id=self.pad_id
@@ -436,80 +508,32 @@ class Learner:
         return out
 
     def save_checkpoint(self, directory: str | Path, *, merged: bool = False) -> Path:
-        """Write the weights, optimizer state and version under `directory`.
-
-        Layout: LoRA writes `adapter/` (peft `save_pretrained`) and, with `merged=True`, also
-        `merged/`, a plain model with the adapters folded in (for servers without LoRA);
-        full fine-tuning writes `model/` (`save_pretrained`, safetensors; `merged` changes
-        nothing). Both write `optimizer.pt` and `learner.json`, and with a value head
-        `value_head.safetensors` (the head is not part of the model folders).
-        """
-        root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
-        if self.peft_model is not None:
-            self.peft_model.save_pretrained(str(root / "adapter"))
-            if merged:
-                # Merging a copy keeps the live adapters exact (merge/unmerge in place adds
-                # rounding error to the base weights on every save).
-                folded = copy.deepcopy(self.peft_model).merge_and_unload()
-                folded.save_pretrained(str(root / "merged"))
-        else:
-            self.model.save_pretrained(str(root / "model"))
-        if self.value_head is not None:
-            head_state = {
-                k: v.detach().contiguous() for k, v in self.value_head.state_dict().items()
-            }
-            safetensors.torch.save_file(head_state, str(root / VALUE_HEAD_FILE))
-        torch.save(self.optimizer.state_dict(), root / "optimizer.pt")
-        state = {"version": self.version, "config": self.config.model_dump(mode="json")}
-        (root / "learner.json").write_text(json.dumps(state, indent=2))
-        return root
+        """Write the weights, optimizer state and version under `directory` (layout:
+        `turnrl.rl.learner_checkpoint.save_checkpoint`)."""
+        return learner_checkpoint.save_checkpoint(self, directory, merged=merged)
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore weights, optimizer state and version written by `save_checkpoint` into
         this learner (same model architecture and adaptation). The KL reference is kept: it
         is the model the learner was built on, not the checkpoint."""
-        root = Path(directory)
-        head_file = root / VALUE_HEAD_FILE
-        if (self.value_head is not None) != head_file.is_file():
-            raise ValueError(
-                f"value head mismatch: the learner {'has' if self.value_head else 'has no'} "
-                f"value head, the checkpoint {'has' if head_file.is_file() else 'has no'} "
-                f"{VALUE_HEAD_FILE}"
-            )
-        if self.peft_model is not None:
-            state = safetensors.torch.load_file(root / "adapter" / "adapter_model.safetensors")
-            result = peft.set_peft_model_state_dict(self.peft_model, state)
-            unexpected_adapter = list(getattr(result, "unexpected_keys", []))
-            if unexpected_adapter:
-                raise ValueError(f"unexpected adapter keys: {unexpected_adapter[:5]}")
-        else:
-            state = {}
-            for f in sorted((root / "model").glob("*.safetensors")):
-                state.update(safetensors.torch.load_file(f))
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-            tied = _tied_names(self.model)
-            if unexpected or set(missing) - tied:
-                raise ValueError(
-                    f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
-                    f"unexpected {sorted(unexpected)[:5]}"
-                )
-        if self.value_head is not None:
-            head_state = safetensors.torch.load_file(head_file, device=str(self.device))
-            self.value_head.load_state_dict(head_state)
-        self.optimizer.load_state_dict(torch.load(root / "optimizer.pt", map_location=self.device))
-        meta: dict[str, Any] = json.loads((root / "learner.json").read_text())
-        self.version = int(meta["version"])
+        learner_checkpoint.load_checkpoint(self, directory)
 
 
-def _tied_names(model: nn.Module) -> set[str]:
-    """Parameter names that share storage with an earlier one (not written by
-    `save_pretrained`)."""
-    seen: dict[int, str] = {}
-    tied: set[str] = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.data_ptr() in seen:
-            tied.add(name)
-        else:
-            seen[p.data_ptr()] = name
-    return tied
+def _without_logprobs(episode: Episode, *, keep_replayed: bool) -> Episode:
+    """`episode` with zeros for its completion logprobs (which scoring and cloning ignore), and
+    without `replayed` marks unless `keep_replayed`."""
+    turns = []
+    for t in episode.turns:
+        update: dict[str, object] = {"completion_logprobs": [0.0] * len(t.completion_ids)}
+        if not keep_replayed:
+            update["replayed"] = False
+        turns.append(t.model_copy(update=update))
+    return episode.model_copy(update={"turns": turns})
+
+
+def _counts(batches: Sequence[TokenBatch], n_episodes: int) -> dict[str, float]:
+    return {
+        "n_tokens": float(sum(b.n_tokens for b in batches)),
+        "n_sequences": float(n_episodes),
+        "n_padded_tokens": float(sum(b.n_padded for b in batches)),
+    }

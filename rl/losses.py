@@ -8,6 +8,9 @@
   policy, with Schulman's estimators (http://joschu.net/blog/kl-approx.html): with
   `d = ref_logprobs - logprobs`, k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 (unbiased and
   always >= 0; the form GRPO puts in its loss, Shao et al. 2024, arXiv 2402.03300).
+- `sft_loss`: the negative log-likelihood of the trained tokens, each scaled by its turn's
+  weight (supervised fine-tuning / behaviour cloning on stored episodes; the turn's advantage
+  slot carries the weight, so the weighting conventions below apply unchanged).
 - `value_loss`: squared error of a value head's estimates against their targets (returns-to-go
   or lambda-returns), the critic term of PPO/A2C (arXiv 1707.06347, 1602.01783).
 
@@ -131,6 +134,32 @@ def ppo_clip_loss(
             "approx_kl": mean(approx_kl_B_T),
             "ratio_mean": mean(ratio_B_T),
         }
+    return loss, metrics
+
+
+def sft_loss(
+    logprobs_B_T: torch.Tensor,
+    weights_per_turn_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    n_tokens: int | float | None = None,
+    weights_B_T: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Weighted negative log-likelihood: `-sum_t w_t * a_t * logprobs_t` over the trained
+    tokens, with `a_t` the token's turn weight (`weights_per_turn_B_T`, the batch's advantage
+    slot: 1.0 clones a turn) and `w_t` the step's share, `1 / n_tokens` or `weights_B_T`
+    (`sample_weights`), as in `ppo_clip_loss`. Gradient flows to `logprobs`.
+
+    Returns `(loss, metrics)`; metrics: `nll`, the plain token mean of `-logprobs` (turn
+    weights and sample weights left out, so it reads the same under every convention); its
+    denominator is `n_tokens` when given (the step's count, so micro-batches sum), else the
+    mask's own count.
+    """
+    mask = mask_B_T.bool()
+    nll_mean = _reducer(mask, n_tokens, None)
+    loss_mean = nll_mean if weights_B_T is None else _reducer(mask, None, weights_B_T)
+    loss = loss_mean(-weights_per_turn_B_T * logprobs_B_T)
+    with torch.no_grad():
+        metrics = {"nll": nll_mean(-logprobs_B_T.detach())}
     return loss, metrics
 
 

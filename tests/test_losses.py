@@ -15,6 +15,7 @@ from turnrl.rl.losses import (
     kl_penalty,
     ppo_clip_loss,
     sample_weights,
+    sft_loss,
     value_loss,
 )
 
@@ -345,3 +346,28 @@ def test_value_loss_hand_values() -> None:
     assert loss.item() == pytest.approx(0.75)
     assert v.grad is not None
     close(v.grad, [[0.5, 0, 0], [-1.0, 0, 0]])
+
+
+def test_sft_loss_hand_values() -> None:
+    """Regression lock on the SFT objective (do not change without a decision).
+
+    Row 0 clones 2 tokens with weight a=1 (logprobs -1, -2); row 1 has 3 tokens with a=2, 2, 0
+    (logprobs -0.5, -1.5, -3); column 3 is masked and holds -inf:
+      token (w = 1/5):       loss = (1*1 + 1*2 + 2*0.5 + 2*1.5 + 0*3) / 5 = 7/5
+      episode (w = 1/(n_i E)): row 0 (1 + 2) / (2*2) + row 1 (1 + 3 + 0) / (3*2) = 3/4 + 2/3
+    nll is the plain token mean under both: (1 + 2 + 0.5 + 1.5 + 3) / 5 = 1.6.
+    The gradient d loss / d logp is -a * w.
+    """
+    base = torch.tensor([[-1.0, -2.0, 0.0, -math.inf], [-0.5, -1.5, -3.0, -math.inf]])
+    turn_w = torch.tensor([[1.0, 1.0, 0.0, 9.0], [2.0, 2.0, 0.0, 9.0]])
+    mask = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    episode_w = sample_weights(mask, "episode", n_samples=5, n_rows=2)
+    cases = [(None, 7 / 5, 0.2 * mask), (episode_w, 3 / 4 + 2 / 3, episode_w)]
+    for weights, expected, w in cases:
+        lp = base.clone().requires_grad_(True)
+        loss, metrics = sft_loss(lp, turn_w, mask, n_tokens=5, weights_B_T=weights)
+        loss.backward()
+        assert loss.item() == pytest.approx(expected)
+        assert metrics["nll"].item() == pytest.approx(1.6)
+        assert lp.grad is not None
+        close(lp.grad, torch.where(mask, -turn_w * w, 0.0))

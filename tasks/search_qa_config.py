@@ -17,6 +17,7 @@ class SearchQAConfig(SuiteConfig):
     """Factbook questions answered with BM25 search over Wikipedia and the Factbook."""
 
     metrics: ClassVar[tuple[str, ...]] = ("correct", "exact_match", "f1")
+    answer_in_observations: ClassVar[bool] = True
 
     kind: Literal["search_qa"] = "search_qa"
     seed: int = 0

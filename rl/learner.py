@@ -4,22 +4,27 @@ Design:
 - The learner trains the *same module object* the in-process policy samples with (in-process
   weight sync): `Learner.model` is the transformers model passed in (for LoRA, peft injects
   the adapter layers into it, so sampling with it uses the adapters), and `Learner.version`
-  counts the optimizer steps that moved the policy; the loop (`turnrl.loop`) brackets each
-  step with the policy's `WeightSync.begin_update` / `end_update(version)`, so nothing samples
+  counts the `step` calls that moved the policy (one weight sync each); the loop
+  (`turnrl.loop`) brackets each step with the policy's `WeightSync.begin_update` /
+  `end_update(version)`, so nothing samples
   while `step` runs: the weights change, and the module is in train mode (dropout) only for
   the duration of the step.
 - Tokens are the truth: batches come from `turnrl.rl.batch` (the stored ids, never re-tokenized)
   and logprobs are recomputed with the sampling convention of `turnrl.agent.policy`:
   log_softmax(logits / temperature) in float32, gathered at the next token. The PPO ratio is
-  taken against the stored rollout logprobs (`ppo_clip_loss`), so it is 1 before the first step.
+  taken against the stored rollout logprobs (`ppo_clip_loss`), so it is 1 before the first
+  optimizer step of a `step` and moves from the second on.
 - Only trained positions reach the LM head: the decoder's hidden states are computed for every
   position, then the rows whose next token is trained are selected and projected to the vocab.
   This skips the head (and the vocab-sized log-softmax, its largest activation) on prompt,
   observation and padding positions. It assumes logits = lm_head(last hidden state), true for
   Llama/Qwen/Mistral-style models; `select_before_head=False` is the plain path.
-- One `step` is one optimizer step over all given episodes: gradient accumulation over
-  micro-batches planned by a padded-token budget, each micro-batch's loss weighted by
-  step-wide counts, so the accumulated gradient equals the full-batch gradient. The weighting
+- One `step` is `ppo_epochs` passes over the batch, each cut into `minibatches` minibatches
+  of whole episodes, one optimizer step per minibatch (`turnrl.rl.ppo_epochs`: shuffling, the
+  `target_kl` early stop, how scalars combine); the defaults take one optimizer step over all
+  episodes. Each optimizer step accumulates gradients over micro-batches planned by a
+  padded-token budget, each micro-batch's loss weighted by the minibatch's counts, so the
+  accumulated gradient equals the minibatch's full gradient. The weighting
   (`LearnerConfig.loss_weighting`, defined in `turnrl.rl.losses`): `"token"` divides by the
   step's trained-token count (DAPO token-level mean, arXiv 2503.14476; long episodes weigh
   more), `"episode"` gives every episode with trained tokens the same share.
@@ -40,7 +45,8 @@ Design:
 - `sft_step` is the supervised variant (warm start, behaviour cloning): the same micro-batches
   and optimizer, with the weighted NLL of the trained tokens (`turnrl.rl.losses.sft_loss`)
   for loss; each turn's `advantage` is its weight.
-- Checkpoints: `turnrl.rl.learner_checkpoint`.
+- Checkpoints: `turnrl.rl.learner_checkpoint`; no-gradient scoring passes (`logprobs`,
+  `values`, the KL stop's measurement): `turnrl.rl.measure`.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ import torch
 from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode
-from turnrl.rl import learner_checkpoint
+from turnrl.rl import learner_checkpoint, measure
 from turnrl.rl.batch import TokenBatch, micro_batches
 from turnrl.rl.learner_config import LearnerConfig, LoraConfig
 from turnrl.rl.logprobs import decoder_hidden, token_logprobs
@@ -72,6 +78,7 @@ from turnrl.rl.losses import (
     sft_loss,
     value_loss,
 )
+from turnrl.rl.ppo_epochs import Update, merge_scalars, run_epochs
 from turnrl.rl.value_head import ValueHead, state_values
 
 
@@ -102,8 +109,9 @@ class Learner:
         self.config = config
         self.pad_id = pad_id
         self.version = 0
-        """Number of optimizer steps that moved the policy's weights (a step that trained the
-        value head alone does not count); the policy reports it with each completion."""
+        """Number of `step`/`sft_step` calls that moved the policy's weights (one weight sync
+        each, however many optimizer steps a call took; a call that trained the value head
+        alone does not count); the policy reports it with each completion."""
         self.model = model
         """The module the policy samples with and the learner trains."""
         self.peft_model: peft.PeftModel | None = None
@@ -250,7 +258,7 @@ class Learner:
         n_sequences, n_micro_batches."""
         cfg = self.config
         # Placeholders: oracle and other cloned episodes carry no usable logprobs.
-        scrubbed = [_without_logprobs(e, keep_replayed=True) for e in episodes]
+        scrubbed = [measure.without_logprobs(e, keep_replayed=True) for e in episodes]
         advantages = [[t.advantage for t in e.turns] for e in episodes]
         batches = micro_batches(scrubbed, advantages, cfg.micro_batch_tokens, pad_id=self.pad_id)
         n_tokens = sum(b.n_tokens for b in batches)
@@ -385,21 +393,68 @@ class Learner:
         episodes: Sequence[Episode],
         value_targets: Sequence[Sequence[float | None]] | None = None,
     ) -> StepResult:
-        """One optimizer step over all `episodes`: each turn's `Turn.advantage` is broadcast to
-        its sampled tokens (None: the turn is not trained). `value_targets[i][j]` (needs a
-        value head) is the regression target of V(s_j), the state turn `j` starts from (None:
-        no target for that turn); the step adds `coef * MSE`.
+        """PPO updates over `episodes`: `config.ppo_epochs` passes, each cut into
+        `config.minibatches` minibatches of whole episodes, one optimizer step per minibatch
+        (`turnrl.rl.ppo_epochs`; the defaults, 1 and 1, take one step over the whole batch).
+        Each turn's `Turn.advantage` is broadcast to its sampled tokens (None: the turn is not
+        trained); the ratio is always taken against the stored rollout logprobs, so it moves
+        (and the clip engages) from the second update on. Each minibatch's loss is weighted
+        with its own counts. `value_targets[i][j]` (needs a value head) is the regression
+        target of V(s_j), the state turn `j` starts from (None: no target for that turn); the
+        step adds `coef * MSE`, and the targets follow their episodes into the minibatches.
+        With `config.target_kl`, the updates stop once the approximate KL to the rollout
+        policy on the last updated minibatch exceeds it.
 
-        Scalars (for logging): loss, clip_frac, approx_kl, ratio_mean, entropy, kl_ref (when
-        `kl_coef > 0`), grad_norm (before clipping), n_tokens, n_padded_tokens, n_sequences,
-        n_micro_batches, seconds; with value targets also value_loss (the MSE before `coef`;
-        `loss` includes `coef` times it), value_mean, value_target_mean, value_grad_norm,
-        n_value_targets. `version` is incremented when the policy's weights moved
-        (`policy_updated`): not when skipped, nor when the value head alone trained.
+        Scalars (for logging; averaged over the optimizer steps that ran): loss, clip_frac,
+        approx_kl, ratio_mean, entropy, kl_ref (when `kl_coef > 0`), grad_norm (before
+        clipping); with value targets also value_loss (the MSE before `coef`; `loss` includes
+        `coef` times it), value_mean, value_target_mean, value_grad_norm. Counts of the whole
+        batch: n_tokens, n_sequences, n_value_targets (with value targets); work summed over
+        the updates: n_micro_batches, n_padded_tokens; n_optimizer_steps; with several epochs
+        clip_frac_last_epoch and approx_kl_last_epoch; when a KL stop was measured,
+        early_stopped (0/1) and kl_after_update; seconds.
+
+        `version` is incremented once per call that moved the policy's weights
+        (`policy_updated`), however many optimizer steps it took: one weight sync per
+        `step`. Not when skipped, nor when the value head alone trained.
         """
         start = time.perf_counter()
-        result = self.accumulate_gradients(episodes, value_targets)
-        return self._apply(result, start, value=value_targets is not None)
+        cfg = self.config
+        if value_targets is not None and len(value_targets) != len(episodes):
+            raise ValueError(f"{len(value_targets)} value-target rows for {len(episodes)} episodes")
+        value = value_targets is not None
+
+        def subset(part: list[int]) -> list[Episode]:
+            return list(episodes) if len(part) == len(episodes) else [episodes[i] for i in part]
+
+        def update(part: list[int]) -> Update:
+            targets = value_targets
+            if value_targets is not None and len(part) != len(episodes):
+                targets = [value_targets[i] for i in part]
+            result = self._apply(self.accumulate_gradients(subset(part), targets), value=value)
+            return Update(result.skipped, result.policy_updated, dict(result.scalars))
+
+        try:
+            schedule = run_epochs(
+                len(episodes),
+                cfg.ppo_epochs,
+                cfg.minibatches,
+                seed=self.version,
+                update=update,
+                target_kl=cfg.target_kl,
+                kl_after=lambda part: self._rollout_kl(subset(part)),
+            )
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        steps = [u for u in schedule.updates if not u.skipped]
+        policy_updated = any(u.policy_updated for u in steps)
+        if policy_updated:
+            self.version += 1
+        scalars = merge_scalars(schedule, _batch_counts(episodes, value_targets), cfg.ppo_epochs)
+        scalars["seconds"] = time.perf_counter() - start
+        return StepResult(
+            skipped=not steps, policy_updated=policy_updated, version=self.version, scalars=scalars
+        )
 
     def sft_step(self, episodes: Sequence[Episode]) -> StepResult:
         """One optimizer step of supervised fine-tuning (behaviour cloning) on the stored ids:
@@ -421,12 +476,15 @@ class Learner:
         with no trained token, or only zero weights, is skipped like `step`'s.
         """
         start = time.perf_counter()
-        result = self.accumulate_sft_gradients(episodes)
-        return self._apply(result, start, value=False)
+        result = self._apply(self.accumulate_sft_gradients(episodes), value=False)
+        if result.policy_updated:
+            self.version += 1
+        scalars = {**result.scalars, "seconds": time.perf_counter() - start}
+        return dataclasses.replace(result, version=self.version, scalars=scalars)
 
-    def _apply(self, result: StepResult, start: float, *, value: bool) -> StepResult:
-        """Clip and take the optimizer step after an accumulation (none when skipped);
-        bump `version` when the policy moved; zero the gradients either way."""
+    def _apply(self, result: StepResult, *, value: bool) -> StepResult:
+        """Clip and take the optimizer step after an accumulation (none when skipped); zero
+        the gradients either way. The caller bumps `version`."""
         scalars = dict(result.scalars)
         try:
             if not result.skipped:
@@ -439,21 +497,19 @@ class Learner:
                 # Parameters without a gradient (the policy's, in a value-only step with a
                 # detached head) are left alone by AdamW, momentum and weight decay included.
                 self.optimizer.step()
-                if result.policy_updated:
-                    self.version += 1
         finally:
             self.optimizer.zero_grad(set_to_none=True)
-        scalars["seconds"] = time.perf_counter() - start
-        return dataclasses.replace(result, version=self.version, scalars=scalars)
+        return dataclasses.replace(result, scalars=scalars)
 
-    def _scoring_batches(self, episodes: Sequence[Episode]) -> list[TokenBatch]:
-        """Micro-batches of `episodes` for scoring: their own logprobs and advantages are
-        ignored (placeholders), only the ids and turn boundaries matter; replayed turns are
-        scored like the others."""
-        placeholders = [_without_logprobs(e, keep_replayed=False) for e in episodes]
-        zero_adv = [[0.0] * len(e.turns) for e in episodes]
-        return micro_batches(
-            placeholders, zero_adv, self.config.micro_batch_tokens, pad_id=self.pad_id
+    def _rollout_kl(self, episodes: Sequence[Episode]) -> float:
+        cfg = self.config
+        return measure.rollout_kl(
+            self.model,
+            episodes,
+            temperature=cfg.temperature,
+            weighting=cfg.loss_weighting,
+            micro_batch_tokens=cfg.micro_batch_tokens,
+            pad_id=self.pad_id,
         )
 
     def values(self, episodes: Sequence[Episode], *, bootstrap: bool = False) -> list[list[float]]:
@@ -465,47 +521,26 @@ class Learner:
         gradients; store them with `turnrl.rl.value_head.with_values`."""
         if self.value_head is None:
             raise ValueError("this learner has no value head (LearnerConfig.value_head)")
-        out: list[list[float]] = [[] for _ in episodes]
-        with torch.no_grad():
-            for cpu_batch in self._scoring_batches(episodes):
-                batch = cpu_batch.to(self.device)
-                hidden_B_T_H = decoder_hidden(self.model, batch)
-                positions_B_J = batch.state_positions_B_J
-                if bootstrap:
-                    last_B_1 = (batch.lengths_B - 1)[:, None]
-                    positions_B_J = torch.cat([positions_B_J, last_B_1], dim=1)
-                values_B_J = state_values(self.value_head, hidden_B_T_H, positions_B_J)
-                rows = values_B_J.cpu().tolist()
-                positions = positions_B_J.cpu().tolist()
-                for b, i in enumerate(cpu_batch.episode_index_B.tolist()):
-                    n = len(episodes[i].turns)
-                    cols = [*range(n), len(positions[b]) - 1] if bootstrap else list(range(n))
-                    if any(positions[b][c] < 0 for c in cols):
-                        raise ValueError(
-                            f"episode {episodes[i].episode_id}: a state with no token in it "
-                            "has no value"
-                        )
-                    out[i] = [rows[b][c] for c in cols]
-        return out
+        return measure.episode_values(
+            self.model,
+            self.value_head,
+            episodes,
+            bootstrap=bootstrap,
+            micro_batch_tokens=self.config.micro_batch_tokens,
+            pad_id=self.pad_id,
+        )
 
     def logprobs(self, episodes: Sequence[Episode]) -> list[list[list[float]]]:
         """Score each turn's stored completion ids under the current weights (teacher
         forcing), shaped like `Turn.completion_logprobs`: `[episode][turn][token]`. The
         episodes' own logprobs are ignored. Runs in eval mode without gradients."""
-        out: list[list[list[float]]] = [[] for _ in episodes]
-        with torch.no_grad():
-            for cpu_batch in self._scoring_batches(episodes):
-                batch = cpu_batch.to(self.device)
-                logprobs_B_T, _ = token_logprobs(self.model, batch, self.config.temperature)
-                rows = logprobs_B_T.cpu()
-                for b, i in enumerate(cpu_batch.episode_index_B.tolist()):
-                    flat = rows[b][cpu_batch.loss_mask_B_T[b]].tolist()
-                    per_turn: list[list[float]] = []
-                    for t in episodes[i].turns:
-                        per_turn.append(flat[: len(t.completion_ids)])
-                        flat = flat[len(t.completion_ids) :]
-                    out[i] = per_turn
-        return out
+        return measure.completion_logprobs(
+            self.model,
+            episodes,
+            temperature=self.config.temperature,
+            micro_batch_tokens=self.config.micro_batch_tokens,
+            pad_id=self.pad_id,
+        )
 
     def save_checkpoint(self, directory: str | Path, *, merged: bool = False) -> Path:
         """Write the weights, optimizer state and version under `directory` (layout:
@@ -519,21 +554,25 @@ class Learner:
         learner_checkpoint.load_checkpoint(self, directory)
 
 
-def _without_logprobs(episode: Episode, *, keep_replayed: bool) -> Episode:
-    """`episode` with zeros for its completion logprobs (which scoring and cloning ignore), and
-    without `replayed` marks unless `keep_replayed`."""
-    turns = []
-    for t in episode.turns:
-        update: dict[str, object] = {"completion_logprobs": [0.0] * len(t.completion_ids)}
-        if not keep_replayed:
-            update["replayed"] = False
-        turns.append(t.model_copy(update=update))
-    return episode.model_copy(update={"turns": turns})
-
-
 def _counts(batches: Sequence[TokenBatch], n_episodes: int) -> dict[str, float]:
     return {
         "n_tokens": float(sum(b.n_tokens for b in batches)),
         "n_sequences": float(n_episodes),
         "n_padded_tokens": float(sum(b.n_padded for b in batches)),
     }
+
+
+def _batch_counts(
+    episodes: Sequence[Episode], value_targets: Sequence[Sequence[float | None]] | None
+) -> dict[str, float]:
+    """The whole batch's counts (what `micro_batches` would train), however it is split."""
+    n_tokens = sum(
+        len(t.completion_ids)
+        for e in episodes
+        for t in e.turns
+        if t.advantage is not None and not t.replayed
+    )
+    counts = {"n_tokens": float(n_tokens), "n_sequences": float(len(episodes))}
+    if value_targets is not None:
+        counts["n_value_targets"] = float(sum(v is not None for row in value_targets for v in row))
+    return counts

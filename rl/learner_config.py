@@ -101,6 +101,25 @@ class LearnerConfig(BaseModel):
     weighs the same (long episodes dominate); `"episode"`, every episode with trained tokens
     weighs the same (its tokens share 1 / episodes). Applies to the value loss with turns as
     samples."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes `Learner.step` makes over each rollout batch (PPO's K epochs, arXiv 1707.06347).
+    With 1 pass of 1 minibatch the policy takes a single step from the rollout weights, the
+    ratio is 1 throughout and the clip never engages (the update is the plain policy
+    gradient); more passes reuse the batch and let the clip bound the drift. 1 is what verl
+    (`actor.ppo_epochs: 1`) and OpenRLHF (`--max_epochs 1`) default to."""
+    minibatches: int = Field(1, ge=1)
+    """Minibatches each pass is cut into (whole episodes, shuffled per epoch with a seeded
+    generator; fewer when there are fewer episodes), one optimizer step each. 1 takes one
+    step per pass over the whole batch. verl's defaults take 4 steps per batch
+    (`data.train_batch_size: 1024` prompts over `actor.ppo_mini_batch_size: 256`), OpenRLHF's
+    8 (`--rollout_batch_size 1024` over `--train_batch_size 128`); here 1 keeps one weight
+    update per step of a small on-CPU batch."""
+    target_kl: float | None = Field(None, gt=0)
+    """Early stop: after each optimizer step, the k3 approximate KL(rollout || current) on the
+    updated minibatch (`turnrl.rl.ppo_epochs`); above this, the step's remaining updates are
+    dropped. None never stops (verl and OpenRLHF have no such stop; Stable-Baselines3 and
+    Spinning Up stop at 1.5 x their `target_kl`). Costs one no-gradient forward pass over the
+    minibatch per optimizer step but the last."""
     value_head: ValueHeadConfig | None = None
     """A linear value head on the final hidden state for turn-level critics (GAE); None
     builds none."""

@@ -15,6 +15,12 @@ running batch with a KV cache (continuous batching):
   dropped, and padding columns no row needs any more are trimmed);
 - results return to the caller's loop with `call_soon_threadsafe`.
 
+Prefix cache (on unless `prefix_cache=False`; tree and layouts in `agent/kv_cache.py`): the KV
+of each admitted prompt and each finished row's context (prompt + sampled ids but the last,
+whose KV was never computed) is kept; a request copies the KV of its longest cached prefix and
+prefills only the rest, and a prefix that requests admitted together share is prefilled once
+first. `begin_update`, `set_version` and `close` empty it: no KV outlives its weights.
+
 Logprobs follow `turnrl.agent.policy`: log_softmax(logits / temperature) of the sampled id
 before top-p truncation; temperature 0 (greedy) scores under the raw logits.
 
@@ -43,10 +49,9 @@ from types import TracebackType
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
 
+from turnrl.agent.kv_cache import Hit, PrefixCache, append_rows, prefill, shared_prefixes, take_rows
 from turnrl.agent.model import end_of_turn_id
 from turnrl.agent.policy import Completion, PolicyError, SamplingParams
 from turnrl.agent.sampling import draw, draw_nucleus
@@ -81,6 +86,10 @@ class _Row:
     version: int
     admitted: float
     batch_size: int
+    cached: int
+    """Prompt ids whose KV came from the prefix cache."""
+    weights: int
+    """`HFPolicy._weights` at admission: the row's context is cached only if it still holds."""
     prefill_s: float = 0.0
     prefilled: float = 0.0
     ids: list[int] = field(default_factory=list)
@@ -103,11 +112,15 @@ class HFPolicy:
         end_token_ids: Sequence[int] | None = None,
         seed: int | None = None,
         policy_version: int = 0,
+        prefix_cache: bool = True,
+        prefix_cache_bytes: int = 512 * 2**20,
     ) -> None:
         """`end_token_ids` end every request (kept in the output) on top of its own
         `stop_token_ids`; None means the tokenizer's end-of-turn and end-of-sequence ids, and
         `()` lets rows run to `max_tokens` (benchmarks). `seed` seeds the per-request seeds of
-        requests that bring none."""
+        requests that bring none. `prefix_cache` reuses the KV of earlier prompts and contexts,
+        holding at most `prefix_cache_bytes` of it (512 MiB: ~11,600 ids of SmolLM2-135M in
+        fp32, 46 KB an id; a 16-episode rollout with a 590-id shared prompt needs ~250 MB)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.model = model
@@ -128,7 +141,16 @@ class HFPolicy:
             end_token_ids = sorted(ends)
         self.end_token_ids = frozenset(end_token_ids)
         self.n_prefills = 0
-        """Prefill forward passes run so far (one per admitted group of requests)."""
+        """Prefill forward passes run so far (one per admitted group of requests, and one
+        more when the group's shared prefix is prefilled first)."""
+        self.n_prefill_tokens = 0
+        """Ids run through prefill passes so far (shared prefixes included, padding not)."""
+        self.n_cached_tokens = 0
+        """Prompt ids whose KV was copied from the prefix cache instead of prefilled."""
+        self._prefix = PrefixCache(prefix_cache_bytes) if prefix_cache else None
+        self._weights = 0
+        """Bumped by `set_version`; the worker empties the prefix cache when it moves."""
+        self._prefix_weights = 0
         self.n_decode_steps = 0
         """Batched decode forward passes run so far."""
 
@@ -189,6 +211,8 @@ class HFPolicy:
         """Stamp later completions with `version`. Call only while nothing is generating
         (`begin_update`/`end_update` do it for you)."""
         self.policy_version = version
+        # A new version means new weights: KV cached under the old ones must not be reused.
+        self._weights += 1
 
     async def begin_update(self) -> None:
         """`WeightSync`: wait for the rows in flight to finish (requests submitted meanwhile
@@ -316,6 +340,9 @@ class HFPolicy:
                 self._pause = item
 
     def _hold(self, pause: _Pause) -> None:
+        # The weights may change while held, with or without a new version.
+        if self._prefix is not None:
+            self._prefix.clear()
         _settle(pause.loop, pause.paused, None)
         while not pause.resume.wait(0.1):
             if self._closing.is_set():
@@ -337,23 +364,22 @@ class HFPolicy:
 
     def _prefill(self, group: list[_Request]) -> None:
         start = time.perf_counter()
-        lengths = [len(r.prompt_ids) for r in group]
-        width = max(lengths)
-        ids = [
-            [self._pad_id] * (width - n) + r.prompt_ids for r, n in zip(group, lengths, strict=True)
-        ]
-        mask = [[0] * (width - n) + [1] * n for n in lengths]
-        ids_N_P = torch.tensor(ids, dtype=torch.long, device=self._device)
-        mask_N_P = torch.tensor(mask, dtype=torch.long, device=self._device)
-        pos_N_P = (mask_N_P.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=ids_N_P,
-            attention_mask=mask_N_P,
-            position_ids=pos_N_P,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.n_prefills += 1
+        prompts = [r.prompt_ids for r in group]
+        tree = self._tree()
+        hits = [Hit(0, ())] * len(group)
+        if tree is not None:
+            shared = shared_prefixes(prompts, tree)
+            if shared:
+                cache, _, _ = self._forward(shared, [tree.lookup(p, len(p)) for p in shared])
+                for i, prefix in enumerate(shared):
+                    tree.insert_row(prefix, cache, i)
+            # At least the last id is prefilled: its logits pick the first sampled id.
+            hits = [tree.lookup(p, len(p) - 1) for p in prompts]
+        cache, mask_N_T, logits_N_V = self._forward(prompts, hits)
+        self.n_cached_tokens += sum(h.length for h in hits)
+        if tree is not None:
+            for i, prompt in enumerate(prompts):
+                tree.insert_row(prompt, cache, i)
         batch_size = len(self._rows) + len(group)
         rows = [
             _Row(
@@ -362,19 +388,42 @@ class HFPolicy:
                 version=self.policy_version,
                 admitted=start,
                 batch_size=batch_size,
+                cached=h.length,
+                weights=self._weights,
             )
-            for r in group
+            for r, h in zip(group, hits, strict=True)
         ]
-        tokens_N = self._sample(out.logits[:, -1, :], rows)
+        tokens_N = self._sample(logits_N_V, rows)
         done = time.perf_counter()
         for row in rows:
             row.prefill_s = done - start
             row.prefilled = done
-        self._join(
-            out.past_key_values, mask_N_P, torch.tensor(lengths, device=self._device), tokens_N
-        )
+        pos_N = torch.tensor([len(p) for p in prompts], device=self._device)
+        if self._cache is None or not self._rows:
+            self._cache, self._mask_B_T = cache, mask_N_T
+            self._pos_B, self._last_B = pos_N, tokens_N
+        else:  # into the running batch, the narrower side left-padded
+            self._mask_B_T = append_rows(self._cache, self._mask_B_T, cache, mask_N_T)
+            self._pos_B = torch.cat([self._pos_B, pos_N])
+            self._last_B = torch.cat([self._last_B, tokens_N])
         self._rows.extend(rows)
         self._retire()
+
+    def _forward(
+        self, prompts: list[list[int]], hits: list[Hit]
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        pad, kwarg = self._pad_id, self._cache_kwarg
+        out = prefill(self.model, prompts, hits, self._prefix, pad_id=pad, cache_kwarg=kwarg)
+        self.n_prefills += 1
+        self.n_prefill_tokens += sum(len(p) for p in prompts) - sum(h.length for h in hits)
+        return out
+
+    def _tree(self) -> PrefixCache | None:
+        """The prefix cache, emptied first if the weights changed since it was filled."""
+        if self._prefix is not None and self._prefix_weights != self._weights:
+            self._prefix.clear()
+            self._prefix_weights = self._weights
+        return self._prefix
 
     def _step(self) -> None:
         try:
@@ -451,36 +500,6 @@ class HFPolicy:
             return "length"
         return None
 
-    def _join(
-        self,
-        cache: DynamicCache,
-        mask_N_P: torch.Tensor,
-        pos_N: torch.Tensor,
-        last_N: torch.Tensor,
-    ) -> None:
-        """Merge a freshly prefilled group into the running batch (left-padding the shorter)."""
-        if self._cache is None or not self._rows:
-            self._cache, self._mask_B_T, self._pos_B, self._last_B = cache, mask_N_P, pos_N, last_N
-            return
-        old, new = self._mask_B_T.shape[1], mask_N_P.shape[1]
-        width = max(old, new)
-        pairs = [
-            (_dynamic(mine), _dynamic(theirs))
-            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True)
-        ]
-        for (mine, (my_keys, my_values)), (_, (their_keys, their_values)) in pairs:
-            mine.keys = torch.cat(
-                [_pad_left(my_keys, width - old), _pad_left(their_keys, width - new)]
-            )
-            mine.values = torch.cat(
-                [_pad_left(my_values, width - old), _pad_left(their_values, width - new)]
-            )
-        self._mask_B_T = torch.cat(
-            [F.pad(self._mask_B_T, (width - old, 0)), F.pad(mask_N_P, (width - new, 0))]
-        )
-        self._pos_B = torch.cat([self._pos_B, pos_N])
-        self._last_B = torch.cat([self._last_B, last_N])
-
     def _retire(self) -> None:
         """Deliver finished rows and drop them (and cancelled ones) from the batch."""
         keep: list[int] = []
@@ -492,6 +511,9 @@ class HFPolicy:
                 keep.append(i)
                 continue
             request = row.request
+            tree = self._tree()
+            if tree is not None and row.weights == self._weights and self._cache is not None:
+                tree.insert_row(request.prompt_ids + row.ids[:-1], self._cache, i)
             completion = Completion(
                 token_ids=tuple(row.ids),
                 logprobs=tuple(row.logprobs),
@@ -502,6 +524,7 @@ class HFPolicy:
                     "prefill_s": row.prefill_s,
                     "decode_s": now - row.prefilled,
                     "batch_size": float(row.batch_size),
+                    "cached_ids": float(row.cached),
                 },
             )
             _settle(request.loop, request.future, completion)
@@ -512,14 +535,8 @@ class HFPolicy:
             self._reset_batch()
             return
         index = torch.tensor(keep, device=self._device)
-        mask_B_T = self._mask_B_T[index]
-        # Columns that only finished rows used are padding for everyone left: trim them.
-        first = int(mask_B_T.any(dim=0).long().argmax())
         assert self._cache is not None
-        for layer, (keys, values) in map(_dynamic, self._cache.layers):
-            layer.keys = keys[index, :, first:]
-            layer.values = values[index, :, first:]
-        self._mask_B_T = mask_B_T[:, first:]
+        self._mask_B_T = take_rows(self._cache, self._mask_B_T, index)
         self._pos_B = self._pos_B[index]
         self._last_B = self._last_B[index]
 
@@ -530,6 +547,8 @@ class HFPolicy:
         self._last_B = torch.zeros(0, dtype=torch.long, device=self._device)
 
     def _shutdown(self) -> None:
+        if self._prefix is not None:
+            self._prefix.clear()
         closed = PolicyError("the policy is closed")
         for row in self._rows:
             _fail(row.request, closed)
@@ -548,19 +567,6 @@ class HFPolicy:
             _fail(self._waiting.popleft(), closed)
         if self._pause is not None:
             _settle(self._pause.loop, self._pause.paused, None, PolicyError(*closed.args))
-
-
-def _dynamic(layer: object) -> tuple[DynamicLayer, tuple[torch.Tensor, torch.Tensor]]:
-    """A cache layer with its key and value tensors, shaped [batch, heads, time, head_dim]."""
-    if not isinstance(layer, DynamicLayer):
-        raise TypeError(f"HFPolicy needs a DynamicCache; got a {type(layer).__name__} layer")
-    if layer.keys is None or layer.values is None:
-        raise TypeError("HFPolicy needs every cache layer filled")
-    return layer, (layer.keys, layer.values)
-
-
-def _pad_left(x_B_H_T_D: torch.Tensor, n: int) -> torch.Tensor:
-    return F.pad(x_B_H_T_D, (0, 0, n, 0)) if n else x_B_H_T_D
 
 
 def _fail(request: _Request, exc: BaseException) -> None:

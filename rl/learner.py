@@ -167,13 +167,18 @@ class Learner:
         )
 
     def _reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        share = self.config.share_prefix
         with torch.no_grad():
             if self._reference is not None:
-                lp, _ = token_logprobs(self._reference, batch, self.config.temperature)
+                lp, _ = token_logprobs(
+                    self._reference, batch, self.config.temperature, share_prefix=share
+                )
                 return lp
             assert self.peft_model is not None
             with self.peft_model.disable_adapter():
-                lp, _ = token_logprobs(self.model, batch, self.config.temperature)
+                lp, _ = token_logprobs(
+                    self.model, batch, self.config.temperature, share_prefix=share
+                )
                 return lp
 
     def accumulate_gradients(
@@ -227,7 +232,7 @@ class Learner:
                 return None
             batch = cpu_batch.to(self.device)
             with torch.set_grad_enabled(train_policy or value_reaches_trunk):
-                hidden_B_T_H = decoder_hidden(self.model, batch)
+                hidden_B_T_H = decoder_hidden(self.model, batch, share_prefix=cfg.share_prefix)
             loss = torch.zeros((), device=self.device)
             metrics: Metrics = {}
             if train_policy:
@@ -276,7 +281,9 @@ class Learner:
             if cpu_batch.n_tokens == 0:
                 return None
             batch = cpu_batch.to(self.device)
-            logprobs_B_T, _ = token_logprobs(self.model, batch, cfg.temperature)
+            logprobs_B_T, _ = token_logprobs(
+                self.model, batch, cfg.temperature, share_prefix=cfg.share_prefix
+            )
             weights_B_T = None
             if cfg.loss_weighting != "token":
                 weights_B_T = sample_weights(
@@ -510,6 +517,7 @@ class Learner:
             weighting=cfg.loss_weighting,
             micro_batch_tokens=cfg.micro_batch_tokens,
             pad_id=self.pad_id,
+            share_prefix=cfg.share_prefix,
         )
 
     def values(self, episodes: Sequence[Episode], *, bootstrap: bool = False) -> list[list[float]]:
@@ -528,6 +536,7 @@ class Learner:
             bootstrap=bootstrap,
             micro_batch_tokens=self.config.micro_batch_tokens,
             pad_id=self.pad_id,
+            share_prefix=self.config.share_prefix,
         )
 
     def logprobs(self, episodes: Sequence[Episode]) -> list[list[list[float]]]:
@@ -540,6 +549,7 @@ class Learner:
             temperature=self.config.temperature,
             micro_batch_tokens=self.config.micro_batch_tokens,
             pad_id=self.pad_id,
+            share_prefix=self.config.share_prefix,
         )
 
     def save_checkpoint(self, directory: str | Path, *, merged: bool = False) -> Path:

@@ -94,6 +94,12 @@ class LearnerConfig(BaseModel):
     (greedy rollouts are scored under the raw logits: use 1.0 for them)."""
     micro_batch_tokens: int = Field(4096, ge=1)
     """Padded-token budget (rows x longest row) of one forward/backward micro-batch."""
+    share_prefix: bool = True
+    """Run the prefix that all rows of a micro-batch share (the common prompt) through the
+    decoder once and the rows' suffixes on its broadcast KV cache, in the learner's forward
+    passes, `Learner.logprobs`, `Learner.values` and the KL stop's measurement
+    (`turnrl.rl.logprobs`). Same results to float rounding; False runs every row in full
+    (for comparison, or for a model whose attention cannot take the cache)."""
     adaptation: LoraConfig | FullConfig = Field(default_factory=FullConfig, discriminator="kind")
     """What is trained: LoRA adapters or every weight."""
     loss_weighting: LossWeighting = "token"

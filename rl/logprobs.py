@@ -3,25 +3,106 @@ every trained token (the learner's and the reference model's view of a `TokenBat
 
 Logprob convention (the sampler's): log_softmax(logits / temperature) at the position before
 each token, in float32, before any top-p truncation.
+
+Shared prefix: the episodes of a batch usually start with the same prompt (system prompt,
+tool schemas, task: ~560 tokens in the demo), and a group's rollouts share it whole. With
+`share_prefix`, the longest prefix that *every* row of the micro-batch shares (found from the
+ids, never assumed) goes through the decoder once, at batch size 1, with a KV cache; its keys
+and values are broadcast over the rows with `expand` (a view: no copy), and the rows' suffixes
+run on top of them. Each row sees exactly the context of a plain forward pass (same ids, same
+positions, causal), so hidden states, logprobs and gradients are the plain ones up to float
+rounding; backward through `expand` sums the rows' gradients into the one prefix computation,
+which stays in the graph when gradients are on. The prefix's hidden states are broadcast the
+same way, so callers still get `hidden_B_T_H` for every position (a trained token or a value
+read inside the prefix is served too). It needs a decoder whose attention takes a dynamic KV
+cache with causal masking over it (sdpa or eager attention, no sliding window); other models,
+single rows and prefixes under `MIN_SHARED_PREFIX` take the plain pass.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from turnrl.rl.batch import TokenBatch
 from turnrl.rl.losses import entropy_from_logprobs
 
+MIN_SHARED_PREFIX = 16
+"""Shortest common prefix worth a separate pass (below it the saving is a few token-rows)."""
 
-def decoder_hidden(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
+_SHAREABLE_ATTENTION = ("sdpa", "eager")
+
+
+def shared_prefix_length(input_ids_B_T: torch.Tensor, lengths_B: torch.Tensor) -> int:
+    """Length of the longest prefix of real tokens that every row shares, capped so that each
+    row keeps at least one token after it; 0 for fewer than two rows."""
+    if input_ids_B_T.shape[0] < 2:
+        return 0
+    limit = int(lengths_B.min()) - 1
+    if limit <= 0:
+        return 0
+    same_T = (input_ids_B_T[:, :limit] == input_ids_B_T[:1, :limit]).all(dim=0)
+    differ = (~same_T).nonzero()
+    return int(differ[0, 0]) if differ.numel() else limit
+
+
+def supports_prefix_sharing(model: PreTrainedModel) -> bool:
+    """Whether `model`'s decoder can run suffixes on a broadcast prefix KV (module docstring)."""
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    return impl in _SHAREABLE_ATTENTION and getattr(config, "sliding_window", None) is None
+
+
+def decoder_hidden(
+    model: PreTrainedModel, batch: TokenBatch, *, share_prefix: bool = False
+) -> torch.Tensor:
     """The decoder's final hidden states (after its last norm) for every position of
-    `batch`: `hidden_B_T_H`, what the LM head and the value head read."""
+    `batch`: `hidden_B_T_H`, what the LM head and the value head read. `share_prefix` runs
+    the rows' common prefix once (module docstring); the result is the same."""
+    input_ids_B_T = batch.input_ids_B_T
+    decoder = model.get_decoder()
+    n_prefix = shared_prefix_length(input_ids_B_T, batch.lengths_B) if share_prefix else 0
+    if n_prefix >= MIN_SHARED_PREFIX and supports_prefix_sharing(model):
+        shared = _hidden_on_shared_prefix(decoder, model, input_ids_B_T, n_prefix)
+        if shared is not None:
+            return shared
     # No attention mask: rows are right-padded, so causal attention never lets a real token
     # see a pad, and the mask-free call keeps the fused causal attention kernel.
-    decoder = model.get_decoder()
-    hidden: torch.Tensor = decoder(input_ids=batch.input_ids_B_T, use_cache=False).last_hidden_state
+    hidden: torch.Tensor = decoder(input_ids=input_ids_B_T, use_cache=False).last_hidden_state
     return hidden
+
+
+def _hidden_on_shared_prefix(
+    decoder: torch.nn.Module,
+    model: PreTrainedModel,
+    input_ids_B_T: torch.Tensor,
+    n_prefix: int,
+) -> torch.Tensor | None:
+    """`hidden_B_T_H` from one pass over `input_ids_B_T[0, :n_prefix]` and one over the rows'
+    suffixes on its broadcast KV; None when the cache does not expose its layers' tensors."""
+    n_rows = input_ids_B_T.shape[0]
+    cache_kw = (
+        "cache" if "cache" in inspect.signature(decoder.forward).parameters else ("past_key_values")
+    )
+    cache = DynamicCache(config=model.config)
+    prefix_1_P_H: torch.Tensor = decoder(
+        input_ids=input_ids_B_T[:1, :n_prefix], use_cache=True, **{cache_kw: cache}
+    ).last_hidden_state
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+        return None
+    for layer in layers:
+        # Views with stride 0 over the rows: the suffix pass concatenates its own keys and
+        # values after them, and backward sums the rows' gradients into the prefix's.
+        layer.keys = layer.keys.expand(n_rows, -1, -1, -1)
+        layer.values = layer.values.expand(n_rows, -1, -1, -1)
+    # Positions continue from the cache's length; the causal mask covers prefix + suffix.
+    suffix_B_S_H: torch.Tensor = decoder(
+        input_ids=input_ids_B_T[:, n_prefix:], use_cache=True, **{cache_kw: cache}
+    ).last_hidden_state
+    return torch.cat([prefix_1_P_H.expand(n_rows, -1, -1), suffix_B_S_H], dim=1)
 
 
 def token_logprobs(
@@ -32,6 +113,7 @@ def token_logprobs(
     select_before_head: bool = True,
     with_entropy: bool = False,
     hidden_B_T_H: torch.Tensor | None = None,
+    share_prefix: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob of every trained token under `model`, token-aligned like `batch`.
 
@@ -39,7 +121,8 @@ def token_logprobs(
     input_ids[b, :t]) in float32 where `loss_mask_B_T` is True, else 0; `entropy_N` (detached,
     or None) is the entropy of the predicted distribution at each trained token, in mask order.
     `hidden_B_T_H` reuses `decoder_hidden(model, batch)` already computed (the value head
-    reads the same pass); it needs `select_before_head`.
+    reads the same pass); it needs `select_before_head`. `share_prefix` computes the hidden
+    states with `decoder_hidden`'s shared prefix.
     """
     input_ids_B_T = batch.input_ids_B_T
     # The logits at t - 1 predict token t: pair positions [:, :-1] with targets [:, 1:].
@@ -49,7 +132,7 @@ def token_logprobs(
         raise ValueError("hidden_B_T_H is only used with select_before_head=True")
     if select_before_head:
         if hidden_B_T_H is None:
-            hidden_B_T_H = decoder_hidden(model, batch)
+            hidden_B_T_H = decoder_hidden(model, batch, share_prefix=share_prefix)
         head = model.get_output_embeddings()
         logits_N_V = head(hidden_B_T_H[:, :-1][target_mask_B_T1])
     else:

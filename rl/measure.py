@@ -1,7 +1,8 @@
 """No-gradient passes over stored episodes under the current weights: each completion token's
 logprob (teacher forcing), the value head's V(s_j), and the approximate KL to the rollout
 policy that `LearnerConfig.target_kl` stops on. They read the stored ids in the learner's
-micro-batches (`turnrl.rl.batch`), never re-tokenized."""
+micro-batches (`turnrl.rl.batch`), never re-tokenized; `share_prefix` runs each
+micro-batch's common prefix once (`turnrl.rl.logprobs`)."""
 
 from __future__ import annotations
 
@@ -54,13 +55,16 @@ def completion_logprobs(
     temperature: float,
     micro_batch_tokens: int,
     pad_id: int,
+    share_prefix: bool = False,
 ) -> list[list[list[float]]]:
     """Each turn's stored completion ids scored under `model`: `[episode][turn][token]`."""
     device = _device(model)
     out: list[list[list[float]]] = [[] for _ in episodes]
     with torch.no_grad():
         for cpu_batch in scoring_batches(episodes, micro_batch_tokens, pad_id):
-            logprobs_B_T, _ = token_logprobs(model, cpu_batch.to(device), temperature)
+            logprobs_B_T, _ = token_logprobs(
+                model, cpu_batch.to(device), temperature, share_prefix=share_prefix
+            )
             rows = logprobs_B_T.cpu()
             for b, i in enumerate(cpu_batch.episode_index_B.tolist()):
                 flat = rows[b][cpu_batch.loss_mask_B_T[b]].tolist()
@@ -80,6 +84,7 @@ def episode_values(
     bootstrap: bool,
     micro_batch_tokens: int,
     pad_id: int,
+    share_prefix: bool = False,
 ) -> list[list[float]]:
     """V(s_j) of every turn, `[episode][turn]`, plus V(s_T) after the last turn with
     `bootstrap` (`Learner.values`)."""
@@ -88,7 +93,7 @@ def episode_values(
     with torch.no_grad():
         for cpu_batch in scoring_batches(episodes, micro_batch_tokens, pad_id):
             batch = cpu_batch.to(device)
-            hidden_B_T_H = decoder_hidden(model, batch)
+            hidden_B_T_H = decoder_hidden(model, batch, share_prefix=share_prefix)
             positions_B_J = batch.state_positions_B_J
             if bootstrap:
                 last_B_1 = (batch.lengths_B - 1)[:, None]
@@ -116,6 +121,7 @@ def rollout_kl(
     weighting: LossWeighting,
     micro_batch_tokens: int,
     pad_id: int,
+    share_prefix: bool = False,
 ) -> float:
     """Approximate KL(pi_rollout || pi_theta) on `episodes`' trained tokens under `model`: k3
     from the stored rollout logprobs, weighted like the loss (the `approx_kl` of
@@ -133,7 +139,7 @@ def rollout_kl(
             if cpu_batch.n_tokens == 0:
                 continue
             batch = cpu_batch.to(device)
-            logprobs_B_T, _ = token_logprobs(model, batch, temperature)
+            logprobs_B_T, _ = token_logprobs(model, batch, temperature, share_prefix=share_prefix)
             weights_B_T = None
             if weighting != "token":
                 weights_B_T = sample_weights(batch.loss_mask_B_T, weighting, n_tokens, n_rows)

@@ -13,8 +13,21 @@ Questions are generated from `tasks.factbook` facts with fixed templates:
 
 Each item's `meta` holds `hops` (1 or 2), `template`, `entities` (the Factbook codes the
 question involves), `answer_entity` (the code whose fact is the answer), `bridge` (the
-two-hop intermediate entity's name, else None) and `evidence_query` (the answer entity's name
-and relation: a query that retrieves the gold passage, for analysis and tests).
+two-hop intermediate entity's name, else None), `evidence_query` (the answer entity's name
+and relation: a query that retrieves the gold passage, for analysis and tests), and for two
+hops `clue_query` (a query made of the question's own words that finds the bridge: "capital
+Vaduz", "borders France Spain") and `clue_names` (what the question names as the clue: the
+countries bordered, or the capital or highest point).
+
+The oracle (`oracle_turns`) plays a trajectory worth cloning: every query is built from what
+the agent has seen, and its answer is read from a result. One hop: the fact search
+(`evidence_query`), then the answer. Two hops: the clue search first, whose result names the
+bridge (and, where it can, shows why: the bridge's border list naming both countries, its
+capital field stating the capital); then the fact search for that name; then the answer. It
+plans by running the suite's own search tool, which is deterministic, so the episode's
+observations are exactly the results it read; of its candidate queries (and `k`s) it plays
+the first whose result shows what it needs. Its answer is the gold alias the fact search
+showed (the first gold answer when none did: `turnrl.sft.answer_supported` flags those).
 
 Every question the templates allow is generated, in id order; ids name the template and
 entities (`border_capital:an+po`), so they are stable across seeds and processes. The split is
@@ -28,8 +41,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -87,8 +101,11 @@ def _item(
     template: str | None = None,
     entities: Sequence[str] = (),
     bridge: Country | None = None,
+    clue_query: str | None = None,
+    clue_names: Sequence[str] = (),
 ) -> TaskItem | None:
-    """A question whose answer is `answer_entity`'s `relation`; None when that is unknown."""
+    """A question whose answer is `answer_entity`'s `relation`; None when that is unknown.
+    Two hops (`bridge`) give the clue search: `clue_query` and the `clue_names` in it."""
     answers = RELATIONS[relation].of(answer_entity)
     if answers is None:
         return None
@@ -103,6 +120,8 @@ def _item(
             "answer_entity": answer_entity.code,
             "bridge": None if bridge is None else bridge.name,
             "evidence_query": f"{answer_entity.name} {RELATIONS[relation].evidence}",
+            "clue_query": clue_query,
+            "clue_names": list(clue_names),
         },
     )
 
@@ -140,17 +159,20 @@ def generate_questions(countries: Mapping[str, Country]) -> list[TaskItem]:
             value = (RELATIONS[clue].of(c) or ("",))[0]
             if _gives_away(c.name, value):
                 continue
+            named = RELATIONS[clue].phrase.removeprefix("the ")
             for relation in ("capital", "highest_point", "official_language"):
                 if relation != clue:
                     candidates.append(
                         _item(
                             f"{clue}_{relation}:{c.code}",
                             f"What is {RELATIONS[relation].phrase} of the country whose "
-                            f"{RELATIONS[clue].phrase.removeprefix('the ')} is {value}?",
+                            f"{named} is {value}?",
                             relation,
                             c,
                             template=f"{clue}_{relation}",
                             bridge=c,
+                            clue_query=f"{named} {value}",
+                            clue_names=[value],
                         )
                     )
     candidates.extend(_border_questions(countries))
@@ -164,14 +186,17 @@ def _border_questions(countries: Mapping[str, Country]) -> Iterator[TaskItem | N
     for code in sorted(countries):
         if len(neighbours[code]) == 1:
             (z,) = (countries[n] for n in neighbours[code])
+            x = countries[code].name
             yield _item(
                 f"only_neighbor_capital:{code}",
-                f"What is the capital of the only country that borders {countries[code].name}?",
+                f"What is the capital of the only country that borders {x}?",
                 "capital",
                 z,
                 template="only_neighbor_capital",
                 entities=[code, z.code],
                 bridge=z,
+                clue_query=f"borders {x}",
+                clue_names=[x],
             )
     for a, b in combinations(sorted(countries), 2):
         common = neighbours[a] & neighbours[b]
@@ -186,6 +211,8 @@ def _border_questions(countries: Mapping[str, Country]) -> Iterator[TaskItem | N
                 template="border_capital",
                 entities=[a, b, z.code],
                 bridge=z,
+                clue_query=f"borders {x} {y}",
+                clue_names=[x, y],
             )
 
 
@@ -244,6 +271,64 @@ def _draw(
     return chosen
 
 
+_ORACLE_KS = (None, 2, 1, 5, 8)
+"""The oracle's `k`s for each query, in order of preference (None: the tool's default)."""
+_HEADER = re.compile(r"^\[\d+\] (.*)$", re.MULTILINE)
+
+
+def _has(text: str, name: str) -> bool:
+    """`name` occurs in `text` as whole words, after normalisation."""
+    needle = normalize_answer(name)
+    return bool(needle) and f" {needle} " in f" {normalize_answer(text)} "
+
+
+def _blocks(result: str) -> list[tuple[str, str]]:
+    """(title, text) of each numbered passage of a search result."""
+    heads = list(_HEADER.finditer(result))
+    ends = [h.start() for h in heads[1:]] + [len(result)]
+    return [(h.group(1), result[h.end() : end]) for h, end in zip(heads, ends, strict=True)]
+
+
+def _shows_bridge(result: str, bridge: str, clue_names: Sequence[str]) -> bool:
+    """The result shows why `bridge` answers the clue: a passage of the bridge whose text
+    names every clue (its border list, its capital or highest point), or, for every clue
+    country, a passage of it naming the bridge (their border lists)."""
+    blocks = _blocks(result)
+    own = any(
+        title.startswith(f"{bridge} — ") and all(_has(text, n) for n in clue_names)
+        for title, text in blocks
+    )
+    return own or all(
+        any(title.startswith(f"{n} — ") and _has(text, bridge) for title, text in blocks)
+        for n in clue_names
+    )
+
+
+def _first_search(
+    tool: SearchTool, query: str, wants: Sequence[Callable[[str], bool]]
+) -> tuple[str, str]:
+    """The call of `query` and its result, for the first `k` (`_ORACLE_KS`) whose result
+    satisfies the first of `wants` that any `k` satisfies (the default `k` when none does)."""
+    results: dict[int | None, tuple[str, str]] = {}
+
+    def result(k: int | None) -> tuple[str, str]:
+        if k not in results:
+            args: dict[str, object] = {"query": query} if k is None else {"query": query, "k": k}
+            parsed = tool.spec.args_model.model_validate(args)
+            assert isinstance(parsed, SearchArgs)
+            text = tool.run(parsed).text
+            call = json.dumps({"name": "search", "arguments": args})
+            results[k] = (f"<tool_call>{call}</tool_call>", text)
+        return results[k]
+
+    for want in wants:
+        for k in _ORACLE_KS:
+            call, text = result(k)
+            if want(text):
+                return call, text
+    return result(_ORACLE_KS[0])
+
+
 class SearchQA(BaseSuite):
     """The Search QA task suite (see the module docstring); its config is
     `tasks.search_qa_config.SearchQAConfig`."""
@@ -282,6 +367,7 @@ class SearchQA(BaseSuite):
         self._encode = encode
         self._index = index
         self._few_shot: list[tuple[str, str]] | None = None
+        self._oracle: dict[str, list[str]] = {}
         self._search_k = search_k
         self._result_tokens = result_tokens
         pool = generate_questions(countries if countries is not None else load_countries())
@@ -342,7 +428,32 @@ class SearchQA(BaseSuite):
         return score_answer(answer, item.answers)
 
     def oracle_turns(self, item: TaskItem) -> list[str]:
-        """The search that retrieves the gold passage (its result unread), then the answer."""
-        query = str(item.meta["evidence_query"])
-        call = json.dumps({"name": "search", "arguments": {"query": query}})
-        return [f"<tool_call>{call}</tool_call>", f"<answer>{item.answers[0]}</answer>"]
+        """The clue search (two hops), the fact search, the answer the results showed (module
+        docstring); planned once per item with the suite's own search tool."""
+        turns = self._oracle.get(item.id)
+        if turns is None:
+            turns = self._oracle[item.id] = self._plan(item)
+        return list(turns)
+
+    def _plan(self, item: TaskItem) -> list[str]:
+        tool = self.tools()[0]
+        assert isinstance(tool, SearchTool)
+        turns: list[str] = []
+        bridge = item.meta["bridge"]
+        if bridge is not None:
+            names = [str(n) for n in item.meta["clue_names"]]
+            clue, _ = _first_search(
+                tool,
+                str(item.meta["clue_query"]),
+                [lambda text: _shows_bridge(text, bridge, names), lambda text: _has(text, bridge)],
+            )
+            turns.append(clue)
+        # Two hops: `evidence_query` names the bridge as its passages' titles do, which is how
+        # the clue's result showed it.
+        fact, seen = _first_search(
+            tool,
+            str(item.meta["evidence_query"]),
+            [lambda text: any(_has(text, a) for a in item.answers)],
+        )
+        answer = next((a for a in item.answers if _has(seen, a)), item.answers[0])
+        return [*turns, fact, f"<answer>{answer}</answer>"]

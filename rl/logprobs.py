@@ -25,6 +25,7 @@ import inspect
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from turnrl.rl.batch import TokenBatch
 from turnrl.rl.losses import entropy_from_logprobs
@@ -61,39 +62,53 @@ def decoder_hidden(
     """The decoder's final hidden states (after its last norm) for every position of
     `batch`: `hidden_B_T_H`, what the LM head and the value head read. `share_prefix` runs
     the rows' common prefix once (module docstring); the result is the same."""
-    input_ids_B_T = batch.input_ids_B_T
+    return context_hidden(model, batch.input_ids_B_T, batch.lengths_B, share_prefix=share_prefix)
+
+
+def context_hidden(
+    model: PreTrainedModel,
+    input_ids_B_T: torch.Tensor,
+    lengths_B: torch.Tensor,
+    *,
+    share_prefix: bool = True,
+    cache: DynamicCache | None = None,
+) -> torch.Tensor:
+    """`hidden_B_T_H` of right-padded rows (`lengths_B` real tokens each), their common
+    prefix run once with `share_prefix`. With `cache` (an empty `DynamicCache` built from the
+    model's config), the pass also leaves every row's keys and values in it, for a later
+    pass that attends to the rows (as `turnrl.rl.info_gain`'s cached gold probabilities do)."""
     decoder = model.get_decoder()
-    n_prefix = shared_prefix_length(input_ids_B_T, batch.lengths_B) if share_prefix else 0
+    cache_kw = (
+        "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    )
+    n_prefix = shared_prefix_length(input_ids_B_T, lengths_B) if share_prefix else 0
     if n_prefix >= MIN_SHARED_PREFIX and supports_prefix_sharing(model):
-        shared = _hidden_on_shared_prefix(decoder, model, input_ids_B_T, n_prefix)
-        if shared is not None:
-            return shared
+        kv = DynamicCache(config=model.config) if cache is None else cache
+        if all(isinstance(layer, DynamicLayer) for layer in kv.layers) and kv.layers:
+            return _on_shared_prefix(decoder, cache_kw, input_ids_B_T, n_prefix, kv)
     # No attention mask: rows are right-padded, so causal attention never lets a real token
     # see a pad, and the mask-free call keeps the fused causal attention kernel.
-    hidden: torch.Tensor = decoder(input_ids=input_ids_B_T, use_cache=False).last_hidden_state
+    kw: dict[str, object] = {"use_cache": False} if cache is None else {"use_cache": True}
+    if cache is not None:
+        kw[cache_kw] = cache
+    hidden: torch.Tensor = decoder(input_ids=input_ids_B_T, **kw).last_hidden_state
     return hidden
 
 
-def _hidden_on_shared_prefix(
+def _on_shared_prefix(
     decoder: torch.nn.Module,
-    model: PreTrainedModel,
+    cache_kw: str,
     input_ids_B_T: torch.Tensor,
     n_prefix: int,
-) -> torch.Tensor | None:
-    """`hidden_B_T_H` from one pass over `input_ids_B_T[0, :n_prefix]` and one over the rows'
-    suffixes on its broadcast KV; None when the cache does not expose its layers' tensors."""
+    cache: DynamicCache,
+) -> torch.Tensor:
+    """One pass over `input_ids_B_T[0, :n_prefix]` into `cache`, its keys and values
+    broadcast over the rows, then one pass over the rows' suffixes on top of them."""
     n_rows = input_ids_B_T.shape[0]
-    cache_kw = (
-        "cache" if "cache" in inspect.signature(decoder.forward).parameters else ("past_key_values")
-    )
-    cache = DynamicCache(config=model.config)
     prefix_1_P_H: torch.Tensor = decoder(
         input_ids=input_ids_B_T[:1, :n_prefix], use_cache=True, **{cache_kw: cache}
     ).last_hidden_state
-    layers = getattr(cache, "layers", None)
-    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
-        return None
-    for layer in layers:
+    for layer in cache.layers:
         # Views with stride 0 over the rows: the suffix pass concatenates its own keys and
         # values after them, and backward sums the rows' gradients into the prefix's.
         layer.keys = layer.keys.expand(n_rows, -1, -1, -1)

@@ -9,13 +9,18 @@ import pytest
 import torch
 from fakes import with_advantages
 from test_learner import VOCAB, make_episode, tiny_model, with_model_logprobs
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from turnrl.agent.records import Episode
 from turnrl.rl.batch import build_token_batch
 from turnrl.rl.learner import Learner
 from turnrl.rl.learner_config import FullConfig, LearnerConfig, LoraConfig, ValueHeadConfig
-from turnrl.rl.logprobs import MIN_SHARED_PREFIX, decoder_hidden, shared_prefix_length
+from turnrl.rl.logprobs import (
+    MIN_SHARED_PREFIX,
+    context_hidden,
+    decoder_hidden,
+    shared_prefix_length,
+)
 
 PROMPT = 40
 
@@ -159,3 +164,25 @@ def test_logprobs_and_values_equal_the_unshared_pass() -> None:
     # And the stored rollout logprobs (one plain forward per episode) are what both score.
     stored = [x for e in episodes for t in e.turns for x in t.completion_logprobs]
     assert flat == pytest.approx(stored, abs=1e-5)
+
+
+def test_a_filled_cache_holds_the_plain_keys_and_values() -> None:
+    """For a later pass that attends to the rows (cached gold probabilities): the cache the
+    shared pass leaves equals the plain pass's, row by row."""
+    model = perturbed()
+    episodes = shared_prompt_batch(model)
+    batch = build_token_batch(episodes, [[1.0] * len(e.turns) for e in episodes])
+    caches = []
+    with torch.no_grad():
+        for share in (True, False):
+            cache = DynamicCache(config=model.config)
+            context_hidden(
+                model, batch.input_ids_B_T, batch.lengths_B, share_prefix=share, cache=cache
+            )
+            caches.append(cache)
+    shared, plain = caches
+    for a, b in zip(shared.layers, plain.layers, strict=True):
+        assert a.keys is not None and b.keys is not None
+        assert a.keys.shape == b.keys.shape
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-5)

@@ -109,6 +109,8 @@ def _on_shared_prefix(
         input_ids=input_ids_B_T[:1, :n_prefix], use_cache=True, **{cache_kw: cache}
     ).last_hidden_state
     for layer in cache.layers:
+        assert isinstance(layer, DynamicLayer)
+        assert layer.keys is not None and layer.values is not None
         # Views with stride 0 over the rows: the suffix pass concatenates its own keys and
         # values after them, and backward sums the rows' gradients into the prefix's.
         layer.keys = layer.keys.expand(n_rows, -1, -1, -1)

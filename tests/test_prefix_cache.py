@@ -13,7 +13,14 @@ import torch
 from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from turnrl.agent.hf_policy import HFPolicy
-from turnrl.agent.kv_cache import MIN_SHARED_IDS, Hit, PrefixCache, prefill, shared_prefixes
+from turnrl.agent.kv_cache import (
+    MIN_SHARED_IDS,
+    Hit,
+    PrefixCache,
+    SpareLayer,
+    prefill,
+    shared_prefixes,
+)
 from turnrl.agent.model import load_model, tiny_model_dir
 from turnrl.agent.policy import Completion, SamplingParams
 
@@ -287,7 +294,7 @@ def test_tree_matches_inside_runs_splits_and_copies() -> None:
     hit = tree.lookup([1, 2, 3, 7, 8, 9], 6)
     assert hit.length == 5
     # Columns 0-2 from the first entry (0, 1, 2), 3-4 from the second (13, 14).
-    batch = tree.gather([hit, tree.lookup([1, 2], 2), Hit(0, ())], 5, _config())
+    batch = tree.gather([hit, tree.lookup([1, 2], 2), Hit(0, ())], 5, 2, _config())
     assert batch.layers[0].keys[:, 0, :, 0].tolist() == [
         [0.0, 1.0, 2.0, 13.0, 14.0],
         [0.0, 0.0, 0.0, 0.0, 1.0],
@@ -325,3 +332,17 @@ def test_shared_prefixes_keeps_the_longest_worth_prefilling() -> None:
 
 def _config() -> LlamaConfig:
     return LlamaConfig(num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1)
+
+
+def test_spare_layer_appends_in_place_and_adopts_replaced_tensors() -> None:
+    keys = torch.zeros(2, 1, 3, 4)
+    layer = SpareLayer.of(keys, keys.clone(), 3)
+    step = torch.ones(2, 1, 1, 4)
+    first, _ = layer.update(step, step)  # no room yet: moved into a buffer with room
+    assert first.shape[2] == 4
+    second, _ = layer.update(2 * step, 2 * step)
+    assert second.data_ptr() == first.data_ptr()  # appended in place
+    assert second[:, 0, :, 0].tolist() == [[0.0, 0.0, 0.0, 1.0, 2.0]] * 2
+    layer.keys = layer.values = second[[1]]  # a merge or a dropped row puts new tensors in
+    third, _ = layer.update(step[:1], step[:1])
+    assert third[:, 0, :, 0].tolist() == [[0.0, 0.0, 0.0, 1.0, 2.0, 1.0]]

@@ -33,6 +33,10 @@ from turnrl.rl.losses import entropy_from_logprobs
 MIN_SHARED_PREFIX = 16
 """Shortest common prefix worth a separate pass (below it the saving is a few token-rows)."""
 
+HEAD_CHUNK_ROWS = 1024
+"""Trained positions projected to the vocabulary at a time (a 49152-word vocabulary in float32:
+~200 MB of logits per chunk)."""
+
 _SHAREABLE_ATTENTION = ("sdpa", "eager")
 
 
@@ -131,6 +135,7 @@ def token_logprobs(
     with_entropy: bool = False,
     hidden_B_T_H: torch.Tensor | None = None,
     share_prefix: bool = False,
+    chunk_rows: int = HEAD_CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob of every trained token under `model`, token-aligned like `batch`.
 
@@ -139,7 +144,8 @@ def token_logprobs(
     or None) is the entropy of the predicted distribution at each trained token, in mask order.
     `hidden_B_T_H` reuses `decoder_hidden(model, batch)` already computed (the value head
     reads the same pass); it needs `select_before_head`. `share_prefix` computes the hidden
-    states with `decoder_hidden`'s shared prefix.
+    states with `decoder_hidden`'s shared prefix. The trained positions go through the head
+    and the softmax `chunk_rows` at a time (the result does not depend on it).
     """
     input_ids_B_T = batch.input_ids_B_T
     # The logits at t - 1 predict token t: pair positions [:, :-1] with targets [:, 1:].
@@ -151,19 +157,31 @@ def token_logprobs(
         if hidden_B_T_H is None:
             hidden_B_T_H = decoder_hidden(model, batch, share_prefix=share_prefix)
         head = model.get_output_embeddings()
-        logits_N_V = head(hidden_B_T_H[:, :-1][target_mask_B_T1])
+        rows_N_X = hidden_B_T_H[:, :-1][target_mask_B_T1]
     else:
-        logits_B_T_V = model(input_ids=input_ids_B_T, use_cache=False).logits
-        logits_N_V = logits_B_T_V[:, :-1][target_mask_B_T1]
-    logits_N_V = logits_N_V.float()
-    if temperature != 1.0:
-        logits_N_V = logits_N_V / temperature
-    logprobs_N_V = torch.log_softmax(logits_N_V, dim=-1)
-    logprobs_N = logprobs_N_V.gather(-1, targets_N[:, None]).squeeze(-1)
-    entropy_N = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy_N = entropy_from_logprobs(logprobs_N_V)
-    zeros_B_T1 = logprobs_N.new_zeros(target_mask_B_T1.shape)
+        head = None
+        rows_N_X = model(input_ids=input_ids_B_T, use_cache=False).logits[:, :-1][target_mask_B_T1]
+    # Row chunks bound the vocab-sized temporaries (logits, softmax, entropy terms) to one
+    # chunk's; log_softmax keeps its output for backward either way.
+    logprob_parts: list[torch.Tensor] = []
+    entropy_parts: list[torch.Tensor] = []
+    for start in range(0, rows_N_X.shape[0], chunk_rows):
+        rows_C_X = rows_N_X[start : start + chunk_rows]
+        logits_C_V = (rows_C_X if head is None else head(rows_C_X)).float()
+        if temperature != 1.0:
+            logits_C_V = logits_C_V / temperature
+        logprobs_C_V = torch.log_softmax(logits_C_V, dim=-1)
+        del logits_C_V
+        targets_C = targets_N[start : start + chunk_rows, None]
+        logprob_parts.append(logprobs_C_V.gather(-1, targets_C).squeeze(-1))
+        if with_entropy:
+            with torch.no_grad():
+                entropy_parts.append(entropy_from_logprobs(logprobs_C_V))
+    zeros_B_T1 = torch.zeros(target_mask_B_T1.shape, device=input_ids_B_T.device)
+    if not logprob_parts:
+        empty = zeros_B_T1.new_zeros(0)
+        return torch.nn.functional.pad(zeros_B_T1, (1, 0)), empty if with_entropy else None
+    logprobs_N = torch.cat(logprob_parts)
+    entropy_N = torch.cat(entropy_parts) if with_entropy else None
     logprobs_B_T1 = zeros_B_T1.masked_scatter(target_mask_B_T1, logprobs_N)
     return torch.nn.functional.pad(logprobs_B_T1, (1, 0)), entropy_N

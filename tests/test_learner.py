@@ -204,6 +204,25 @@ def test_head_selection_and_temperature_match_plain_path() -> None:
     assert not fast[~mask].any()
 
 
+def test_head_chunks_do_not_change_logprobs_entropy_or_gradients() -> None:
+    model = tiny_model()
+    batch = build_token_batch(two_episodes(model), ADV)
+    out = []
+    for chunk_rows in (3, 1024):
+        model.zero_grad(set_to_none=True)
+        lp, entropy = token_logprobs(model, batch, 0.7, with_entropy=True, chunk_rows=chunk_rows)
+        lp.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        out.append((lp.detach(), entropy, grads))
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = out
+    assert ent_a is not None and ent_b is not None and ent_a.shape == (20,)
+    # Equal up to the matmul's float rounding (other blockings of the same rows).
+    torch.testing.assert_close(lp_a, lp_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent_a, ent_b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_a, g_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_learner_feeds_the_model_exactly_the_episode_ids() -> None:
     learner = make_learner(FullConfig(), lr=1e-3, micro_batch_tokens=30)
     episodes = two_episodes(learner.model)

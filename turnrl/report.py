@@ -17,7 +17,7 @@ from typing import Any
 from rich.table import Table
 
 from turnrl.agent.records import Episode
-from turnrl.stats import mean_interval, wilson_interval
+from turnrl.stats import mean_interval, paired_rates, rate_estimate, separated, wilson_interval
 
 MAX_TOOL_KEYS = 24
 """Per-tool call counts are reported only when the episodes called at most this many names."""
@@ -205,3 +205,27 @@ def _paired_change(base: Sequence[Episode], other: Sequence[Episode], key: str) 
     low, high = mean_interval(diffs)
     clear = "*" if low > 0 or high < 0 else ""
     return f"{fmean(diffs):+.3f} [{low:+.3f}, {high:+.3f}]{clear}"
+
+
+def success_tests(columns: Mapping[str, Sequence[Episode]]) -> list[str]:
+    """One line per later column against the first: success before and after with Wilson
+    intervals, whether the intervals separate, and McNemar's exact test on the items both
+    evaluated with one greedy episode each (the paired test sees what separate intervals
+    miss: the same items, solved or not, by both)."""
+    names = list(columns)
+    lines = []
+    first = {e.task_id: _per_episode(e, "success") for e in columns[names[0]]}
+    base = rate_estimate(round(sum(first.values())), len(first))
+    for name in names[1:]:
+        mine = {e.task_id: _per_episode(e, "success") for e in columns[name]}
+        shared = [k for k in first if k in mine]
+        other = rate_estimate(round(sum(mine.values())), len(mine))
+        paired = paired_rates([first[k] for k in shared], [mine[k] for k in shared])
+        lines.append(
+            f"{name} vs {names[0]}: success {base} -> {other}; intervals "
+            f"{'separate' if separated(base, other) else 'overlap'}; paired change "
+            f"{paired.change.format(signed=True)} on {len(shared)} items (solved only by "
+            f"{names[0]}: {paired.only_before}, only by {name}: {paired.only_after}; "
+            f"McNemar p = {paired.p_value:.2g})"
+        )
+    return lines

@@ -53,6 +53,7 @@ from turnrl.report import (
     comparison_table,
     curves_table,
     rate_cell,
+    success_tests,
     summarize,
     with_intervals,
     write_eval,
@@ -484,8 +485,8 @@ def run_train(
             console.print(f"training curves: {plot}")
     if with_eval:
         columns = {"base": "eval-before", "warm start": "eval-warm", "after RL": "eval-after"}
-        console.print(
-            comparison_table({k: evaluations[v] for k, v in columns.items() if v in evaluations})
+        _print_comparison(
+            console, {k: evaluations[v] for k, v in columns.items() if v in evaluations}
         )
     console.print(
         "stages: " + "  ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + "\n"
@@ -519,9 +520,19 @@ def run_sft(
         evaluations = dict(s.evaluations)
     if with_eval:
         columns = {"base": "eval-before", "warm start": "eval-warm"}
-        console.print(comparison_table({k: evaluations[v] for k, v in columns.items()}))
+        _print_comparison(console, {k: evaluations[v] for k, v in columns.items()})
     console.print(f"checkpoint in {config.run_dir / 'checkpoints' / 'warm_start'}")
     return out
+
+
+def _print_comparison(console: Console, columns: dict[str, list[Episode]]) -> None:
+    console.print(comparison_table(columns))
+    for line in success_tests(columns):
+        console.print(line)
+    if "after RL" in columns and "warm start" in columns:
+        rl = {"warm start": columns["warm start"], "after RL": columns["after RL"]}
+        for line in success_tests(rl):
+            console.print(line)
 
 
 def _clock() -> Callable[[], float]:

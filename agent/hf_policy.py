@@ -51,7 +51,7 @@ from typing import Any, Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from turnrl.agent.kv_cache import Hit, PrefixCache, append_rows, prefill, shared_prefixes, take_rows
+from turnrl.agent import kv_cache
 from turnrl.agent.model import end_of_turn_id
 from turnrl.agent.policy import Completion, PolicyError, SamplingParams
 from turnrl.agent.sampling import draw, draw_nucleus
@@ -89,7 +89,7 @@ class _Row:
     cached: int
     """Prompt ids whose KV came from the prefix cache."""
     weights: int
-    """`HFPolicy._weights` at admission: the row's context is cached only if it still holds."""
+    """`HFPolicy._weights` at admission: the row's context is cached only while it holds."""
     prefill_s: float = 0.0
     prefilled: float = 0.0
     ids: list[int] = field(default_factory=list)
@@ -118,9 +118,9 @@ class HFPolicy:
         """`end_token_ids` end every request (kept in the output) on top of its own
         `stop_token_ids`; None means the tokenizer's end-of-turn and end-of-sequence ids, and
         `()` lets rows run to `max_tokens` (benchmarks). `seed` seeds the per-request seeds of
-        requests that bring none. `prefix_cache` reuses the KV of earlier prompts and contexts,
-        holding at most `prefix_cache_bytes` of it (512 MiB: ~11,600 ids of SmolLM2-135M in
-        fp32, 46 KB an id; a 16-episode rollout with a 590-id shared prompt needs ~250 MB)."""
+        requests that bring none. `prefix_cache` reuses the KV of earlier prompts and contexts
+        (`prefix_cache_bytes` of it at most: 512 MiB holds ~11,600 ids of SmolLM2-135M in fp32,
+        46 KB an id; 16 episodes x 3 turns on a 590-id shared prompt use ~250 MB)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.model = model
@@ -147,7 +147,8 @@ class HFPolicy:
         """Ids run through prefill passes so far (shared prefixes included, padding not)."""
         self.n_cached_tokens = 0
         """Prompt ids whose KV was copied from the prefix cache instead of prefilled."""
-        self._prefix = PrefixCache(prefix_cache_bytes) if prefix_cache else None
+        cache_on = prefix_cache and kv_cache.plain_layers(model.config)  # no sliding windows
+        self._prefix = kv_cache.PrefixCache(prefix_cache_bytes) if cache_on else None
         self._weights = 0
         """Bumped by `set_version`; the worker empties the prefix cache when it moves."""
         self._prefix_weights = 0
@@ -340,9 +341,7 @@ class HFPolicy:
                 self._pause = item
 
     def _hold(self, pause: _Pause) -> None:
-        # The weights may change while held, with or without a new version.
-        if self._prefix is not None:
-            self._prefix.clear()
+        self._weights += 1  # the weights may change while held, with or without a new version
         _settle(pause.loop, pause.paused, None)
         while not pause.resume.wait(0.1):
             if self._closing.is_set():
@@ -366,9 +365,9 @@ class HFPolicy:
         start = time.perf_counter()
         prompts = [r.prompt_ids for r in group]
         tree = self._tree()
-        hits = [Hit(0, ())] * len(group)
+        hits = [kv_cache.Hit(0, ())] * len(group)
         if tree is not None:
-            shared = shared_prefixes(prompts, tree)
+            shared = kv_cache.shared_prefixes(prompts, tree)
             if shared:
                 cache, _, _ = self._forward(shared, [tree.lookup(p, len(p)) for p in shared])
                 for i, prefix in enumerate(shared):
@@ -403,22 +402,22 @@ class HFPolicy:
             self._cache, self._mask_B_T = cache, mask_N_T
             self._pos_B, self._last_B = pos_N, tokens_N
         else:  # into the running batch, the narrower side left-padded
-            self._mask_B_T = append_rows(self._cache, self._mask_B_T, cache, mask_N_T)
+            self._mask_B_T = kv_cache.append_rows(self._cache, self._mask_B_T, cache, mask_N_T)
             self._pos_B = torch.cat([self._pos_B, pos_N])
             self._last_B = torch.cat([self._last_B, tokens_N])
         self._rows.extend(rows)
         self._retire()
 
     def _forward(
-        self, prompts: list[list[int]], hits: list[Hit]
+        self, prompts: list[list[int]], hits: list[kv_cache.Hit]
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        pad, kwarg = self._pad_id, self._cache_kwarg
-        out = prefill(self.model, prompts, hits, self._prefix, pad_id=pad, cache_kwarg=kwarg)
+        tree, pad, kwarg = self._prefix, self._pad_id, self._cache_kwarg
+        out = kv_cache.prefill(self.model, prompts, hits, tree, pad_id=pad, cache_kwarg=kwarg)
         self.n_prefills += 1
         self.n_prefill_tokens += sum(len(p) for p in prompts) - sum(h.length for h in hits)
         return out
 
-    def _tree(self) -> PrefixCache | None:
+    def _tree(self) -> kv_cache.PrefixCache | None:
         """The prefix cache, emptied first if the weights changed since it was filled."""
         if self._prefix is not None and self._prefix_weights != self._weights:
             self._prefix.clear()
@@ -536,7 +535,7 @@ class HFPolicy:
             return
         index = torch.tensor(keep, device=self._device)
         assert self._cache is not None
-        self._mask_B_T = take_rows(self._cache, self._mask_B_T, index)
+        self._mask_B_T = kv_cache.take_rows(self._cache, self._mask_B_T, index)
         self._pos_B = self._pos_B[index]
         self._last_B = self._last_B[index]
 

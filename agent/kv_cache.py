@@ -23,7 +23,7 @@ padding mask; each row's ids are right-aligned (left padding) and carry explicit
 left-padded to the longest prefix, each suffix left-padded to the longest suffix, so a row may
 have masked columns *between* its prefix and its suffix (transformers builds its 4-D mask
 from the 2-D one elementwise, holes included, for SDPA and eager alike: see
-tests/test_prefix_cache.py). `compact` then right-aligns every row again, so the running batch
+tests/test_prefix_cache.py); `prefill` then right-aligns such rows again, so the running batch
 never has holes; `append_rows` and `take_rows` merge and shrink it. Its layers are
 `SpareLayer`s, which append each decode step in place into spare columns.
 """
@@ -136,13 +136,16 @@ class PrefixCache:
         self, hits: Sequence[Hit], width: int, spare: int, config: PretrainedConfig
     ) -> DynamicCache:
         """A batch cache holding each hit's KV left-padded with zero columns to `width`, with
-        room for `spare` more columns."""
+        room for `spare` more columns (`SpareLayer`s)."""
         first = next(h.path[0][0] for h in hits if h.path)
         shape = (len(hits), first.keys[0].shape[0], width + spare, first.keys[0].shape[2])
-        keys = [k.new_zeros(shape) for k in first.keys]
-        values = [v.new_zeros(shape) for v in first.values]
+        keys = [k.new_empty(shape) for k in first.keys]
+        values = [v.new_empty(shape) for v in first.values]
         for i, hit in enumerate(hits):
             at = width - hit.length
+            if at:  # masked, but never garbage: 0 x NaN would still be NaN
+                for out in keys + values:
+                    out[i, :, :at] = 0
             for node, n in hit.path:
                 for out, part in zip(keys + values, node.keys + node.values, strict=True):
                     out[i, :, at : at + n] = part[:, :n]
@@ -252,45 +255,65 @@ def prefill(
     pos = [[0] * (suffix_w - s) + list(range(c, c + s)) for _, c, s in rows]
     mask = [[0] * (prefix_w - c) + [1] * c + [0] * (suffix_w - s) + [1] * s for _, c, s in rows]
     mask_N_W = torch.tensor(mask, dtype=torch.long, device=device)
-    past: dict[str, DynamicCache] = {}
     if prefix_w:
         assert tree is not None
-        past[cache_kwarg] = tree.gather(hits, prefix_w, suffix_w, model.config)
+        # Room for the suffix (which the forward pass appends in place) and then for decoding.
+        extra = suffix_w + room(prefix_w + suffix_w)
+        past = tree.gather(hits, prefix_w, extra, model.config)
+    else:
+        past = spare_cache(model.config)
     out = model(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
         attention_mask=mask_N_W,
         position_ids=torch.tensor(pos, dtype=torch.long, device=device),
         use_cache=True,
         logits_to_keep=1,
-        **past,
+        **{cache_kwarg: past},
     )
     # The output field follows the argument's name (`cache` from transformers 5.24).
     cache: DynamicCache = getattr(out, cache_kwarg)
-    if prefix_w:
-        mask_N_W = compact(cache, mask_N_W)
-    # Sliding-window layers (a subclass) crop as they append: they stay as they are.
-    cache.layers = [
-        SpareLayer.of(keys, values, keys.shape[2])
-        if type(layer) in (DynamicLayer, SpareLayer)
-        else layer
-        for layer, (keys, values) in map(dynamic_layer, cache.layers)
-    ]
+    if any(c and s < suffix_w for _, c, s in rows):
+        mask_N_W = _compact(cache, cached, suffix)
     return cache, mask_N_W, out.logits[:, -1, :]
 
 
-def compact(cache: DynamicCache, mask_N_W: torch.Tensor) -> torch.Tensor:
-    """Right-align each row's unmasked columns in `cache` (dropping the padding between a
-    cached prefix and its suffix, and columns no row needs); returns the new `[N, T]` mask."""
-    lengths_N = mask_N_W.sum(dim=1)
-    width = int(lengths_N.max())
-    # A stable sort of the 0/1 mask lists each row's padding columns, then its own in order.
-    order_N_T = torch.sort(mask_N_W, dim=1, stable=True).indices[:, -width:]
-    for layer, (keys, values) in map(dynamic_layer, cache.layers):
-        index = order_N_T[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
-        layer.keys = keys.gather(2, index)
-        layer.values = values.gather(2, index)
-    columns = torch.arange(width, device=mask_N_W.device)
+def _compact(cache: DynamicCache, cached: list[int], suffix: list[int]) -> torch.Tensor:
+    """Right-align each row of a cache `prefill` filled: its cached prefix moves up against its
+    suffix, over the padding between them. Returns the new `[N, T]` mask."""
+    prefix_w, suffix_w = max(cached), max(suffix)
+    lengths = [c + s for c, s in zip(cached, suffix, strict=True)]
+    width = max(lengths)
+    for index, (_, (keys, values)) in enumerate(map(dynamic_layer, cache.layers)):
+        shape = (*keys.shape[:2], width + room(width), keys.shape[3])
+        buffers = (keys.new_empty(shape), values.new_empty(shape))
+        for out, old in zip(buffers, (keys, values), strict=True):
+            for i, (c, s) in enumerate(zip(cached, suffix, strict=True)):
+                out[i, :, : width - c - s] = 0
+                out[i, :, width - c - s : width - s] = old[i, :, prefix_w - c : prefix_w]
+                out[i, :, width - s : width] = old[i, :, prefix_w + suffix_w - s :]
+        cache.layers[index] = SpareLayer.of(*buffers, width)
+    columns = torch.arange(width, device=keys.device)
+    lengths_N = torch.tensor(lengths, device=keys.device)
     return (columns >= width - lengths_N[:, None]).long()
+
+
+def room(n: int) -> int:
+    """Spare columns to allocate past `n`: growing with the cache, so that copies get rarer as
+    rows grow."""
+    return max(64, n // 4)
+
+
+def plain_layers(config: PretrainedConfig) -> bool:
+    """Whether every cache layer of the model is a plain `DynamicLayer`. Sliding-window layers
+    drop old columns as they append, so they hold no whole prefix to cache."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+
+
+def spare_cache(config: PretrainedConfig) -> DynamicCache:
+    """An empty cache whose plain layers are `SpareLayer`s."""
+    cache = DynamicCache(config=config)
+    cache.layers = [SpareLayer() if type(lay) is DynamicLayer else lay for lay in cache.layers]
+    return cache
 
 
 class SpareLayer(DynamicLayer):
@@ -298,7 +321,7 @@ class SpareLayer(DynamicLayer):
     the whole cache at each decode step: a copy of every row's KV per sampled id, which for 16
     rows of 800 ids of SmolLM2-135M (590 MB) took ~0.5 s here, longer than the forward pass.
     Whoever replaces `keys` and `values` (merging, dropping rows) hands the layer tensors with
-    no spare room; the next append then moves them into a buffer with room to grow."""
+    no room; the next append then moves them into a buffer with `room` to grow."""
 
     _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
     """Key and value storage whose first columns are `keys` and `values`."""
@@ -315,17 +338,17 @@ class SpareLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.keys, self.values
-        if not self.is_initialized or keys is None or values is None or keys.numel() == 0:
-            return super().update(key_states, value_states, *args, **kwargs)
-        n, add = keys.shape[2], key_states.shape[2]
-        buffers = self._buffers
-        if buffers is None or not _heads(keys, buffers[0]) or buffers[0].shape[2] < n + add:
-            # Room grows with the cache, so copies get rarer as rows get longer.
-            shape = (*keys.shape[:2], n + add + max(64, n // 4), keys.shape[3])
-            buffers = (keys.new_empty(shape), values.new_empty(shape))
-            buffers[0][:, :, :n] = keys
-            buffers[1][:, :, :n] = values
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values, buffers = self.keys, self.values, self._buffers
+        n = keys.shape[2] if keys is not None and keys.dim() == 4 else 0
+        add = key_states.shape[2]
+        if not (n and buffers and _heads(keys, buffers[0]) and buffers[0].shape[2] >= n + add):
+            shape = (*key_states.shape[:2], n + add + room(n + add), key_states.shape[3])
+            buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if n and keys is not None and values is not None:
+                buffers[0][:, :, :n] = keys
+                buffers[1][:, :, :n] = values
             self._buffers = buffers
         buffers[0][:, :, n : n + add] = key_states
         buffers[1][:, :, n : n + add] = value_states
@@ -333,10 +356,11 @@ class SpareLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _heads(view: torch.Tensor, buffer: torch.Tensor) -> bool:
+def _heads(view: torch.Tensor | None, buffer: torch.Tensor) -> bool:
     """Whether `view` is the first columns of `buffer` (not a tensor put in its place)."""
     return (
-        view.data_ptr() == buffer.data_ptr()
+        view is not None
+        and view.data_ptr() == buffer.data_ptr()
         and view.stride() == buffer.stride()
         and view.shape[:2] == buffer.shape[:2]
     )

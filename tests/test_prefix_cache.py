@@ -122,6 +122,8 @@ def test_multi_turn_rollout_equals_no_cache(
     cached, policy = rollout(tiny_model, tokenizer, params)
     plain, reference = rollout(tiny_model, tokenizer, params, prefix_cache=False)
     assert_same(cached, plain)
+    # Late episodes joined a batch that was decoding.
+    assert any(turns[0][1].metrics["batch_size"] > 1 for turns in cached[N_EPISODES // 2 :])
     prompt_ids = sum(len(p) for turns in plain for p, _ in turns)
     assert reference.n_prefill_tokens == prompt_ids and reference.n_cached_tokens == 0
     assert policy.n_prefill_tokens + policy.n_cached_tokens >= prompt_ids
@@ -262,7 +264,7 @@ def test_masked_columns_between_prefix_and_suffix_are_ignored(attention: str) ->
         for i, prompt in enumerate(prompts):
             alone = model(input_ids=torch.tensor([prompt]), use_cache=True)
             torch.testing.assert_close(logits[i], alone.logits[0, -1], atol=1e-4, rtol=0)
-            # After `compact` the row's KV is its own, right-aligned and unpadded.
+            # Afterwards the row's KV is its own, right-aligned and unpadded.
             n = len(prompt)
             assert mask[i].tolist() == [0] * (mask.shape[1] - n) + [1] * n
             for mine, ref in zip(cache.layers, getattr(alone, name).layers, strict=True):

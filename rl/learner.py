@@ -46,7 +46,8 @@ Design:
   and optimizer, with the weighted NLL of the trained tokens (`turnrl.rl.losses.sft_loss`)
   for loss; each turn's `advantage` is its weight.
 - Checkpoints: `turnrl.rl.learner_checkpoint`; no-gradient scoring passes (`logprobs`,
-  `values`, the KL stop's measurement): `turnrl.rl.measure`.
+  `values`, the KL stop's measurement): `turnrl.rl.measure`; giving freed CPU memory back
+  between steps (`LearnerConfig.release_memory`): `turnrl.rl.memory`.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ import torch
 from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode
-from turnrl.rl import learner_checkpoint, measure
+from turnrl.rl import learner_checkpoint, measure, memory
 from turnrl.rl.batch import TokenBatch, micro_batches
 from turnrl.rl.learner_config import LearnerConfig, LoraConfig
 from turnrl.rl.logprobs import decoder_hidden, token_logprobs
@@ -139,6 +140,9 @@ class Learner:
         if not self.trainable_parameters:
             raise ValueError("the model has no trainable parameters")
         self.device = self.trainable_parameters[0].device
+        self._release_memory = config.release_memory and self.device.type == "cpu"
+        if self._release_memory:
+            memory.serve_large_blocks_by_mmap()
         self.value_head: ValueHead | None = None
         """The value head (`config.value_head`), outside `model`; None without one."""
         groups: list[dict[str, Any]] = [{"params": self.trainable_parameters}]
@@ -458,6 +462,8 @@ class Learner:
         if policy_updated:
             self.version += 1
         scalars = merge_scalars(schedule, _batch_counts(episodes, value_targets), cfg.ppo_epochs)
+        if self._release_memory:
+            memory.release_free_memory()
         scalars["seconds"] = time.perf_counter() - start
         return StepResult(
             skipped=not steps, policy_updated=policy_updated, version=self.version, scalars=scalars
@@ -486,6 +492,8 @@ class Learner:
         result = self._apply(self.accumulate_sft_gradients(episodes), value=False)
         if result.policy_updated:
             self.version += 1
+        if self._release_memory:
+            memory.release_free_memory()
         scalars = {**result.scalars, "seconds": time.perf_counter() - start}
         return dataclasses.replace(result, version=self.version, scalars=scalars)
 

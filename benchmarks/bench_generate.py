@@ -278,7 +278,7 @@ if __name__ == "__main__":
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     if args.multiturn is None:
-        args.multiturn = [64, 8, 16, 4, 2] if args.quick else [590, 30, 60, 48, 3]
+        args.multiturn = [48, 8, 8, 4, 2] if args.quick else [590, 30, 60, 48, 3]
     if args.multiturn_repeats is None:
         args.multiturn_repeats = 1 if args.quick else 2
     print(json.dumps(asyncio.run(main(args))))

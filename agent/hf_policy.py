@@ -150,7 +150,7 @@ class HFPolicy:
         cache_on = prefix_cache and kv_cache.plain_layers(model.config)  # no sliding windows
         self._prefix = kv_cache.PrefixCache(prefix_cache_bytes) if cache_on else None
         self._weights = 0
-        """Bumped by `set_version`; the worker empties the prefix cache when it moves."""
+        """Bumped by `set_version` and update holds; the prefix cache empties when it moves."""
         self._prefix_weights = 0
         self.n_decode_steps = 0
         """Batched decode forward passes run so far."""

@@ -3,9 +3,10 @@ answers `ask`, and the oracle policy.
 
 The oracle plays each item's gold solution (`TaskSuite.oracle_turns`) through the real
 pipeline: function calls, device-API sessions, a walk through a house, or the suite's tool
-first (the search that finds the evidence, the Python that runs the reference solution against
-the tests), its response unread, then the gold answer. An oracle that does not score 100%
-points at a broken tool, sandbox, parser or grader.
+first (the searches that find the evidence, planned by the suite on its own deterministic
+search, two-hop questions clue first; the Python that runs the reference solution against the
+tests), then the gold answer. An oracle that does not score 100% points at a broken tool,
+sandbox, parser or grader.
 """
 
 from __future__ import annotations

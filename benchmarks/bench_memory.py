@@ -7,10 +7,10 @@ step run in `asyncio.to_thread`, so they land on the default executor's worker t
 `turnrl.loop.train_step`). RSS (`VmRSS`) is read after every step; the figure is the growth
 from step 1 (optimizer state and allocator pools already in place) to step N. Target: RSS_N /
 RSS_1 <= 1.10. `--malloc release` (default) is the learner's allocator hygiene
-(`LearnerConfig.release_memory`: 1 MiB mmap threshold, `malloc_trim` after each step);
-`--malloc none` turns it off, to compare (it must then run in a process of its own: the mmap
-threshold is process-wide and sticky). The model is the embedded SmolLM2-135M when converted (random
-weights with its dimensions otherwise; `--quick` takes a tiny random model then).
+(`LearnerConfig.release_memory`: a 1 MiB mmap threshold inside the learner's passes and
+`malloc_trim` after each, `turnrl.rl.memory`); `--malloc none` turns it off, to compare.
+The model is the embedded SmolLM2-135M when converted (random weights with its dimensions
+otherwise; `--quick` takes a tiny random model then).
 """
 
 from __future__ import annotations

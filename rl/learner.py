@@ -141,8 +141,6 @@ class Learner:
             raise ValueError("the model has no trainable parameters")
         self.device = self.trainable_parameters[0].device
         self._release_memory = config.release_memory and self.device.type == "cpu"
-        if self._release_memory:
-            memory.serve_large_blocks_by_mmap()
         self.value_head: ValueHead | None = None
         """The value head (`config.value_head`), outside `model`; None without one."""
         groups: list[dict[str, Any]] = [{"params": self.trainable_parameters}]
@@ -446,15 +444,16 @@ class Learner:
             return Update(result.skipped, result.policy_updated, dict(result.scalars))
 
         try:
-            schedule = run_epochs(
-                len(episodes),
-                cfg.ppo_epochs,
-                cfg.minibatches,
-                seed=self.version,
-                update=update,
-                target_kl=cfg.target_kl,
-                kl_after=lambda part: self._rollout_kl(subset(part)),
-            )
+            with memory.returned_to_system(self._release_memory):
+                schedule = run_epochs(
+                    len(episodes),
+                    cfg.ppo_epochs,
+                    cfg.minibatches,
+                    seed=self.version,
+                    update=update,
+                    target_kl=cfg.target_kl,
+                    kl_after=lambda part: self._rollout_kl(subset(part)),
+                )
         finally:
             self.optimizer.zero_grad(set_to_none=True)
         steps = [u for u in schedule.updates if not u.skipped]
@@ -462,8 +461,6 @@ class Learner:
         if policy_updated:
             self.version += 1
         scalars = merge_scalars(schedule, _batch_counts(episodes, value_targets), cfg.ppo_epochs)
-        if self._release_memory:
-            memory.release_free_memory()
         scalars["seconds"] = time.perf_counter() - start
         return StepResult(
             skipped=not steps, policy_updated=policy_updated, version=self.version, scalars=scalars
@@ -489,11 +486,10 @@ class Learner:
         with no trained token, or only zero weights, is skipped like `step`'s.
         """
         start = time.perf_counter()
-        result = self._apply(self.accumulate_sft_gradients(episodes), value=False)
+        with memory.returned_to_system(self._release_memory):
+            result = self._apply(self.accumulate_sft_gradients(episodes), value=False)
         if result.policy_updated:
             self.version += 1
-        if self._release_memory:
-            memory.release_free_memory()
         scalars = {**result.scalars, "seconds": time.perf_counter() - start}
         return dataclasses.replace(result, version=self.version, scalars=scalars)
 
@@ -537,28 +533,30 @@ class Learner:
         gradients; store them with `turnrl.rl.value_head.with_values`."""
         if self.value_head is None:
             raise ValueError("this learner has no value head (LearnerConfig.value_head)")
-        return measure.episode_values(
-            self.model,
-            self.value_head,
-            episodes,
-            bootstrap=bootstrap,
-            micro_batch_tokens=self.config.micro_batch_tokens,
-            pad_id=self.pad_id,
-            share_prefix=self.config.share_prefix,
-        )
+        with memory.returned_to_system(self._release_memory):
+            return measure.episode_values(
+                self.model,
+                self.value_head,
+                episodes,
+                bootstrap=bootstrap,
+                micro_batch_tokens=self.config.micro_batch_tokens,
+                pad_id=self.pad_id,
+                share_prefix=self.config.share_prefix,
+            )
 
     def logprobs(self, episodes: Sequence[Episode]) -> list[list[list[float]]]:
         """Score each turn's stored completion ids under the current weights (teacher
         forcing), shaped like `Turn.completion_logprobs`: `[episode][turn][token]`. The
         episodes' own logprobs are ignored. Runs in eval mode without gradients."""
-        return measure.completion_logprobs(
-            self.model,
-            episodes,
-            temperature=self.config.temperature,
-            micro_batch_tokens=self.config.micro_batch_tokens,
-            pad_id=self.pad_id,
-            share_prefix=self.config.share_prefix,
-        )
+        with memory.returned_to_system(self._release_memory):
+            return measure.completion_logprobs(
+                self.model,
+                episodes,
+                temperature=self.config.temperature,
+                micro_batch_tokens=self.config.micro_batch_tokens,
+                pad_id=self.pad_id,
+                share_prefix=self.config.share_prefix,
+            )
 
     def save_checkpoint(self, directory: str | Path, *, merged: bool = False) -> Path:
         """Write the weights, optimizer state and version under `directory` (layout:

@@ -101,11 +101,12 @@ class LearnerConfig(BaseModel):
     (`turnrl.rl.logprobs`). Same results to float rounding; False runs every row in full
     (for comparison, or for a model whose attention cannot take the cache)."""
     release_memory: bool = True
-    """On CPU, keep the process's resident memory at what is live between steps (glibc only,
-    `turnrl.rl.memory`): at construction, blocks of 1 MiB or more are served by their own
-    mappings (process-wide), and after each `step`/`sft_step` the allocator's free memory is
-    returned to the system. Without it, RSS grew step after step with the varying batch
-    shapes (benchmarks/bench_memory.py). False leaves the allocator alone."""
+    """On CPU, keep the process's resident memory at what is live between learner passes
+    (glibc only, `turnrl.rl.memory.returned_to_system`): inside `step`, `sft_step`, `logprobs`
+    and `values`, blocks of 1 MiB or more are served by their own mappings, and on the way out
+    the allocator's free memory is returned to the system. Without it RSS grew step after
+    step with the varying batch shapes (benchmarks/bench_memory.py). False leaves the
+    allocator alone."""
     adaptation: LoraConfig | FullConfig = Field(default_factory=FullConfig, discriminator="kind")
     """What is trained: LoRA adapters or every weight."""
     loss_weighting: LossWeighting = "token"

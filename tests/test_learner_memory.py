@@ -27,21 +27,25 @@ def rss_mb() -> float:
     raise AssertionError("no VmRSS")
 
 
-@glibc
-def test_blocks_freed_in_a_worker_thread_leave_resident_memory() -> None:
-    """400 MB of 4 MB tensors, allocated and freed in another thread (as the loop runs the
-    learner), do not stay resident."""
-    assert memory.serve_large_blocks_by_mmap()
-    before = rss_mb()
+def _churn() -> None:
+    """~400 MB of 4 MB and 64 KB blocks, allocated and freed in another thread (the loop runs
+    the learner in worker threads)."""
 
     def work() -> None:
         blocks = [torch.ones(1 << 20) for _ in range(100)]
-        assert sum(b.numel() for b in blocks) == 100 << 20
+        small = [torch.ones(1 << 14) for _ in range(1000)]
+        assert sum(b.numel() for b in blocks + small) == (100 << 20) + (1000 << 14)
 
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
-    memory.release_free_memory()
+
+
+@glibc
+def test_blocks_freed_in_a_learner_pass_leave_resident_memory() -> None:
+    before = rss_mb()
+    with memory.returned_to_system():
+        _churn()
     assert rss_mb() - before < 100
 
 

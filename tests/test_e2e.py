@@ -111,6 +111,10 @@ def test_embedded_model_takes_a_real_step(tmp_path: Path) -> None:
             "train.group_size": 4,
             "budget.max_new_tokens": 48,
             "learner.lr": 1.0e-5,
+            # RL alone, one optimizer step per learner step: the version counts learner steps
+            # and the first step's ratio is exactly the rollout's.
+            "warm_start": None,
+            "learner.minibatches": 1,
         },
     )
     out = run_train(cfg, Console(width=120, record=True), with_eval=False)

@@ -9,6 +9,12 @@ backward`, with no optimizer step. Ratio = learner seconds per step / raw second
 compute). Episodes are multi-turn: a prompt, then turns of sampled tokens and observations, so
 about half the tokens are trained. Also reported: the learner with the LM head applied to every
 position (`select_before_head=False`) and a LoRA step.
+
+Shared prefix: a demo-like batch (16 episodes behind one ~564-token prompt, ~200 tokens of
+turns each, as `turnrl train` on the search demo sees) is stepped with
+`LearnerConfig.share_prefix` on and off on the same learner, alternating; the JSON line's
+`share_prefix_speedup` is unshared seconds / shared seconds (both losses are printed: they
+agree to float rounding).
 """
 
 from __future__ import annotations
@@ -104,6 +110,44 @@ def make_episodes(n: int, length: int, seed: int) -> list[Episode]:
     return episodes
 
 
+def demo_episodes(n: int, prompt: int, turns: int, seed: int) -> list[Episode]:
+    """`n` episodes that all start with the same `prompt` ids, then about `turns` tokens
+    (+-20%) of turns: ~60% sampled, the rest observations; advantages +-1."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(3, 49152, (prompt,), generator=g).tolist()
+    episodes = []
+    for i in range(n):
+        budget = int(turns * (0.8 + 0.4 * float(torch.rand((), generator=g))))
+        out: list[Turn] = []
+        while budget > 0:
+            n_c = min(budget, int(torch.randint(20, 60, (), generator=g)))
+            n_o = min(budget - n_c, int(torch.randint(10, 40, (), generator=g)))
+            ids = torch.randint(3, 49152, (n_c + n_o,), generator=g).tolist()
+            out.append(
+                Turn(
+                    index=len(out),
+                    prompt_ids=shared if not out else [],
+                    completion_ids=ids[:n_c],
+                    completion_logprobs=(-2.0 - torch.rand(n_c, generator=g)).tolist(),
+                    observation_ids=ids[n_c:],
+                    text="",
+                    finish_reason="stop",
+                    advantage=1.0 if i % 2 else -1.0,
+                )
+            )
+            budget -= n_c + n_o
+        episodes.append(
+            Episode(
+                episode_id=f"demo{i}",
+                task_id="bench",
+                group_id=str(i // 8),
+                turns=out,
+                stop_reason=StopReason.ANSWERED,
+            )
+        )
+    return episodes
+
+
 def raw_fwd_bwd(model: transformers.PreTrainedModel, batches: list[TokenBatch]) -> None:
     """The floor: full logits, log_softmax, gather, masked mean, backward; no optimizer."""
     model.train()
@@ -140,10 +184,20 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA step")
+    parser.add_argument("--demo-episodes", type=int, default=16)
+    parser.add_argument("--demo-prompt", type=int, default=564)
+    parser.add_argument("--demo-turns", type=int, default=200)
+    parser.add_argument(
+        "--demo-micro-batch-tokens",
+        type=int,
+        default=4096,
+        help="budget of the shared-prefix comparison (rows per micro-batch = budget / length)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.episodes, args.length, args.reps, args.micro_batch_tokens = 2, 128, 2, 2048
         args.no_lora = True
+        args.demo_episodes, args.demo_prompt, args.demo_turns = 4, 96, 48
 
     model, model_name = load(args.model)
     episodes = make_episodes(args.episodes, args.length, seed=0)
@@ -182,6 +236,30 @@ def main() -> None:
     ratio = step_s / raw_s
     print(f"raw forward+backward: {raw_s:.3f} s; learner step: {step_s:.3f} s; ratio {ratio:.3f}")
 
+    # Shared prefix on and off, the same learner (lr 1e-7: its steps barely move the weights).
+    demo = demo_episodes(args.demo_episodes, args.demo_prompt, args.demo_turns, seed=1)
+    demo_config = config.model_copy(update={"micro_batch_tokens": args.demo_micro_batch_tokens})
+    on = demo_config.model_copy(update={"share_prefix": True})
+    off = demo_config.model_copy(update={"share_prefix": False})
+    losses: dict[bool, float] = {}
+
+    def demo_step(cfg: LearnerConfig) -> None:
+        learner.config = cfg
+        losses[cfg.share_prefix] = learner.step(demo).scalars["loss"]
+
+    demo_step(on)
+    demo_step(off)
+    warm = dict(losses)  # consecutive steps on (nearly) the same weights
+    shared_s, plain_s = timed([lambda: demo_step(on), lambda: demo_step(off)], args.reps)
+    speedup = plain_s / shared_s
+    lengths = [len(e.token_ids()) for e in demo]
+    print(
+        f"shared prefix: {len(demo)} episodes of {min(lengths)}-{max(lengths)} tokens behind "
+        f"one {args.demo_prompt}-token prompt, micro-batch budget "
+        f"{args.demo_micro_batch_tokens}: step {shared_s:.3f} s shared vs {plain_s:.3f} s "
+        f"plain ({speedup:.2f}x); loss {warm[True]:.6f} vs {warm[False]:.6f}"
+    )
+
     if not args.quick:
 
         def full_head() -> None:
@@ -207,6 +285,7 @@ def main() -> None:
         )
 
     if not args.no_lora:
+        learner.config = config
         del learner  # its AdamW state; `model` stays for the raw baseline
         lora_model, _ = load(args.model)
         lora = Learner(lora_model, config.model_copy(update={"adaptation": LoraConfig()}))
@@ -230,6 +309,7 @@ def main() -> None:
                 "ratio_of": "turnrl/raw-fwd-bwd",
                 "target": "<= 1.2",
                 "ok": ratio <= 1.2,
+                "share_prefix_speedup": round(speedup, 2),
             }
         )
     )

@@ -277,10 +277,16 @@ def group_mean_std(values_K: Floats, ids_K: Ints, std: GroupStd) -> tuple[Floats
 
 
 def group_normalised(values_K: Floats, ids_K: Ints, std: GroupStd, eps: float) -> Floats:
-    """(x - mean_id) / (std_id + eps), 0 where the id's std is 0 (a constant group, or a
-    group of one under the sample std)."""
+    """(x - mean_id) / (std_id + eps), exactly 0 in a constant group (whose rounded mean can
+    leave deviations of ~1e-16, which eps would turn into ~1e-10 advantages) and in a group
+    of one under the sample std."""
     mean_K, std_K, _ = group_mean_std(values_K, ids_K, std)
-    return divide(values_K - mean_K, std_K + eps, std_K > 0)
+    n = int(ids_K.max()) + 1 if ids_K.size else 0
+    high_S, low_S = np.full(n, -np.inf), np.full(n, np.inf)
+    np.maximum.at(high_S, ids_K, values_K)
+    np.minimum.at(low_S, ids_K, values_K)
+    varies_K = (high_S > low_S)[ids_K]
+    return divide(values_K - mean_K, std_K + eps, varies_K & (std_K > 0))
 
 
 def trajectory_advantages(

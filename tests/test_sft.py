@@ -144,6 +144,10 @@ def test_turnrl_sft_clones_oracle_traces_on_train_items(tmp_path: Path) -> None:
             # Room for the oracle's whole tool call (cut at 24 tokens, it calls nothing and
             # its answers would be dropped as unsupported).
             "budget.max_new_tokens": 64,
+            # A two-hop question takes the oracle three turns: search the clue, search the
+            # bridge entity, answer; two observations need more than 1024 tokens of context.
+            "budget.max_turns": 4,
+            "budget.max_context_tokens": 2048,
             "warm_start": {"sources": [{"kind": "oracle", "n_items": 6}], "batch_episodes": 4},
         },
     )

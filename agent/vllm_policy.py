@@ -143,8 +143,9 @@ class VLLMPolicy:
         """The `model` field of requests: the base model, or the live LoRA adapter."""
         self._adapters: dict[str, str] = {}
         """LoRA adapters loaded on the server: name -> folder."""
-        self._pending: tuple[int, str] | None = None
-        """(version, adapter) loaded by `load_checkpoint`, live from `end_update(version)`."""
+        self._pending: tuple[int, str | None] | None = None
+        """(version, adapter or None for a full reload) pushed by `load_checkpoint`, live from
+        `end_update(version)`."""
         self._unknown_weights: str | None = None
         """Why the server's weights are unknown (a failed full reload); None when known."""
         self._held: asyncio.Event | None = None
@@ -265,12 +266,17 @@ class VLLMPolicy:
     async def end_update(self, version: int) -> None:
         """Stamp later completions with `version` (and send them to the adapter loaded for it,
         in `lora` mode); let held requests go. Called after a failed update too, with the
-        version that is still current."""
+        version that is still current. Any other version than that or the one loaded raises
+        `ValueError` (held requests go on, under the version they had)."""
         if self._held is None:
             raise RuntimeError("end_update without begin_update")
-        if self._pending is not None and self._pending[0] == version:
-            self._serving = self._pending[1]
-        self._pending = None
+        loaded, self._pending = self._pending, None
+        if loaded is not None and version not in (loaded[0], self.policy_version):
+            # The weights in place are version loaded[0]: any other stamp would mislabel them.
+            self._release()
+            raise ValueError(f"end_update({version}) after loading version {loaded[0]}")
+        if loaded is not None and loaded[0] == version and loaded[1] is not None:
+            self._serving = loaded[1]
         self.policy_version = version
         self._release()
 
@@ -284,6 +290,7 @@ class VLLMPolicy:
             await self._load_lora(path, version)
         else:
             await self._reload(path)
+            self._pending = (version, None)
 
     async def update_weights(self, folder: str | os.PathLike[str], version: int) -> None:
         """`begin_update`, `load_checkpoint(folder, version)`, `end_update`: on failure the

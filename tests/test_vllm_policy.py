@@ -358,6 +358,13 @@ def test_lora_sync_names_the_adapter_of_each_version() -> None:
         c = await policy.generate(PROMPT, SamplingParams())
         assert c.policy_version == 3 and server.completions[-1]["model"] == "turnrl-v3"
         assert "POST /pause" not in server.log
+        # A stamp other than the version loaded (or the current one) is refused.
+        await policy.begin_update()
+        await policy.load_checkpoint("/lora/5", 5)
+        with pytest.raises(ValueError, match="after loading version 5"):
+            await policy.end_update(7)
+        c = await policy.generate(PROMPT, SamplingParams())
+        assert c.policy_version == 3 and server.completions[-1]["model"] == "turnrl-v3"
 
     serve(test, weight_sync="lora")
 

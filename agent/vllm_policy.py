@@ -267,12 +267,16 @@ class VLLMPolicy:
         """Stamp later completions with `version` (and send them to the adapter loaded for it,
         in `lora` mode); let held requests go. Called after a failed update too, with the
         version that is still current. Any other version than that or the one loaded raises
-        `ValueError` (held requests go on, under the version they had)."""
+        `ValueError` and lifts the hold: after a LoRA load requests go on under the version
+        they had; after a full reload they fail until a later load succeeds."""
         if self._held is None:
             raise RuntimeError("end_update without begin_update")
         loaded, self._pending = self._pending, None
         if loaded is not None and version not in (loaded[0], self.policy_version):
             # The weights in place are version loaded[0]: any other stamp would mislabel them.
+            # A full reload has already replaced the old weights: nothing can be sampled.
+            if loaded[1] is None:
+                self._unknown_weights = f"version {loaded[0]} was loaded, {version} announced"
             self._release()
             raise ValueError(f"end_update({version}) after loading version {loaded[0]}")
         if loaded is not None and loaded[0] == version and loaded[1] is not None:

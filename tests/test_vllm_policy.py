@@ -336,6 +336,13 @@ def test_failed_reload_resumes_the_server_and_refuses_until_a_good_reload() -> N
         await policy.update_weights("/ckpt/2", 2)
         c = await policy.generate(PROMPT, SamplingParams())
         assert c.policy_version == 2 and c.token_ids == expected(PROMPT, "/ckpt/2")[0]
+        # Announcing another version than the one reloaded: the weights would be mislabelled.
+        await policy.begin_update()
+        await policy.load_checkpoint("/ckpt/3", 3)
+        with pytest.raises(ValueError, match="after loading version 3"):
+            await policy.end_update(4)
+        with pytest.raises(PolicyError, match="version 3 was loaded, 4 announced"):
+            await policy.generate(PROMPT, SamplingParams())
 
     serve(test)
 

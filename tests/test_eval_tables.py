@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from turnrl.agent.records import Episode, StopReason
-from turnrl.report import comparison_table, success_tests, with_intervals
+from turnrl.report import comparison_table, curves_table, success_tests, with_intervals
 
 
 def _evals(solved: list[bool], tag: str) -> list[Episode]:
@@ -42,3 +42,21 @@ def test_paired_change_and_mcnemar_over_the_same_items() -> None:
     text = console.export_text()
     assert "0.300 [0.181, 0.454]" in text  # 12/40 with its Wilson interval
     assert "+0.400" in text and "*" in text  # the paired change, clear of 0
+
+
+def test_curves_table_drops_a_metric_no_step_has_and_dashes_gaps() -> None:
+    # Embodied scores no f1: no f1 column. Step 1 has no clip fraction, step 0 a NaN loss.
+    rows = [
+        {"step": 0.0, "success": 0.25, "loss": float("nan"), "clip_frac": 0.01},
+        {"step": 1.0, "success": 0.5, "loss": 0.125},
+    ]
+    columns = {"success": "success", "f1": "f1", "loss": "loss", "clip_frac": "clip"}
+    console = Console(width=120, record=True)
+    console.print(curves_table(rows, columns))
+    text = console.export_text()
+    assert "f1" not in text and "nan" not in text
+    lines = [line for line in text.splitlines() if line.strip().startswith(("│", "┃"))]
+    cells = [[c.strip() for c in line.replace("┃", "│").strip("│ ").split("│")] for line in lines]
+    assert cells[0] == ["step", "success", "loss", "clip"]
+    assert cells[1] == ["0", "0.250", "-", "0.010"]
+    assert cells[2] == ["1", "0.500", "0.125", "-"]

@@ -7,6 +7,7 @@ the run's `episodes.rec` by `turnrl replay`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -96,17 +97,22 @@ def episode_row(e: Episode) -> dict[str, Any]:
 
 
 def curves_table(rows: Sequence[dict[str, float]], columns: Mapping[str, str]) -> Table:
-    """Per-step training curves; `columns` maps metric keys to column labels."""
+    """Per-step training curves; `columns` maps metric keys to column labels. A metric no
+    row has (f1 on a suite that does not score it) gets no column; a missing or NaN cell
+    prints a dash."""
     table = Table(title="Training curves (per learner step)")
     table.add_column("step", justify="right")
-    for label in columns.values():
-        table.add_column(label, justify="right")
-    keys = list(columns)
+    keys = [k for k in columns if any(_finite(row.get(k)) for row in rows)]
+    for k in keys:
+        table.add_column(columns[k], justify="right")
     for row in rows:
-        table.add_row(
-            str(int(row.get("step", 0))), *(f"{row.get(k, float('nan')):.3f}" for k in keys)
-        )
+        cells = (f"{v:.3f}" if _finite(v := row.get(k)) else "-" for k in keys)
+        table.add_row(str(int(row.get("step", 0))), *cells)
     return table
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 _FIRST = ["success", "f1", "answered", "tool_calls_per_episode", "successes_per_call"]

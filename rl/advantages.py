@@ -93,6 +93,7 @@ from turnrl.rl.group_advantages import (
     returns_to_go,
     segment_mean_std,
     segment_sum,
+    segment_varies,
     trloo,
 )
 from turnrl.rl.step_advantages import (
@@ -281,11 +282,7 @@ def group_normalised(values_K: Floats, ids_K: Ints, std: GroupStd, eps: float) -
     leave deviations of ~1e-16, which eps would turn into ~1e-10 advantages) and in a group
     of one under the sample std."""
     mean_K, std_K, _ = group_mean_std(values_K, ids_K, std)
-    n = int(ids_K.max()) + 1 if ids_K.size else 0
-    high_S, low_S = np.full(n, -np.inf), np.full(n, np.inf)
-    np.maximum.at(high_S, ids_K, values_K)
-    np.minimum.at(low_S, ids_K, values_K)
-    varies_K = (high_S > low_S)[ids_K]
+    varies_K = segment_varies(values_K, ids_K)
     return divide(values_K - mean_K, std_K + eps, varies_K & (std_K > 0))
 
 

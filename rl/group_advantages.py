@@ -63,6 +63,15 @@ def segment_sum(values_K: Floats, ids_K: Ints, n: int) -> Floats:
     return np.bincount(ids_K, weights=values_K, minlength=n).astype(np.float64, copy=False)
 
 
+def segment_varies(values_K: Floats, ids_K: Ints) -> Bools:
+    """Whether each element's id holds two different values, gathered back to each element."""
+    n = int(ids_K.max()) + 1 if ids_K.size else 0
+    high_S, low_S = np.full(n, -np.inf), np.full(n, np.inf)
+    np.maximum.at(high_S, ids_K, values_K)
+    np.minimum.at(low_S, ids_K, values_K)
+    return (high_S > low_S)[ids_K]
+
+
 def segment_mean_std(values_K: Floats, ids_K: Ints) -> tuple[Floats, Floats, Floats]:
     """Per-id mean, population std and count, gathered back to each element."""
     n = int(ids_K.max()) + 1 if ids_K.size else 0

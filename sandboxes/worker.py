@@ -38,7 +38,10 @@ import time
 import traceback
 
 PR_SET_DUMPABLE = 4
+PR_SET_SECCOMP = 22
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_MODE_FILTER = 2
 REPORT_FD = 3
 KERNEL_CMD_FD = 4
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
@@ -95,6 +98,28 @@ def write_frame(fd: int, obj: object) -> None:
     data = struct.pack(">I", len(body)) + body
     while data:
         data = data[os.write(fd, data) :]
+
+
+def install_seccomp(program: bytes) -> None:
+    """Load a classic-BPF seccomp filter (an array of 8-byte `struct sock_filter`, as the host
+    built it with libseccomp: `turnrl.sandboxes.seccomp`) on this process; every process it
+    forks afterwards inherits it and cannot remove it. `no_new_privs` first, which loading a
+    filter without CAP_SYS_ADMIN requires (and which bars setuid gains anyway)."""
+    if not program or len(program) % 8:
+        raise ValueError(
+            f"a seccomp program is a non-empty array of 8-byte entries, got {len(program)} bytes"
+        )
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_char_p))
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
 
 
 def children_map() -> dict[int, list[int]]:

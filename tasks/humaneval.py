@@ -41,6 +41,7 @@ calling frame holds it); code in the same process cannot be kept from it.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import secrets
@@ -58,6 +59,8 @@ from turnrl.tasks.suite_config import BuildContext, SuiteConfig
 from turnrl.tools.base import EpisodeTool, Tool
 from turnrl.tools.python_config import PythonToolConfig
 
+log = logging.getLogger(__name__)
+
 N_PROBLEMS = 164
 DEFAULT_N_TEST = 40
 BACKSTOP_S = 2.0
@@ -69,7 +72,9 @@ less than this."""
 OUTCOMES = ("correct", "wrong", "syntax_error", "crashed", "timed_out", "sandbox_error")
 """Score names; exactly one is 1.0 for a graded answer, all are 0.0 for no answer. `wrong`: an
 `assert` failed; `crashed`: any other exception, `SystemExit`, `os._exit`, a signal, OOM;
-`sandbox_error`: the sandbox failed around the code (a person should look)."""
+`sandbox_error`: the sandbox failed around the code, or its call raised (a reply the answer
+forged that does not validate, say); logged as a warning with the item id, for a person to
+look at, and never raised, so one answer cannot abort the grading of its step."""
 
 SYSTEM_PROMPT = """\
 Complete the Python function the user gives you so that it does what its docstring says; \
@@ -228,12 +233,16 @@ def grading_snippet(program: str, timeout_s: float, nonce: str) -> str:
 
 
 def outcome(result: ExecResult, nonce: str) -> str:
-    """Which of `OUTCOMES` a sandbox result of `grading_snippet(..., nonce)` is."""
-    exception = result.exception or ""
+    """Which of `OUTCOMES` a sandbox result of `grading_snippet(..., nonce)` is. Fields the
+    graded code may have shaped (`exception`, `stdout`) are read only as the strings they are
+    meant to be, so an odd value (a result built without validation) is a crash, never an
+    exception out of the grader."""
+    exception = result.exception if isinstance(result.exception, str) else ""
+    stdout = result.stdout if isinstance(result.stdout, str) else ""
     if result.error is not None:
         return "sandbox_error"
     limited = result.timed_out or result.oom_killed
-    if result.completed and nonce in result.stdout and not limited:
+    if result.completed is True and nonce in stdout and not limited:
         return "correct"
     if result.timed_out or exception.startswith("TimeoutException:"):
         return "timed_out"
@@ -242,6 +251,12 @@ def outcome(result: ExecResult, nonce: str) -> str:
     if exception.startswith(("SyntaxError", "IndentationError", "TabError")):
         return "syntax_error"
     return "crashed"
+
+
+def _brief(e: BaseException) -> str:
+    """An exception for a log line, bounded: its text may quote what the graded code wrote."""
+    text = str(e)
+    return f"{type(e).__name__}: {text[:500]}{'…' if len(text) > 500 else ''}"
 
 
 def _question(prompt: str) -> str:
@@ -340,8 +355,18 @@ class HumanEval(BaseSuite):
             raise GraderError("humaneval: grading runs code, so HumanEval needs a `sandbox`")
         nonce = secrets.token_hex(16)
         snippet = grading_snippet(check_program(item, answer), self.timeout_s, nonce)
-        result = await self.sandbox.python(snippet, self.limits())
-        kind = outcome(result, nonce)
+        # One answer's sandbox failure (a typed SandboxError, or a reply the answer shaped
+        # that does not validate) is that episode's outcome, never an exception that aborts
+        # the step's other gradings. Exception, not BaseException: cancellation propagates.
+        try:
+            result = await self.sandbox.python(snippet, self.limits())
+            kind = outcome(result, nonce)
+        except Exception as e:
+            log.warning("humaneval %s: grading failed in the sandbox: %s", item.id, _brief(e))
+            kind = "sandbox_error"
+        else:
+            if kind == "sandbox_error":
+                log.warning("humaneval %s: sandbox error: %.500s", item.id, result.error)
         return {name: float(name == kind) for name in OUTCOMES}
 
     def oracle_turns(self, item: TaskItem) -> list[str]:

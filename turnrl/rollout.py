@@ -2,19 +2,31 @@
 
 Grading happens here, after the runner (which knows nothing about tasks), and depends only
 on the stored episode (its answer, or for some suites its calls), so `turnrl replay` can
-re-grade a run without the model.
+re-grade a run without the model. Episodes are graded independently: a grader that raises
+on one episode marks that episode (`GRADER_ERROR`) and never aborts its step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from turnrl.agent.policy import Policy
 from turnrl.agent.records import Episode
 from turnrl.agent.runner import EpisodeRunner, EpisodeSpec
 from turnrl.tasks.base import TaskItem, TaskSuite
 from turnrl.tools.base import AnyTool
+
+log = logging.getLogger(__name__)
+
+GRADER_ERROR = "grader_error"
+"""The outcome key marking an episode whose grader raised (a bug, not a wrong answer; see
+`tasks.base.GraderError`); only such episodes carry it."""
+MAX_LOGGED_CHARS = 1000
+"""Characters of a grader's exception text logged at most."""
 
 
 def episode_specs(
@@ -83,14 +95,50 @@ async def collect(
 
 
 async def grade_all(
-    suite: TaskSuite, pairs: Sequence[tuple[TaskItem, Episode]], concurrency: int
+    suite: TaskSuite,
+    pairs: Sequence[tuple[TaskItem, Episode]],
+    concurrency: int,
+    metrics: Sequence[str] = (),
 ) -> list[dict[str, float]]:
     """Grade `(item, episode)` pairs with at most `concurrency` graders running at once (a
-    code grader holds a sandbox while it runs)."""
+    code grader holds a sandbox while it runs). Each pair is graded on its own: a grader that
+    raises gives that episode `grader_outcome` (logged with the exception), and the others
+    are still graded; only cancellation propagates."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(item: TaskItem, episode: Episode) -> dict[str, float]:
+    async def one(item: TaskItem, episode: Episode) -> dict[str, float] | None:
         async with gate:
-            return await suite.grade_episode(item, episode)
+            try:
+                return await suite.grade_episode(item, episode)
+            except Exception as e:
+                log.warning(
+                    "%s: grading episode %s (item %s) failed, scored %s=1: %s",
+                    suite.name,
+                    episode.episode_id,
+                    item.id,
+                    GRADER_ERROR,
+                    _describe(e),
+                )
+                return None
 
-    return list(await asyncio.gather(*(one(i, e) for i, e in pairs)))
+    graded = await asyncio.gather(*(one(i, e) for i, e in pairs))
+    emitted = {k for o in graded if o is not None for k in o}
+    failed = grader_outcome([*metrics, *sorted(emitted)])
+    return [dict(failed) if o is None else o for o in graded]
+
+
+def _describe(e: BaseException) -> str:
+    """The exception with where it was raised (the last frames), bounded: its text may quote
+    an answer the model wrote, of any size."""
+    frames = traceback.extract_tb(e.__traceback__)[-3:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    text = str(e)
+    text = text if len(text) <= MAX_LOGGED_CHARS else text[:MAX_LOGGED_CHARS] + "…"
+    return f"{type(e).__name__}: {text} (at {where or '?'})"
+
+
+def grader_outcome(metrics: Sequence[str] = ()) -> dict[str, float]:
+    """The outcome of an episode whose grader raised: every score in `metrics` (the scores
+    the suite's other episodes got, so a reward reading any of them finds it) and `correct`
+    at 0, and `GRADER_ERROR` at 1, so summaries count such episodes per step."""
+    return {**dict.fromkeys(metrics, 0.0), "correct": 0.0, GRADER_ERROR: 1.0}

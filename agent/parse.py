@@ -5,6 +5,16 @@ Syntax (rendered into the system prompt by `agent.chat`):
 final `<answer>...</answer>`. Parsing never raises: whatever the model wrote, the result is a
 `ParsedTurn` whose malformed parts carry an error the agent will see as an observation, and a
 format flag for the turn's reward.
+
+A call's content is read as JSON: when the text up to the first `</tool_call>` outside JSON
+string literals is one JSON value, that tag ends the call, so code passed as an argument may
+hold `</tool_call>` or `<answer>...</answer>` in a string without ending the call, and nothing
+inside a call is taken as the episode's answer. Malformed JSON gets the plain textual reading
+(the first `</tool_call>` ends the call) and its JSON error is reported; a call cut off inside
+a string literal (out of tokens) runs to the end of the text. Linear time whatever the model
+wrote: every scan is a find or a possessive (non-backtracking) regex, and no character is
+scanned as JSON twice (after the first call that does not read as JSON, calls are cut
+textually).
 """
 
 from __future__ import annotations
@@ -19,8 +29,12 @@ MAX_CALL_CHARS = 16_384
 """A call longer than this is rejected unparsed: no tool takes arguments that size, and JSON
 parsing a hostile megabyte costs the event loop."""
 
-_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_ANSWER, _END_ANSWER = "<answer>", "</answer>"
+_JSON_PREFIX = re.compile(r'(?:[^"<]++|"(?:[^"\\]++|\\.)*+"|<(?!/tool_call>))*+', re.DOTALL)
+"""Call content up to its end, JSON string literals skipped whole: stops at a `</tool_call>`
+outside strings, at a `"` whose string never closes, or at the end of the text. Possessive, so
+it never backtracks (linear time)."""
 
 
 @dataclass(frozen=True)
@@ -38,19 +52,19 @@ class ParsedTurn:
 def parse_completion(text: str, turn_index: int) -> ParsedTurn:
     """Parse `text` (one decoded completion). Call ids are `t{turn}c{i}`."""
     errors: list[str] = []
-    calls = [_parse_call(raw, f"t{turn_index}c{i}") for i, raw in enumerate(_CALL_RE.findall(text))]
+    split = _split_calls(text)
+    calls = [_parse_call(raw, f"t{turn_index}c{i}") for i, raw in enumerate(split.raws)]
     errors += [f"tool call {c.id}: {c.parse_error}" for c in calls if c.parse_error]
 
     # An opening tag left without its closing tag: the model ran out of tokens or lost track.
-    without_calls = _CALL_RE.sub("", text)
-    if "<tool_call>" in without_calls:
+    outside = split.outside
+    if split.unterminated:
         errors.append("unterminated <tool_call> (missing </tool_call>)")
-    elif "</tool_call>" in without_calls:
+    elif _CLOSE in outside:
         errors.append("</tool_call> without a matching <tool_call>")
 
-    answers = _ANSWER_RE.findall(without_calls)
-    answer = answers[-1].strip() if answers else None
-    if answer is None and "<answer>" in without_calls:
+    answer = _last_answer(outside)
+    if answer is None and "<answer>" in outside:
         errors.append("unterminated <answer> (missing </answer>)")
     if answer is not None and calls:
         errors.append("an answer and tool calls in the same turn: the calls were not run")
@@ -61,6 +75,79 @@ def parse_completion(text: str, turn_index: int) -> ParsedTurn:
         answer=answer,
         format_error="; ".join(errors) or None,
     )
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A completion cut into its calls and the rest."""
+
+    raws: list[str]
+    """Each complete call's content (between its tags), in order."""
+    outside: str
+    """The text outside complete calls and outside an unterminated call's open string."""
+    unterminated: bool
+    """A `<tool_call>` has no `</tool_call>` after it."""
+
+
+def _split_calls(text: str) -> _Split:
+    raws: list[str] = []
+    outside: list[str] = []
+    pos = 0
+    # Cleared once a call's JSON reading fails: later calls are cut textually, since another
+    # scan to the end of the text per call would make a hostile turn quadratic, and the turn
+    # is malformed (reported) anyway.
+    json_aware = True
+    while (start := text.find(_OPEN, pos)) >= 0:
+        body = start + len(_OPEN)
+        close = text.find(_CLOSE, body)
+        if json_aware:
+            prefix = _JSON_PREFIX.match(text, body)  # always matches, possibly empty
+            end = body if prefix is None else prefix.end()
+            if not text.startswith(_CLOSE, end):
+                json_aware = False
+                if close < 0 and end < len(text):
+                    # Cut off inside a string literal: the rest is that call's argument, and
+                    # an `<answer>` in it is not the episode's.
+                    outside.append(text[pos:start])
+                    return _Split(raws, "".join(outside), unterminated=True)
+            elif end != close:  # a `</tool_call>` inside a string: JSON decides
+                if _is_json(text[body:end]):
+                    close = end
+                else:
+                    json_aware = False
+        if close < 0:
+            outside.append(text[pos:])
+            return _Split(raws, "".join(outside), unterminated=True)
+        outside.append(text[pos:start])
+        raws.append(text[body:close])
+        pos = close + len(_CLOSE)
+    outside.append(text[pos:])
+    return _Split(raws, "".join(outside), unterminated=False)
+
+
+def _is_json(raw: str) -> bool:
+    """Whether `raw` is one JSON value; a call over `MAX_CALL_CHARS` is taken as JSON unread
+    (it is refused whatever it holds, and its string literals stay inside it)."""
+    if len(raw) > MAX_CALL_CHARS:
+        return True
+    try:
+        json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _last_answer(text: str) -> str | None:
+    """The last `<answer>...</answer>` of `text`, stripped: each answer is an opening tag and
+    the first closing tag after it (a lazy regex's reading, without its quadratic time on a
+    run of opening tags that never close)."""
+    answer, pos = None, 0
+    while (start := text.find(_ANSWER, pos)) >= 0:
+        end = text.find(_END_ANSWER, start + len(_ANSWER))
+        if end < 0:
+            break
+        answer, pos = text[start + len(_ANSWER) : end], end + len(_END_ANSWER)
+    return None if answer is None else answer.strip()
 
 
 def _parse_call(raw: str, call_id: str) -> ToolCall:

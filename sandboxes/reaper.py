@@ -1,11 +1,17 @@
 """Run ids and the reaper: nothing a run started outlives it, even when the trainer is SIGKILLed.
 
 Every sandbox resource carries its run's id: cgroup names (`turnrl-<run>-<n>`), the launcher's
-command line (`turnrl-sandbox=<run>`), container labels (`turnrl.run_id`). A live run holds an
-exclusive `flock` on `<lock dir>/<run>.lock` for its whole life; the kernel drops the lock
-when the process dies, however it dies. The reaper, run at start-up and periodically, takes
-every run id it finds on the machine, and removes the resources of each run whose lock it can
-take (the run is dead). A live run's sandboxes are never touched.
+command line (`turnrl-sandbox=<run>`), container labels (`turnrl.run_id`), the `subprocess`
+backend's work folders (`<temp dir>/turnrl-<run>-XXXXXXXX`). A live run holds an exclusive
+`flock` on `<lock dir>/<run>.lock` for its whole life; the kernel drops the lock when the
+process dies, however it dies. The reaper, run at start-up and periodically, takes every run id
+it finds on the machine, and removes the resources of each run whose lock it can take (the run
+is dead). A live run's sandboxes are never touched.
+
+A tagged process is removed with everything below it. A process that exec'd carries no tag and
+is found only while it stays below a tagged one, which is why each backend keeps its workers
+under something that adopts orphans: a pid namespace (bwrap), a container (docker), a
+subreaper supervisor and, where one is usable, a cgroup (subprocess).
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import fcntl
 import os
 import re
 import secrets
+import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,6 +34,8 @@ from turnrl.sandboxes.cgroups import PREFIX, CgroupDriver
 CMDLINE_TAG = "turnrl-sandbox="
 """Marks a launcher's command line with its run id (`turnrl-sandbox=<run>`)."""
 _RUN_ID = re.compile(r"^[a-z0-9]{6,32}$")
+_WORK_FOLDER = re.compile(r"turnrl-([a-z0-9]{6,32})-[a-z0-9_]{8}")
+"""A work folder's name: `tempfile.mkdtemp(prefix=work_folder_prefix(run))` adds 8 characters."""
 
 
 def lock_dir() -> Path:
@@ -81,6 +91,28 @@ def cgroup_run_id(name: str) -> str | None:
     return m[1] if m else None
 
 
+def work_folder_prefix(run_id: str) -> str:
+    """The name prefix of a run's work folders in the temp dir (for `tempfile.mkdtemp`)."""
+    return f"turnrl-{run_id}-"
+
+
+def work_folders() -> dict[Path, str]:
+    """Work folder -> run id of every run's work folder in the temp dir that this user owns (a
+    folder of that name owned by another user, or a symlink, is none of ours)."""
+    out: dict[Path, str] = {}
+    base = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            m = _WORK_FOLDER.fullmatch(entry.name)
+            if m is None:
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+                    out[base / entry.name] = m[1]
+    return out
+
+
 def tagged_processes() -> dict[int, str]:
     """pid -> run id of every launcher process on the machine with a run tag."""
     out: dict[int, str] = {}
@@ -118,6 +150,31 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
+def kill_tree(root: int) -> bool:
+    """SIGKILL `root` and every process below it; False if `root` was already gone. `root` is
+    stopped first, so that it starts nothing new while its tree is walked, and killed last: a
+    subreaper root adopts the orphans of the descendants killed before it, keeping them in the
+    tree for the next pass."""
+    try:
+        os.kill(root, signal.SIGSTOP)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    for _ in range(100):
+        tree = _descendants(root)
+        if not tree:
+            break
+        for child in tree:
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
+    try:
+        os.kill(root, signal.SIGKILL)
+    except OSError:
+        return False
+    return True
+
+
 @dataclass
 class Reaped:
     """What one reaper pass removed."""
@@ -125,6 +182,7 @@ class Reaped:
     processes: int = 0
     cgroups: int = 0
     containers: int = 0
+    folders: int = 0
     runs: set[str] = field(default_factory=set)
 
 
@@ -132,9 +190,11 @@ def reap(
     cgroups: CgroupDriver | None,
     spare: Iterable[str] = (),
     only: str | None = None,
+    workdirs: bool = False,
 ) -> Reaped:
     """Remove the processes and cgroups of dead runs (`only`: of that run, dead or not, as a
-    run's own `close()` does). Runs in `spare` are never touched."""
+    run's own `close()` does), and with `workdirs` their work folders. Runs in `spare` are
+    never touched."""
     spared = set(spare)
     done = Reaped()
     alive: dict[str, bool] = {}
@@ -149,20 +209,9 @@ def reap(
         return not alive[run]
 
     for pid, run in tagged_processes().items():
-        if doomed(run):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGSTOP)  # no new children while its tree is walked
-            for _ in range(100):
-                tree = _descendants(pid)
-                if not tree:
-                    break
-                for child in tree:
-                    with contextlib.suppress(OSError):
-                        os.kill(child, signal.SIGKILL)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-                done.processes += 1
-                done.runs.add(run)
+        if doomed(run) and kill_tree(pid):
+            done.processes += 1
+            done.runs.add(run)
     if cgroups is not None:
         for name, group in cgroups.leftovers():
             owner = cgroup_run_id(name)
@@ -170,5 +219,11 @@ def reap(
                 done.processes += len(group.pids())
                 group.remove()
                 done.cgroups += 1
+                done.runs.add(owner)
+    if workdirs:
+        for folder, owner in work_folders().items():
+            if doomed(owner):
+                shutil.rmtree(folder, ignore_errors=True)
+                done.folders += 1
                 done.runs.add(owner)
     return done

@@ -71,6 +71,10 @@ class ExecResult(BaseModel):
     """For snippets: `Type: message` of the exception that ended the code, if one did."""
     state_lost: bool = False
     """For stateful snippets: the interpreter had to be killed, so variables are gone."""
+    background_threads: int = 0
+    """For stateful snippets: threads the code started that still run after the call. They
+    keep the interpreter's state and CPU: what they print shows in later calls' output, and
+    the CPU they burn between calls is billed to the next call (and bounded by its limit)."""
     error: str | None = None
     """The sandbox failed around the code (its worker died, a limit could not be set)."""
 

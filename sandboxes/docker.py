@@ -1,24 +1,29 @@
 """Docker sandboxes: one container per warm worker, for machines where bubblewrap is not usable.
 
-Covers: code runs in a container of a minimal image (see `turnrl.sandboxes.docker_image`:
-Python, its standard library, `sh` and a few coreutils; no package manager, compiler or
-setuid binary) as uid/gid 65534, with every capability dropped, `no-new-privileges`, the
-daemon's default seccomp (and AppArmor, where enabled) profile, and its own pid, mount,
-network, IPC and UTS namespaces. The network mode is `none`: loopback only, so no egress, no
-DNS, and neither the host nor the docker bridge is reachable. The root is read-only; a sized
-tmpfs `/tmp` (exec allowed, like bwrap's; nosuid, nodev) and `/dev/shm` are the only writable
-places, and their pages count against the memory limit. Memory (swap disabled), pids and CPU
-bandwidth are bounded by the container's cgroup; per-call wall and CPU time are enforced by the
-worker inside, which also kills every process a call leaves behind. Nothing of the trainer's
-environment reaches the code (the worker sets PATH, HOME, LANG and TMPDIR itself).
-The worker's stdin is the container's attached stdin (`StdinOnce`), so when the trainer dies
-the worker reads EOF and the container stops; its container, and any past its expiry label,
-is then removed by the next reaper of any run (`turnrl.run_id`, `turnrl.expires` labels).
+Covers: code runs in a container of a minimal image (see `turnrl.sandboxes.docker_image`: Python,
+its standard library, `sh` and a few coreutils; no package manager, compiler or setuid binary) as a
+uid/gid leased for this container alone (`turnrl.sandboxes.uids`: per-user kernel resources such as
+pipe pages are not shared between sandboxes), with every capability dropped, `no-new-privileges`,
+the daemon's default seccomp (and AppArmor, where enabled) profile with turnrl's filter stacked on
+it by the worker (`turnrl.sandboxes.seccomp`: io_uring, userfaultfd, perf_event_open, bpf, ptrace
+and the key syscalls denied, whatever the daemon's version allows), and its own pid, mount, network,
+IPC and UTS namespaces. The worker is the container's pid 1 (no docker-init, which would hold the
+attached stdin/stdout as a dumpable process of the sandbox user) and is not dumpable, so no code can
+reach the channel. The network mode is `none`: loopback only, so no egress, no DNS, and neither the
+host nor the docker bridge is reachable. The root is read-only; a sized tmpfs `/tmp` (exec allowed,
+like bwrap's; nosuid, nodev) and `/dev/shm` are the only writable places, and their pages count
+against the memory limit. Memory (swap disabled), pids and CPU bandwidth are bounded by the
+container's cgroup; per-call wall and CPU time are enforced by the worker inside, which also kills
+every process a call leaves behind. Nothing of the trainer's environment reaches the code (the
+worker sets PATH, HOME, LANG and TMPDIR itself). The worker's stdin is the container's attached
+stdin (`StdinOnce`), so when the trainer dies the worker reads EOF and the container stops; its
+container, and any past its expiry label, is then removed by the next reaper of any run
+(`turnrl.run_id`, `turnrl.expires` labels).
 
 Does not cover: kernel exploits (containers share the host kernel; point the daemon's default
 runtime at a VM runtime such as gVisor or Kata, or use VMs, for hostile code at scale); CPU side
 channels; disk I/O bandwidth; `/proc` and `/sys` show host facts (CPU model, kernel version)
-read-only; uid 65534 inside is uid 65534 on the host (no user-namespace remapping), so an
+read-only; the uid inside is the same uid on the host (no user-namespace remapping), so an
 escape lands as an unprivileged user without capabilities. The trainer holds the docker socket,
 which is root-equivalent: the trainer is trusted, the code is not, and the socket is never
 mounted into a sandbox. With a daemon on another machine (`DOCKER_HOST=tcp://...`), the
@@ -40,9 +45,9 @@ Images whose repository is `turnrl-sandbox` are built when missing; others must 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
-import json
 import re
 import secrets
 import signal
@@ -59,8 +64,18 @@ from turnrl.sandboxes.backend import PooledSandbox
 from turnrl.sandboxes.base import Limits, SandboxError
 from turnrl.sandboxes.cgroups import ROOT, Cgroup
 from turnrl.sandboxes.docker_image import DEFAULT_TAG, build_image
-from turnrl.sandboxes.pool import WORKER_SOURCE, WorkerDied, WorkerHandle, answering
+from turnrl.sandboxes.pool import (
+    WORKER_SOURCE,
+    WorkerDied,
+    WorkerHandle,
+    answering,
+    check_reply,
+    new_request,
+    reply_limit,
+)
 from turnrl.sandboxes.reaper import CMDLINE_TAG, Reaped, RunLock, lock_dir, run_is_alive
+from turnrl.sandboxes.seccomp import deny_filter
+from turnrl.sandboxes.uids import UidLease, lease_uid
 
 RUN_LABEL = "turnrl.run_id"
 """Label naming the run a container belongs to."""
@@ -70,7 +85,6 @@ LOCKS_LABEL = "turnrl.locks"
 """Label naming the host and lock folder of the run: only a reaper that sees the same lock
 folder may judge the run dead by its lock (a shared daemon can serve trainers in other
 containers or machines, whose locks are invisible here; those are reaped by expiry only)."""
-NOBODY = "65534:65534"
 API_TIMEOUT_S = 60
 """Timeout of one call to the daemon (a container start or removal under load included)."""
 _RUN_ID = re.compile(r"[a-z0-9]{6,32}")
@@ -215,6 +229,7 @@ class _Started:
     container_id: str
     sock: socket.socket
     cgroup: Cgroup | None
+    lease: UidLease
 
 
 class DockerWorker:
@@ -230,6 +245,7 @@ class DockerWorker:
         self.client = client
         self.container_id = started.container_id
         self._cgroup = started.cgroup
+        self._lease = started.lease
         self._reader, self._writer = reader, writer
         self._buf = bytearray()
         self._lock = asyncio.Lock()
@@ -239,25 +255,32 @@ class DockerWorker:
         self._died_of_oom = False
 
     async def call(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        body = json.dumps(request).encode()
+        frame, call_id = new_request(request)
+        limit = reply_limit(request)
         async with self._lock:
             if self._broken or self._destroyed:
                 raise WorkerDied("the worker's channel is closed")
             started, kills_before = time.time(), self.oom_kills()
             try:
-                self._writer.write(struct.pack(">I", len(body)) + body)
+                self._writer.write(frame)
                 async with asyncio.timeout(timeout_s):
                     await self._writer.drain()
-                    (n,) = struct.unpack(">I", await self._read(4))
-                    payload = await self._read(n)
-            except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
+                    (n,) = struct.unpack(">I", await self._read(4, limit + 4))
+                    if n > limit:
+                        raise WorkerDied(f"the worker's reply is {n} bytes, at most {limit}")
+                    payload = await self._read(n, n)
+                result = check_reply(payload, call_id)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, WorkerDied) as e:
                 self._broken = True
-                await asyncio.to_thread(self._settle, isinstance(e, TimeoutError), started)
+                # A reply no honest worker sends: kill at once, as for a hung one.
+                hung = isinstance(e, (TimeoutError, WorkerDied))
+                await asyncio.to_thread(self._settle, hung, started)
+                if isinstance(e, WorkerDied):
+                    raise
                 raise WorkerDied(f"{type(e).__name__}: {e}".rstrip(": ")) from None
             except BaseException:
                 self._broken = True  # cancelled mid-exchange: the stream is out of step
                 raise
-            result: dict[str, Any] = json.loads(payload)
             await self._account_ooms(result, started, kills_before)
         return result
 
@@ -274,10 +297,13 @@ class DockerWorker:
         if killed and await asyncio.to_thread(self._await_oom_event, started, 0.0):
             self._oom_seen += 1
 
-    async def _read(self, n: int) -> bytes:
-        """`n` bytes of the worker's stdout, out of the daemon's multiplexed frames."""
+    async def _read(self, n: int, cap: int) -> bytes:
+        """`n` bytes of the worker's stdout, out of the daemon's multiplexed frames; an honest
+        worker never has more than `cap` bytes of stdout pending (one reply at a time)."""
         while len(self._buf) < n:
             kind, size = _MUX_HEADER.unpack(await self._reader.readexactly(_MUX_HEADER.size))
+            if len(self._buf) + size > cap:
+                raise WorkerDied(f"the worker sent more than the {cap} bytes a reply may take")
             data = await self._reader.readexactly(size)
             if kind == _STDOUT:
                 self._buf += data
@@ -340,6 +366,7 @@ class DockerWorker:
         with contextlib.suppress(Exception):
             self._writer.close()
         await asyncio.to_thread(_remove, self.client, self.container_id)
+        self._lease.release()
 
 
 class DockerSandbox(PooledSandbox):
@@ -370,6 +397,7 @@ class DockerSandbox(PooledSandbox):
         self._image_lock = threading.Lock()
         self._prefix = f"turnrl-{self.run_id}-{secrets.token_hex(3)}"
         self._seq = itertools.count()
+        self._seccomp_arg = "--seccomp=" + base64.b64encode(deny_filter()).decode()
         # Containers of runs that died (the trainer SIGKILLed), or expired: gone before we start.
         self._reap_dead()
 
@@ -388,6 +416,7 @@ class DockerSandbox(PooledSandbox):
                 made = await start
                 made.sock.close()
                 await asyncio.to_thread(_remove, self.client, made.container_id)
+                made.lease.release()
             raise
         except SandboxError:
             raise
@@ -398,6 +427,7 @@ class DockerSandbox(PooledSandbox):
         except OSError as e:
             started.sock.close()
             await asyncio.to_thread(_remove, self.client, started.container_id)
+            started.lease.release()
             raise SandboxError(f"cannot attach to the docker worker: {e}") from e
         worker = DockerWorker(self.client, started, reader, writer)
         return await answering(worker, "docker worker")
@@ -425,15 +455,23 @@ class DockerSandbox(PooledSandbox):
 
     def _start(self, n: int) -> _Started:
         """Create, attach to and start one worker's container. Blocking."""
+        argv = [self.interpreter, "-I", "-c", WORKER_SOURCE, "--pidns", self._seccomp_arg]
+        lease = lease_uid()
+        try:
+            return self._create_and_start(n, argv, lease)
+        except BaseException:
+            lease.release()
+            raise
+
+    def _create_and_start(self, n: int, argv: list[str], lease: UidLease) -> _Started:
         lim = self.limits
         mem = f"{lim.memory_mb}m"
-        argv = [self.interpreter, "-I", "-c", WORKER_SOURCE, "--pidns"]
         container = self.client.containers.create(
             self.image,
             entrypoint=[*argv, f"{CMDLINE_TAG}{self.run_id}"],
             name=f"{self._prefix}-{n}",
             labels=container_labels(self.run_id, self.ttl_s),
-            user=NOBODY,
+            user=f"{lease.uid}:{lease.uid}",
             working_dir="/tmp",
             environment=[],
             hostname="sandbox",
@@ -447,7 +485,9 @@ class DockerSandbox(PooledSandbox):
             nano_cpus=int(self.cpus * 1e9),
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
-            init=True,
+            # No docker-init: the worker is pid 1, so no process but it holds the attached
+            # stdin/stdout (an init running as the sandbox user is open to /proc/1/fd/1).
+            init=False,
             stdin_open=True,
             tty=False,
             auto_remove=False,
@@ -464,7 +504,7 @@ class DockerSandbox(PooledSandbox):
                 sock.close()
             _remove(self.client, str(container.id))
             raise
-        return _Started(str(container.id), sock, cgroup)
+        return _Started(str(container.id), sock, cgroup, lease)
 
     # Best effort: what a failing daemon keeps is left to the next reaper (or to expiry).
 

@@ -19,11 +19,14 @@ import base64
 import contextlib
 import itertools
 import json
+import secrets
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from turnrl.sandboxes.base import ExecResult, Limits, SandboxError
 from turnrl.sandboxes.output import join_capture
@@ -36,8 +39,44 @@ BACKSTOP_S = 5.0
 (the worker enforces the limit itself, so this only fires when it is broken or frozen)."""
 
 
+REPORT_BYTES = 8192
+"""What the worker reads of a snippet's report at most (`worker.REPORT_BYTES`)."""
+SMALL_REPLY_BYTES = 4096
+"""The largest reply to a request without limits (ping, exit)."""
+
+
 class WorkerDied(Exception):
-    """The worker's channel closed or it stopped answering."""
+    """The worker's channel closed, it stopped answering, or it sent a reply no honest worker
+    sends (oversized, not JSON, not the answer to the request)."""
+
+
+def new_request(request: dict[str, Any]) -> tuple[bytes, str]:
+    """The frame of `request` with a fresh id the reply must echo, and that id."""
+    call_id = secrets.token_hex(8)
+    body = json.dumps({**request, "id": call_id}).encode()
+    return struct.pack(">I", len(body)) + body, call_id
+
+
+def reply_limit(request: dict[str, Any]) -> int:
+    """Bytes an honest worker's reply to `request` can take: two output captures of
+    `output_bytes` each, base64-encoded (4/3), the report, and the other fields."""
+    limits = request.get("limits")
+    if not isinstance(limits, dict):
+        return SMALL_REPLY_BYTES
+    return 2 * (4 * int(limits["output_bytes"]) // 3 + 8) + 2 * REPORT_BYTES + SMALL_REPLY_BYTES
+
+
+def check_reply(payload: bytes, call_id: str) -> dict[str, Any]:
+    """The reply as a JSON object answering `call_id`; `WorkerDied` otherwise."""
+    try:
+        reply = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise WorkerDied("the worker's reply is not JSON") from None
+    if not isinstance(reply, dict):
+        raise WorkerDied(f"the worker's reply is a JSON {type(reply).__name__}, not an object")
+    if reply.pop("id", None) != call_id:
+        raise WorkerDied("the worker's reply does not answer the request (out of step)")
+    return reply
 
 
 class WorkerHandle(Protocol):
@@ -81,19 +120,25 @@ class StreamWorker:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         if self._broken:
             raise WorkerDied("the worker was killed by an earlier call")
-        body = json.dumps(request).encode()
+        frame, call_id = new_request(request)
+        limit = reply_limit(request)
         async with self._lock:
             try:
-                self.proc.stdin.write(struct.pack(">I", len(body)) + body)
+                self.proc.stdin.write(frame)
                 async with asyncio.timeout(timeout_s):
                     await self.proc.stdin.drain()
                     header = await self.proc.stdout.readexactly(4)
                     (n,) = struct.unpack(">I", header)
+                    if n > limit:
+                        raise WorkerDied(f"the worker's reply is {n} bytes, at most {limit}")
                     payload = await self.proc.stdout.readexactly(n)
-            except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
+                return check_reply(payload, call_id)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, WorkerDied) as e:
                 self._broken = True
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()  # hung or half-dead: its resources go in destroy()
+                if isinstance(e, WorkerDied):
+                    raise
                 raise WorkerDied(f"{type(e).__name__}: {e}".rstrip(": ")) from None
             except asyncio.CancelledError:
                 # The response would arrive later and be read as the next call's: the stream
@@ -102,8 +147,6 @@ class StreamWorker:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()
                 raise
-        result: dict[str, Any] = json.loads(payload)
-        return result
 
     def alive(self) -> bool:
         return self.proc.returncode is None and not self._destroyed and not self._broken
@@ -146,34 +189,77 @@ async def answering(worker: W, what: str) -> W:
     return worker
 
 
+class CaptureReply(BaseModel):
+    """A capped stream as the worker sends it: base64 head and tail, bytes written in all."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    head: str
+    tail: str
+    total: int = Field(ge=0)
+
+
+class CallReply(BaseModel):
+    """The worker's reply to `exec` or `run`, checked field by field: a reply of another shape
+    means a broken or subverted worker, never a result."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    stdout: CaptureReply
+    stderr: CaptureReply
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    wall_s: float
+    cpu_s: float
+    completed: bool
+    exception: str | None = Field(max_length=REPORT_BYTES)
+    state_lost: bool = False
+    threads: int = Field(0, ge=0)
+
+
+class ErrorReply(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    error: str = Field(max_length=SMALL_REPLY_BYTES)
+
+
 def to_result(resp: dict[str, Any], oom: bool, snippet: bool) -> ExecResult:
-    """An `ExecResult` from a worker's response (`oom`: the backend saw an OOM kill)."""
-    if "error" in resp and "stdout" not in resp:
-        return ExecResult(error=str(resp["error"]), snippet=snippet)
-    out, out_cut = _stream(resp["stdout"])
-    err, err_cut = _stream(resp["stderr"])
-    exception = resp.get("exception")
+    """An `ExecResult` from a worker's response (`oom`: the backend saw an OOM kill).
+    `ValidationError` when the reply has the wrong shape (the caller kills the worker)."""
+    if "error" in resp:
+        return ExecResult(error=ErrorReply.model_validate(resp).error, snippet=snippet)
+    reply = CallReply.model_validate(resp)
+    out, out_cut = _stream(reply.stdout)
+    err, err_cut = _stream(reply.stderr)
+    exception = reply.exception
     # Without a cgroup (RLIMIT_AS), running out of memory shows as MemoryError.
-    oom = oom or (isinstance(exception, str) and exception.startswith("MemoryError"))
+    oom = oom or (exception is not None and exception.startswith("MemoryError"))
     return ExecResult(
         stdout=out,
         stderr=err,
-        exit_code=resp.get("exit_code"),
-        signal=resp.get("signal"),
-        timed_out=bool(resp.get("timed_out")),
+        exit_code=reply.exit_code,
+        signal=reply.signal,
+        timed_out=reply.timed_out,
         oom_killed=oom,
         truncated=out_cut or err_cut,
-        wall_s=float(resp.get("wall_s", 0.0)),
-        cpu_s=float(resp.get("cpu_s", 0.0)),
-        completed=bool(resp.get("completed")) and not oom,
+        wall_s=reply.wall_s,
+        cpu_s=reply.cpu_s,
+        completed=reply.completed and not oom,
         exception=exception,
-        state_lost=bool(resp.get("state_lost")),
+        state_lost=reply.state_lost,
+        background_threads=reply.threads,
         snippet=snippet,
     )
 
 
-def _stream(cap: dict[str, Any]) -> tuple[str, bool]:
-    return join_capture(base64.b64decode(cap["head"]), base64.b64decode(cap["tail"]), cap["total"])
+def _stream(cap: CaptureReply) -> tuple[str, bool]:
+    try:
+        head = base64.b64decode(cap.head, validate=True)
+        tail = base64.b64decode(cap.tail, validate=True)
+    except ValueError as e:
+        raise ValueError(f"a capture is not base64: {e}") from None
+    return join_capture(head, tail, max(cap.total, len(head) + len(tail)))
 
 
 class WorkerPool:
@@ -341,7 +427,20 @@ class PoolSession:
                 snippet=request["op"] == "exec",
             )
         snippet = request["op"] == "exec"
-        return to_result(resp, oom=worker.oom_kills() > before, snippet=snippet)
+        try:
+            return to_result(resp, oom=worker.oom_kills() > before, snippet=snippet)
+        except ValueError as e:  # ValidationError included
+            # Only a broken or subverted worker sends this: it serves no further call.
+            if self._worker is worker:
+                self._worker = None
+                await self._pool.release(worker)
+            why = str(e).splitlines()[0][:200]
+            return ExecResult(
+                error=f"sandbox worker sent a malformed reply ({why}); it was killed and its "
+                "files and variables are gone",
+                state_lost=True,
+                snippet=snippet,
+            )
 
     async def close(self) -> None:
         if self._closed:

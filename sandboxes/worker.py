@@ -13,6 +13,15 @@ nothing the worker or a child prints can corrupt the stream). Requests:
   forked for the call (stateless) or in the session's long-lived interpreter (stateful);
 - `{"op": "run", "argv": [...], "stdin": base64, "limits": {...}}`: a program.
 
+Every request carries an `id` that its reply echoes, so a reply that is not the answer to the
+request just sent (a stream out of step) is recognised by the host. Only this process holds the
+channel: it is the sandbox's pid 1 (bwrap `--as-pid-1`, docker without `--init`), keeps the
+pipes on private descriptors, and is not dumpable, so no code it runs can open, ptrace or
+inherit them; the host also caps and checks every reply (`turnrl.sandboxes.pool`).
+
+A snippet's report (completed, exception) travels on its own descriptor and is bounded
+(`REPORT_BYTES`); a report that is not the expected JSON object is taken as "did not complete".
+
 After every call the worker kills every process the call left behind (it is a child
 subreaper, so daemonised grandchildren are re-parented to it and found), and reaps zombies.
 Output is capped here, in the sandbox, keeping head and tail, so a flood never crosses the
@@ -43,6 +52,9 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_MODE_FILTER = 2
 REPORT_FD = 3
+REPORT_BYTES = 8192
+"""Bytes of a snippet's report read at most; the honest report is well under (its exception
+text is cut at 2000 characters), anything past it is drained and dropped."""
 KERNEL_CMD_FD = 4
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
 
@@ -205,6 +217,7 @@ class Worker:
                 return
             req = json.loads(frame)
             op = req.get("op")
+            call_id = req.get("id")
             if op == "ping":
                 resp: dict[str, object] = {"pong": True}
             elif op == "exit":
@@ -212,7 +225,7 @@ class Worker:
                     self.kernel.kill(self)
                     self.kernel = None
                 self.sweep(keep_kernel=False)
-                write_frame(self.out_fd, {"bye": True})
+                write_frame(self.out_fd, {"bye": True, "id": call_id})
                 return
             elif op == "exec" and req.get("stateful"):
                 resp = self.exec_stateful(req["code"], req["limits"])
@@ -224,6 +237,7 @@ class Worker:
                 resp = self.spawn(functools.partial(exec_program, argv), req["limits"], stdin)
             else:
                 resp = {"error": f"unknown op {op!r}"}
+            resp["id"] = call_id
             write_frame(self.out_fd, resp)
 
     def spawn(self, target: object, limits: dict[str, float], stdin: bytes) -> dict[str, object]:
@@ -296,7 +310,7 @@ class Worker:
                 if not chunk:
                     open_fds.remove(fd)
                 elif fd == rep_r:
-                    report += chunk
+                    report += chunk[: REPORT_BYTES - len(report)]
                 else:
                     streams[fd].feed(chunk)
         wall = time.monotonic() - t0
@@ -312,7 +326,7 @@ class Worker:
                 if not chunk:
                     break
                 if fd == rep_r:
-                    report += chunk
+                    report += chunk[: REPORT_BYTES - len(report)]
                 else:
                     streams[fd].feed(chunk)
         for fd in (out_r, err_r, rep_r, pidfd):
@@ -340,12 +354,7 @@ class Worker:
             sig = os.WTERMSIG(status)
         if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_delta >= limits["cpu_s"]):
             timed_out = True
-        rep: dict[str, object] = {}
-        if report:
-            try:
-                rep = json.loads(report.split(b"\n")[0])
-            except ValueError:
-                rep = {}
+        rep = parse_report(report)
         return {
             "stdout": out.dump(),
             "stderr": err.dump(),
@@ -377,10 +386,9 @@ class Worker:
         k.calls += 1
         out, err = Capture(int(limits["output_bytes"])), Capture(int(limits["output_bytes"]))
         t0 = time.monotonic()
-        cpu0 = k.cpu()
-        write_frame(k.cmd_w, {"code": code, "cpu_s": limits["cpu_s"]})
+        write_frame(k.cmd_w, {"code": code, "cpu_s": limits["cpu_s"], "seq": k.calls})
         streams = {k.out_r: out, k.err_r: err}
-        report = bytearray()
+        lines = ReportLines(k.calls)
         deadline = t0 + limits["wall_s"]
         timed_out = interrupted = dead = False
         while True:
@@ -398,19 +406,21 @@ class Worker:
             if k.pidfd in ready:
                 dead = True
                 break
-            done = False
             for fd in ready:
                 chunk = os.read(fd, 65536)
                 if fd == k.rep_r:
-                    report += chunk
-                    done = b"\n" in report
+                    lines.feed(chunk)
                 elif chunk:
                     streams[fd].feed(chunk)
-            if done:
+            if lines.found is not None:
                 break
         k.drain(streams)
         wall = time.monotonic() - t0
-        cpu = k.cpu() - cpu0
+        # Billed from the end of the last call: what background threads burnt in between is
+        # this call's too (the kernel's soft RLIMIT_CPU bounds it; see `kernel_loop`).
+        cpu_now = k.cpu()
+        cpu, k.billed = max(cpu_now - k.billed, 0.0), cpu_now
+        threads = 0 if dead else k.threads() - 1
         exit_code = sig = None
         if dead:
             status = k.kill(self)
@@ -421,12 +431,11 @@ class Worker:
             if sig == signal.SIGXCPU:
                 timed_out = True
             self.kernel = None
-        rep: dict[str, object] = {}
-        if report and not dead:
-            try:
-                rep = json.loads(report.split(b"\n")[0])
-            except ValueError:
-                rep = {}
+        rep = (
+            parse_report(lines.found or b"")
+            if not dead
+            else {"completed": False, "exception": None}
+        )
         self.sweep(keep_kernel=True)
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.cpu_seen = usage.ru_utime + usage.ru_stime
@@ -441,6 +450,7 @@ class Worker:
             "completed": bool(rep.get("completed")) and not timed_out,
             "exception": rep.get("exception"),
             "state_lost": dead or lost_before,
+            "threads": threads,
         }
 
 
@@ -451,6 +461,8 @@ class Kernel:
         self.pid, self.cmd_w, self.out_r, self.err_r, self.rep_r = pid, cmd_w, out_r, err_r, rep_r
         self.pidfd = os.pidfd_open(pid)
         self.calls = 0
+        self.billed = 0.0
+        """CPU seconds of the kernel already billed to calls."""
 
     @classmethod
     def start(cls, worker: Worker) -> Kernel:
@@ -485,12 +497,20 @@ class Kernel:
             return False
 
     def cpu(self) -> float:
+        """User + system time of every thread of the kernel and of the children it waited
+        for (utime, stime, cutime, cstime of proc(5)'s stat)."""
         try:
             with open(f"/proc/{self.pid}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
         except (OSError, IndexError, ValueError):
             return 0.0
+
+    def threads(self) -> int:
+        try:
+            return len(os.listdir(f"/proc/{self.pid}/task"))
+        except OSError:
+            return 0
 
     def drain(self, streams: dict[int, Capture]) -> None:
         for fd, cap in streams.items():
@@ -527,6 +547,7 @@ def kernel_loop() -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
         rep = execute(req["code"], namespace)
         end_children()
+        rep["seq"] = req["seq"]
         os.write(REPORT_FD, json.dumps(rep).encode() + b"\n")
 
 
@@ -568,6 +589,57 @@ def execute(code: str, namespace: dict[str, object]) -> dict[str, object]:
     return rep
 
 
+class ReportLines:
+    """The stateful kernel's report channel, read line by line until the report of call
+    `seq`. The snippet runs in the kernel's process and can write to the channel too: lines
+    that are not that report (a flood, a stale or forged line) are dropped, each bounded by
+    `REPORT_BYTES`, so the next call never reads this call's leftovers as its own."""
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.buf = bytearray()
+        self.skipping = False
+        """Inside an over-long line: drop bytes up to its newline."""
+        self.found: bytes | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        while chunk and self.found is None:
+            end = chunk.find(b"\n")
+            part, chunk = (chunk, b"") if end < 0 else (chunk[:end], chunk[end + 1 :])
+            if not self.skipping:
+                self.buf += part[: REPORT_BYTES + 1 - len(self.buf)]
+                self.skipping = len(self.buf) > REPORT_BYTES
+            if end < 0:
+                return
+            line, self.skipping = bytes(self.buf), False
+            self.buf.clear()
+            if len(line) <= REPORT_BYTES and self.answers(line):
+                self.found = line
+
+    def answers(self, line: bytes) -> bool:
+        try:
+            rep = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(rep, dict) and rep.get("seq") == self.seq
+
+
+def parse_report(report: bytes) -> dict[str, object]:
+    """The report of a snippet as `{"completed": bool, "exception": str | None}`; one that is
+    missing, not JSON, or of the wrong shape (the snippet wrote to its report descriptor)
+    reads as not completed."""
+    try:
+        rep = json.loads(report.split(b"\n")[0]) if report else None
+    except ValueError:
+        rep = None
+    if not isinstance(rep, dict):
+        return {"completed": False, "exception": "ReportError: no valid report" if report else None}
+    completed, exception = rep.get("completed"), rep.get("exception")
+    if not isinstance(completed, bool) or not isinstance(exception, (str, type(None))):
+        return {"completed": False, "exception": "ReportError: malformed report"}
+    return {"completed": completed, "exception": exception[:2000] if exception else exception}
+
+
 def run_snippet(code: str) -> None:
     rep = execute(code, {"__name__": "__main__", "__builtins__": builtins})
     os.write(REPORT_FD, json.dumps(rep).encode() + b"\n")
@@ -599,14 +671,19 @@ def main() -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    for arg in sys.argv:
+        if arg.startswith("--seccomp="):
+            install_seccomp(base64.b64decode(arg.removeprefix("--seccomp=")))
     sandboxed = "--pidns" in sys.argv
+    rlimit_as = "--rlimit-as" in sys.argv
+    sys.argv = [""]  # snippets see what `python -c` with no arguments shows
     if sandboxed:
         os.chdir("/tmp")
     else:  # the subprocess backend: the private folder it was started in
         ENV.update(HOME=os.getcwd(), TMPDIR=os.getcwd())
     os.environ.clear()
     os.environ.update(ENV)
-    Worker(in_fd, out_fd, sandboxed, "--rlimit-as" in sys.argv).serve()
+    Worker(in_fd, out_fd, sandboxed, rlimit_as).serve()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import errno
 import ipaddress
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from turnrl.sandboxes.docker import (
 )
 from turnrl.sandboxes.pool import PoolSession
 from turnrl.sandboxes.reaper import RunLock
+from turnrl.sandboxes.uids import UID_BASE, UID_COUNT
 
 _why_not = docker_usable()
 if _why_not is not None:
@@ -215,10 +217,8 @@ def test_memory_limit_kills_the_snippet_and_says_so() -> None:
 
 
 def _worker_pid(sandbox: DockerSandbox) -> int:
-    """The worker's host pid: the only child of the container's init."""
-    init = one_container(sandbox)["State"]["Pid"]
-    (pid,) = Path(f"/proc/{init}/task/{init}/children").read_text().split()
-    return int(pid)
+    """The worker's host pid: it is the container's init."""
+    return int(one_container(sandbox)["State"]["Pid"])
 
 
 def test_worker_killed_by_the_memory_limit_is_reported() -> None:
@@ -243,7 +243,9 @@ def test_worker_killed_otherwise_after_an_oom_is_not_called_oom() -> None:
 
     async def check(sandbox: DockerSandbox, s: PoolSession) -> None:
         assert (await s.python_fresh("x = b'x' * (256 << 20)")).oom_killed
-        r = await s.python_fresh("import os, signal; os.kill(os.getppid(), signal.SIGKILL)")
+        # The worker is the container's pid 1, out of its own code's reach: killed from outside.
+        os.kill(_worker_pid(sandbox), signal.SIGKILL)
+        r = await s.python_fresh("print(0)")
         assert r.error is not None and r.state_lost and not r.oom_killed
         assert (await s.python("print(1)")).stdout == "1\n"
 
@@ -262,16 +264,25 @@ def test_pids_limit_contains_a_fork_bomb() -> None:
         await s.run(["sh", "-c", "b() { b | b & }; b; sleep 2"], limits=Limits(wall_s=3.0))
         # Usable afterwards (on the same worker or a replacement), with the bomb swept away.
         r = await s.python("import os; print(len([p for p in os.listdir('/proc') if p.isdigit()]))")
-        assert r.ok and int(r.stdout) == 3  # docker-init, the worker, the interpreter
+        assert r.ok and int(r.stdout) == 2  # the worker (pid 1), the interpreter
 
     in_session(check, Limits(pids=32))
 
 
-def test_code_runs_as_nobody() -> None:
+def test_code_runs_as_a_uid_of_its_own() -> None:
+    """Each container runs as a uid leased from the reserved range, unlike any other's (per-user
+    kernel resources are not shared)."""
+
     async def check(sandbox: DockerSandbox, s: PoolSession) -> None:
-        r = await s.python("import os; print(os.getuid(), os.geteuid(), os.getgid())")
-        assert r.stdout == "65534 65534 65534\n"
-        assert (await s.run(["id", "-u"])).stdout == "65534\n"
+        ids = "import os; print(os.getuid(), os.geteuid(), os.getgid())"
+        uid, euid, gid = map(int, (await s.python(ids)).stdout.split())
+        assert uid == euid == gid and UID_BASE <= uid < UID_BASE + UID_COUNT
+        assert (await s.run(["id", "-u"])).stdout == f"{uid}\n"
+        other = await sandbox.session()
+        try:
+            assert int((await other.python(ids)).stdout.split()[0]) != uid
+        finally:
+            await other.close()
 
     in_session(check)
 
@@ -302,10 +313,12 @@ def test_container_settings_and_labels() -> None:
         assert host["Memory"] == host["MemorySwap"] == 96 << 20
         assert host["PidsLimit"] == 40 and host["NanoCpus"] == 500_000_000
         assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges"]
-        assert host["Init"] and not host["AutoRemove"] and host["LogConfig"]["Type"] == "none"
+        assert not host["Init"] and not host["AutoRemove"] and host["LogConfig"]["Type"] == "none"
         assert "size=8m" in host["Tmpfs"]["/tmp"]
         env_names = [e.split("=")[0] for e in info["Config"]["Env"] or []]
-        assert info["Config"]["User"] == "65534:65534" and env_names in ([], ["PATH"])
+        uid = int(info["Config"]["User"].split(":")[0])
+        assert info["Config"]["User"] == f"{uid}:{uid}" and env_names in ([], ["PATH"])
+        assert UID_BASE <= uid < UID_BASE + UID_COUNT
 
     in_session(check, Limits(memory_mb=96, pids=40, tmp_mb=8), cpus=0.5, ttl_s=120.0)
 

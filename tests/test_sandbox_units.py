@@ -342,7 +342,8 @@ def _capture(data: bytes) -> dict[str, Any]:
 
 def response(stdout: bytes = b"", **fields: Any) -> dict[str, Any]:
     """A worker's answer to a call, as `worker.py` shapes it."""
-    base = {"stdout": _capture(stdout), "stderr": _capture(b""), "exit_code": 0}
+    base = {"stdout": _capture(stdout), "stderr": _capture(b""), "exit_code": 0, "signal": None}
+    base |= {"timed_out": False, "exception": None}
     return base | {"completed": True, "wall_s": 0.01, "cpu_s": 0.0} | fields
 
 

@@ -53,6 +53,12 @@ def format_result(result: ExecResult, limits: Limits) -> str:
         notes.append(f"killed by signal {result.signal}")
     if result.truncated:
         notes.append("output was cut in the middle")
+    if result.background_threads:
+        n = result.background_threads
+        notes.append(
+            f"{n} background thread{'s' if n > 1 else ''} still running: "
+            "their output and CPU time count toward the next calls"
+        )
     parts += [f"[{n}]" for n in notes]
     return "\n".join(parts) if parts else "(no output)"
 

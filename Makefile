@@ -41,11 +41,13 @@ typecheck: $(STAMP)
 test: $(STAMP) lint typecheck
 	$(VENV)/bin/pytest -q
 
-# System packages of the sandboxes (root, Debian/Ubuntu): bubblewrap, and Docker with a running
-# daemon. Without them the bwrap and docker tests skip; the subprocess backend needs neither.
+# System packages of the sandboxes (root, Debian/Ubuntu): bubblewrap, Docker with a running
+# daemon, and libseccomp (the sandboxes' syscall filter is built with it). Without them the bwrap
+# and docker tests skip; the subprocess backend needs none of them.
 sandbox-deps:
-	@if ! command -v bwrap >/dev/null || ! command -v dockerd >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap docker.io; \
+	@if ! command -v bwrap >/dev/null || ! command -v dockerd >/dev/null \
+		|| ! ldconfig -p | grep -q 'libseccomp\.so\.2'; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap docker.io libseccomp2; \
 	fi
 	@if ! docker info >/dev/null 2>&1; then \
 		(nohup dockerd >/tmp/turnrl-dockerd.log 2>&1 &); \

@@ -71,6 +71,9 @@ class Rollouts:
     """The run's own tools, offered besides the suite's (`RunConfig.tools`)."""
     policy_for: Callable[[TaskItem], Policy] | None = None
     """Each item's own policy (the oracle's script), instead of the runner's."""
+    metrics: Sequence[str] = ()
+    """The metrics the suite's grader emits: an episode whose grader raised scores 0 on each
+    (with `grader_error`), so rewards that read them still find them."""
 
 
 @dataclass(frozen=True)
@@ -133,11 +136,17 @@ async def rollout(
 
 
 async def grade(
-    suite: TaskSuite, items: Sequence[TaskItem], episodes: Sequence[Episode], concurrency: int
+    suite: TaskSuite,
+    items: Sequence[TaskItem],
+    episodes: Sequence[Episode],
+    concurrency: int,
+    metrics: Sequence[str] = (),
 ) -> list[Episode]:
-    """The episodes with `outcome` filled in by the suite's grader."""
+    """The episodes with `outcome` filled in by the suite's grader (`metrics` as in
+    `grade_all`)."""
     by_id = {it.id: it for it in items}
-    outcomes = await grade_all(suite, [(by_id[e.task_id], e) for e in episodes], concurrency)
+    pairs = [(by_id[e.task_id], e) for e in episodes]
+    outcomes = await grade_all(suite, pairs, concurrency, metrics)
     return [e.model_copy(update={"outcome": o}) for e, o in zip(episodes, outcomes, strict=True)]
 
 
@@ -224,7 +233,7 @@ async def train_step(
     )
     lap("rollout")
     hooks.stage("grade")
-    episodes = await grade(r.suite, items, episodes, r.concurrency)
+    episodes = await grade(r.suite, items, episodes, r.concurrency, r.metrics)
     lap("grade")
     hooks.stage("measure")
     episodes = await asyncio.to_thread(measure, episodes, items, config, learner, encode)

@@ -98,7 +98,7 @@ async def _regrade(
         suite = build_suite(config.task, None, sandbox)
         items = {it.id: it for split in ("train", "test") for it in suite.items(split)}
         pairs = [(items[e.task_id], e) for e in episodes]
-        return await grade_all(suite, pairs, concurrency=8), items
+        return await grade_all(suite, pairs, 8, config.task.metrics), items
     finally:
         if sandbox is not None:
             await sandbox.close()

@@ -203,7 +203,7 @@ async def collect(
                 r = rollouts_at(t)
                 group, keep, tag = source.samples, source.keep, "rejection"
             episodes = await rollout(r, items, group, -1, seed + i, f"warm/{tag}{i}")
-            episodes = await grade(suite, items, episodes, r.concurrency)
+            episodes = await grade(suite, items, episodes, r.concurrency, r.metrics)
         collected[source.kind] = collected.get(source.kind, 0) + len(episodes)
         wins = filter_successes(episodes, keep, success_metric)
         failed += sum(not succeeded(e, success_metric) for e in episodes)

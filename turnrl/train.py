@@ -183,6 +183,7 @@ class Session:
             self.config.concurrency,
             tuple(self.extra_tools),
             self.policy_for,
+            self.config.task.metrics,
         )
 
 
@@ -307,7 +308,7 @@ async def evaluate(s: Session, tag: str) -> dict[str, float]:
             tag,
             on_episode=lambda _: progress.advance(bar),
         )
-        episodes = await grade(s.suite, items, episodes, r.concurrency)
+        episodes = await grade(s.suite, items, episodes, r.concurrency, r.metrics)
     for e in episodes:
         s.store.append_episode(e)
     s.store.flush()

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -491,3 +493,67 @@ def test_pipes_held_by_one_episode_do_not_shrink_anothers(backend: Backend) -> N
     assert hogged["new_pipe"] < 65536, hogged
     # ...and nobody else's.
     assert victim_size == 65536
+
+
+# --- a trainer that is not root -------------------------------------------------------------------
+
+UNPRIVILEGED_TRAINER = """
+import asyncio, json, sys
+from turnrl.sandboxes.bwrap import BwrapSandbox
+from turnrl.sandboxes.base import Limits
+forge = sys.argv[1]
+async def main():
+    sandbox = BwrapSandbox(Limits(), pool_size=1, warm=0, cgroups=False)
+    out = []
+    try:
+        for stateful in (True, False):
+            session = await sandbox.session()
+            run = session.python if stateful else session.python_fresh
+            tried = await run(forge)
+            after = [await run(f"print({i})") for i in range(2)]
+            out.append([tried.stdout, [(r.stdout, r.ok) for r in after]])
+            await session.close()
+    finally:
+        await sandbox.close()
+    print(json.dumps(out))
+asyncio.run(main())
+"""
+
+
+def test_a_non_root_trainers_channel_cannot_be_opened_either() -> None:
+    """Under a trainer without privileges (no setpriv drop: the sandbox has the trainer's own
+    uid), pid 1 of the sandbox is still the non-dumpable worker: its descriptors cannot be
+    opened, and later calls get their own replies."""
+    import os
+
+    from turnrl.sandboxes.bwrap import bwrap_usable
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start a trainer as another uid")
+    if (why := bwrap_usable()) is not None:
+        pytest.skip(f"bwrap not usable here: {why}")
+    # A folder the unprivileged trainer may write (pytest's own is private to root).
+    home = Path(tempfile.mkdtemp(prefix="turnrl-nonroot-"))
+    locks = home / "locks"
+    locks.mkdir()
+    for d in (home, locks):
+        d.chmod(0o777)
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    env = {"PATH": "/usr/bin:/bin", "TURNRL_SANDBOX_LOCKS": str(locks), "TMPDIR": str(home)}
+    try:
+        proc = subprocess.run(
+            [*argv, sys.executable, "-c", UNPRIVILEGED_TRAINER, snippet(FORGE)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env=env,
+        )
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for tried, after in json.loads(proc.stdout.strip().splitlines()[-1]):
+        attempts = json.loads(tried.strip().splitlines()[-1])
+        assert attempts and "written" not in attempts.values(), attempts
+        assert not any(v.startswith("opened") for v in attempts.values()), attempts
+        assert after == [["0\n", True], ["1\n", True]]

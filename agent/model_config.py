@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from turnrl.agent.vllm_server import VLLMServerConfig
 
 
 class _Config(BaseModel):
@@ -42,13 +44,69 @@ class OracleModel(_Config):
     kind: Literal["oracle"] = "oracle"
 
 
-ModelConfig = Annotated[
-    EmbeddedModel | TinyModel | PathModel | OracleModel, Field(discriminator="kind")
-]
-"""The policy of a run."""
-
 WeightsConfig = Annotated[EmbeddedModel | TinyModel | PathModel, Field(discriminator="kind")]
 """A model with weights (a helper model: never the oracle)."""
+
+
+class VLLMModel(_Config):
+    """Rollouts sampled by a vLLM server (`turnrl.agent.vllm_policy`): prompts go as token ids,
+    the sampled ids and their logprobs come back, and the learner (in this process) trains the
+    same weights, which reach the server after every step (`weight_sync`). turnrl starts and
+    supervises the server for the run (`server`), or uses the one at `url`."""
+
+    kind: Literal["vllm"] = "vllm"
+    weights: WeightsConfig = Field(default_factory=EmbeddedModel)
+    """The weights served, and trained by the learner. Saved untied (a tied `lm_head` makes
+    vLLM's full reload inexact)."""
+    url: str | None = None
+    """A running server (`http://host:port`) serving `weights` under `served_name`, started
+    with `VLLM_SERVER_DEV_MODE=1` (for full reloads) and the `logprobs_mode` below; None: turnrl
+    starts one with `server`'s options."""
+    served_name: str = "turnrl"
+    """The model name requests carry (`--served-model-name`)."""
+    weight_sync: Literal["reload", "lora"] = "reload"
+    """How new weights reach the server: `reload` writes the full weights and reloads them
+    (pause, reload, reset the prefix cache, resume); `lora` loads the learner's adapters as a
+    new LoRA per version (needs `learner.adaptation: lora` and no warm start, which changes the
+    base weights)."""
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
+    """What the server's logprobs are (`--logprobs-mode`): `raw_logprobs` scores temperature 1
+    and greedy sampling only; `processed_logprobs` applies temperature and top-p (then top_p
+    must be 1 for turnrl's convention)."""
+    request_timeout_s: float = Field(600.0, gt=0)
+    """Bound on one completion request; past it the episode ends with a policy error."""
+    server: VLLMServerConfig = Field(default_factory=VLLMServerConfig)
+    """How turnrl starts the server when `url` is not given. Its `logprobs_mode` follows the
+    one above, and `enable_lora` is switched on for `weight_sync: lora` (set either there only
+    to the same value)."""
+
+    @model_validator(mode="after")
+    def _server_agrees(self) -> VLLMModel:
+        explicit = self.server.model_fields_set
+        if "logprobs_mode" in explicit and self.server.logprobs_mode != self.logprobs_mode:
+            raise ValueError(
+                f"model.server.logprobs_mode {self.server.logprobs_mode!r} contradicts "
+                f"model.logprobs_mode {self.logprobs_mode!r}: set model.logprobs_mode only"
+            )
+        if self.weight_sync == "lora" and "enable_lora" in explicit and not self.server.enable_lora:
+            raise ValueError("model.weight_sync: lora needs the server's LoRA support on")
+        return self
+
+    def server_options(self, seed: int | None) -> VLLMServerConfig:
+        """`server` with what the client relies on filled in: the logprobs mode, LoRA support
+        for LoRA sync, and `seed` unless the server sets its own."""
+        update: dict[str, object] = {"logprobs_mode": self.logprobs_mode}
+        if self.weight_sync == "lora":
+            update["enable_lora"] = True
+        if self.server.seed is None:
+            update["seed"] = seed
+        return self.server.model_copy(update=update)
+
+
+ModelConfig = Annotated[
+    EmbeddedModel | TinyModel | PathModel | OracleModel | VLLMModel, Field(discriminator="kind")
+]
+"""The policy of a run."""
 
 
 class ExpertConfig(_Config):

@@ -192,6 +192,23 @@ class RunConfig(_Config):
             )
         return self
 
+    @model_validator(mode="after")
+    def _lora_sync_has_adapters_to_send(self) -> RunConfig:
+        model = self.model
+        if model.kind != "vllm" or model.weight_sync != "lora":
+            return self
+        if self.learner.adaptation.kind != "lora":
+            raise ValueError(
+                "model.weight_sync: lora sends the learner's LoRA adapters to the server: set "
+                "learner.adaptation: {kind: lora}, or use weight_sync: reload"
+            )
+        if self.warm_start is not None:
+            raise ValueError(
+                "model.weight_sync: lora cannot carry a warm start (it changes the base "
+                "weights the server holds): use weight_sync: reload"
+            )
+        return self
+
     def needs_sandbox(self) -> bool:
         """Whether the run opens its sandbox: the suite or one of `tools` runs code."""
         return self.task.runs_code or any(t.runs_code for t in self.tools)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import random
 import shutil
 import time
@@ -46,6 +47,7 @@ from turnrl.agent.records import Episode
 from turnrl.agent.runner import EpisodeRunner
 from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.agent.store import RunStore
+from turnrl.agent.vllm_policy import VLLMPolicy
 from turnrl.config import ModelConfig, RunConfig
 from turnrl.loop import Rollouts, StepHooks, StepReport, grade, rollout, train_step
 from turnrl.plots import plot_curves
@@ -75,6 +77,7 @@ from turnrl.tasks.base import TaskItem, TaskSuite
 from turnrl.tasks.embodied_tools import Generate
 from turnrl.tools.base import AnyTool
 from turnrl.tools_config import ToolContext, open_run_tools
+from turnrl.vllm_backend import VLLMBackend
 
 CURVES = {
     "reward": "reward",
@@ -107,6 +110,8 @@ def model_dir(cfg: ModelConfig, checkpoint: Path | None = None) -> Path:
         return tiny_model_dir()
     if cfg.kind == "oracle":
         raise ValueError("the oracle model has no weights")
+    if cfg.kind == "vllm":
+        return model_dir(cfg.weights)
     return cfg.path
 
 
@@ -137,10 +142,16 @@ class Session:
     """Each item's own policy (the oracle's script), instead of `policy`."""
     evaluations: dict[str, list[Episode]] = field(default_factory=dict)
     """The episodes of each evaluation so far, by tag (paired before/after comparisons)."""
+    backend: VLLMBackend | None = None
+    """The vLLM server and its client (`model.kind: vllm`); None for an in-process policy."""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def open_tools(self) -> None:
-        """Open `RunConfig.tools` in the run's event loop (an MCP connection lives in one)."""
+        """Open `RunConfig.tools` in the run's event loop (an MCP connection lives in one), and
+        start (or reach) the vLLM server of a `model.kind: vllm` run."""
+        if self.backend is not None:
+            self._closers.append(self.backend.close)
+            await self.backend.open()
         ctx = ToolContext(self.renderer.tokenizer.encode, self.sandbox, self._closers)
         self.extra_tools.extend(await open_run_tools(self.config.tools, ctx))
 
@@ -221,8 +232,18 @@ def open_session(
     )
     suite.tools()  # opens (or builds, once) the search index before the event loop starts
     learner = None
-    policy: HFPolicy | ScriptedPolicy
-    if config.model.kind == "oracle":
+    backend: VLLMBackend | None = None
+    policy: HFPolicy | ScriptedPolicy | VLLMPolicy
+    model: PreTrainedModel | None = None
+    if config.model.kind == "vllm":
+        vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+        backend = VLLMBackend(config.model, path, config.run_dir, int(vocab), config.seed)
+        policy = backend.policy
+        if train:
+            model = load_model(path)
+            if config.warm_start is None:
+                learner = Learner(model, config.learner)
+    elif config.model.kind == "oracle":
         eot = str(tokenizer.convert_ids_to_tokens(renderer.end_of_turn_id()))
         oracle = oracle_policies(suite, renderer, eot)
         # The runner's own policy never speaks: every episode gets its item's script.
@@ -255,13 +276,20 @@ def open_session(
             learner,
             console,
             sandbox,
-            model=None if isinstance(policy, ScriptedPolicy) else policy.model,
+            model=policy.model if isinstance(policy, HFPolicy) else model,
+            backend=backend,
         )
         if config.model.kind == "oracle":
             session.policy_for = oracle
+        if backend is not None:
+            # The session's current weights: the RL learner's (with its adapters), or the
+            # warm-started model before the learner exists.
+            session.sync = backend.sync(
+                lambda: (session.model, session.learner.peft_model if session.learner else None)
+            )
         yield session
     finally:
-        if isinstance(policy, HFPolicy):
+        if isinstance(policy, HFPolicy | VLLMPolicy):
             policy.close()
         if expert is not None:
             expert[0].close()

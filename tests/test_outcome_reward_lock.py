@@ -33,7 +33,7 @@ def test_oracle_episodes_earn_a_positive_outcome_reward(example: str, tmp_path: 
         EXAMPLES / example,
         {
             "run_dir": str(tmp_path / "run"),
-            "model.kind": "oracle",
+            "model": {"kind": "oracle"},  # the whole model: a vllm model has more fields
             "sandbox.kind": "subprocess",
             "eval.n_items": 2,
             **ROOM,

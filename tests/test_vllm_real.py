@@ -147,7 +147,7 @@ class Models:
     """The base with each adapter merged."""
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     root = tmp_path_factory.mktemp("vllm-models")
     base_dir = save_model(build_model(0), root / "base")
@@ -189,7 +189,7 @@ def _tail(path: Path, n: int = 60) -> str:
     return "\n".join(lines[-n:])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One vLLM server for the session, in its own process group, killed at the end."""
     port = _free_port()

@@ -162,3 +162,27 @@ def _tagged_fakes(python: Path) -> list[int]:
         if str(python).encode() in cmd and state != "Z":
             found.append(int(entry.name))
     return found
+
+
+def test_configs_the_server_cannot_score_are_refused() -> None:
+    """Raw logprobs score temperature 1 only; processed ones are cut by top-p; LoRA sync needs
+    LoRA adapters and no warm start. Each is refused at load, naming the field."""
+    from turnrl.config import ConfigError
+
+    example = ROOT / "examples" / "vllm.yaml"
+    cases = {
+        "sampling.temperature 0.7": {"model.logprobs_mode": "raw_logprobs"},
+        "sampling.top_p: 1": {"sampling.top_p": 0.9},
+        "learner.adaptation": {"model.weight_sync": "lora"},
+        "cannot carry a warm start": {
+            "model.weight_sync": "lora",
+            "learner.adaptation": {"kind": "lora"},
+        },
+    }
+    for message, overrides in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(example, overrides)
+    load_config(
+        example,
+        {"model.weight_sync": "lora", "learner.adaptation": {"kind": "lora"}, "warm_start": None},
+    )

@@ -209,6 +209,31 @@ class RunConfig(_Config):
             )
         return self
 
+    @model_validator(mode="after")
+    def _server_logprobs_follow_the_sampling(self) -> RunConfig:
+        # The server's logprobs must be what the learner scores (softmax(logits / T)): refused
+        # here rather than on the first request of a run.
+        model = self.model
+        if model.kind != "vllm":
+            return self
+        temperatures = {
+            "sampling.temperature": self.sampling.temperature,
+            "eval.temperature": self.eval.temperature,
+        }
+        if model.logprobs_mode == "raw_logprobs":
+            for where, t in temperatures.items():
+                if t not in (0, 1):
+                    raise ValueError(
+                        f"{where} {t:g}: a server returning raw logprobs scores temperature 1 "
+                        "(and greedy) only: set model.logprobs_mode: processed_logprobs"
+                    )
+        elif self.sampling.top_p < 1:
+            raise ValueError(
+                "model.logprobs_mode processed_logprobs applies top-p truncation to the "
+                "logprobs: set sampling.top_p: 1"
+            )
+        return self
+
     def needs_sandbox(self) -> bool:
         """Whether the run opens its sandbox: the suite or one of `tools` runs code."""
         return self.task.runs_code or any(t.runs_code for t in self.tools)

@@ -5,7 +5,7 @@ weights."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -80,27 +80,40 @@ class VLLMModel(_Config):
     one above, and `enable_lora` is switched on for `weight_sync: lora` (set either there only
     to the same value)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _server_follows_the_client(cls, data: Any) -> Any:
+        # The server options the client relies on, filled in where the config leaves them out
+        # (so that a dumped config loads again unchanged); a contradiction is refused below.
+        if not isinstance(data, dict):
+            return data
+        server = data.get("server", {})
+        if isinstance(server, BaseModel):
+            server = server.model_dump(exclude_unset=True)
+        if not isinstance(server, dict):
+            return data  # refused by the field's own validation
+        server = dict(server)
+        server.setdefault("logprobs_mode", data.get("logprobs_mode", "raw_logprobs"))
+        if data.get("weight_sync") == "lora":
+            server.setdefault("enable_lora", True)
+        return {**data, "server": server}
+
     @model_validator(mode="after")
     def _server_agrees(self) -> VLLMModel:
-        explicit = self.server.model_fields_set
-        if "logprobs_mode" in explicit and self.server.logprobs_mode != self.logprobs_mode:
+        if self.server.logprobs_mode != self.logprobs_mode:
             raise ValueError(
                 f"model.server.logprobs_mode {self.server.logprobs_mode!r} contradicts "
                 f"model.logprobs_mode {self.logprobs_mode!r}: set model.logprobs_mode only"
             )
-        if self.weight_sync == "lora" and "enable_lora" in explicit and not self.server.enable_lora:
+        if self.weight_sync == "lora" and not self.server.enable_lora:
             raise ValueError("model.weight_sync: lora needs the server's LoRA support on")
         return self
 
     def server_options(self, seed: int | None) -> VLLMServerConfig:
-        """`server` with what the client relies on filled in: the logprobs mode, LoRA support
-        for LoRA sync, and `seed` unless the server sets its own."""
-        update: dict[str, object] = {"logprobs_mode": self.logprobs_mode}
-        if self.weight_sync == "lora":
-            update["enable_lora"] = True
-        if self.server.seed is None:
-            update["seed"] = seed
-        return self.server.model_copy(update=update)
+        """`server`, with `seed` unless the server sets its own."""
+        if self.server.seed is not None:
+            return self.server
+        return self.server.model_copy(update={"seed": seed})
 
 
 ModelConfig = Annotated[

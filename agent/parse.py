@@ -63,7 +63,7 @@ def parse_completion(text: str, turn_index: int) -> ParsedTurn:
     elif _CLOSE in outside:
         errors.append("</tool_call> without a matching <tool_call>")
 
-    answer = _last_answer(outside)
+    answer = last_answer(outside)
     if answer is None and "<answer>" in outside:
         errors.append("unterminated <answer> (missing </answer>)")
     if answer is not None and calls:
@@ -137,7 +137,7 @@ def _is_json(raw: str) -> bool:
     return True
 
 
-def _last_answer(text: str) -> str | None:
+def last_answer(text: str) -> str | None:
     """The last `<answer>...</answer>` of `text`, stripped: each answer is an opening tag and
     the first closing tag after it (a lazy regex's reading, without its quadratic time on a
     run of opening tags that never close)."""
@@ -151,6 +151,13 @@ def _last_answer(text: str) -> str | None:
 
 
 def _parse_call(raw: str, call_id: str) -> ToolCall:
+    return call_from_json(raw, call_id)
+
+
+def call_from_json(raw: str, call_id: str, args_keys: tuple[str, ...] = ("arguments",)) -> ToolCall:
+    """The call `raw` (one JSON object with a string `name` and its arguments under the first
+    of `args_keys` present) as a `ToolCall`; a malformed one carries its `parse_error`. Shared
+    by every tool-call format (`agent.tool_formats`)."""
     if len(raw) > MAX_CALL_CHARS:
         return ToolCall(
             id=call_id,
@@ -169,7 +176,7 @@ def _parse_call(raw: str, call_id: str) -> ToolCall:
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         return ToolCall(id=call_id, name=None, raw=raw, parse_error='missing string "name"')
-    args = obj.get("arguments", {})
+    args: object = next((obj[k] for k in args_keys if k in obj), {})
     # OpenAI-style clients send arguments as a JSON string; accept both spellings.
     if isinstance(args, str):
         try:
@@ -180,6 +187,6 @@ def _parse_call(raw: str, call_id: str) -> ToolCall:
             )
     if not isinstance(args, dict):
         return ToolCall(
-            id=call_id, name=name, raw=raw, parse_error='"arguments" must be a JSON object'
+            id=call_id, name=name, raw=raw, parse_error=f'"{args_keys[0]}" must be a JSON object'
         )
     return ToolCall(id=call_id, name=name, raw=raw, arguments=args)

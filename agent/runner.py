@@ -16,8 +16,11 @@ the episode, marked `replayed`, with their stored costs counted against the budg
 Failures are data: a malformed call, an unknown tool, bad arguments, a tool that raises or
 hangs become observations the agent sees; a policy failure or a runner bug ends that episode
 with a typed `StopReason` and its error text. Nothing escapes `run_episode` except
-cancellation, so one episode never cancels its siblings. The runner holds no global state: a
-runner is a value built from a policy, a renderer, tools and a config.
+cancellation and `TemplateError` (a chat template that cannot render this conversation
+append-only: a config a person must fix, not the agent's failure), so one episode never
+cancels its siblings. The runner holds no global state: a runner is a value built from a
+policy, a renderer (`agent.chat.Renderer`: ChatML, or a model's own template), tools and a
+config.
 """
 
 from __future__ import annotations
@@ -29,10 +32,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from turnrl.agent.budget import Budget
-from turnrl.agent.chat import ChatML
+from turnrl.agent.chat import (
+    Dialogue,
+    Followup,
+    Renderer,
+    TemplateError,
+    ToolResponses,
+    UserMessage,
+)
 from turnrl.agent.dispatch import Dispatcher, Session, ToolIndex, close_sessions
 from turnrl.agent.dispatch import error as _error
-from turnrl.agent.parse import parse_completion
 from turnrl.agent.policy import Policy, SamplingParams
 from turnrl.agent.records import (
     Episode,
@@ -90,7 +99,7 @@ class EpisodeRunner:
     def __init__(
         self,
         policy: Policy,
-        renderer: ChatML,
+        renderer: Renderer,
         tools: Sequence[AnyTool],
         budget: Budget,
         sampling: SamplingParams,
@@ -106,6 +115,7 @@ class EpisodeRunner:
             stop_token_ids=(*sampling.stop_token_ids, renderer.end_of_turn_id()),
         )
         self._eot_id = renderer.end_of_turn_id()
+        self._parse = renderer.tool_format.parse
         self._clock = clock
         self.dispatcher = Dispatcher(renderer.tokenizer.encode, clock)
 
@@ -142,7 +152,8 @@ class EpisodeRunner:
         return list(await asyncio.gather(*(one(s) for s in specs)))
 
     async def run_episode(self, spec: EpisodeSpec) -> Episode:
-        """Run one episode to its end. Never raises, except on cancellation."""
+        """Run one episode to its end. Never raises, except on cancellation and on a
+        `TemplateError` (module docstring)."""
         state = _State(spec=spec, start=self._clock(), tools=self.tools)
         try:
             state.tools = self._index(spec)  # two tools with one name: this episode's error
@@ -150,6 +161,8 @@ class EpisodeRunner:
                 await self._loop(state)
         except TimeoutError:
             state.stop(StopReason.TIMEOUT, "wall-clock budget exhausted")
+        except TemplateError:
+            raise
         except Exception as e:  # the boundary: one episode's bug must not end the run
             state.stop(StopReason.ERROR, "".join(traceback.format_exception(e)))
         finally:
@@ -162,12 +175,16 @@ class EpisodeRunner:
     async def _loop(self, s: _State) -> None:
         b = self.budget
         if s.spec.prefix:
-            context = await self._restore(s)
+            restored = await self._restore(s)
+            if restored is None:
+                return
+            context, dialogue = restored
             pending_prompt: list[int] = []
         else:
-            context = self.renderer.initial(
+            dialogue = self.renderer.start(
                 s.spec.instructions, s.tools.schemas(s.hidden), s.spec.question, s.spec.examples
             )
+            context = dialogue.initial_ids()
             pending_prompt = list(context)
         while s.stop_reason is None:
             index = len(s.turns)
@@ -199,7 +216,7 @@ class EpisodeRunner:
                 s.stop(StopReason.POLICY_ERROR, "policy returned misaligned ids and logprobs")
                 break
             text = self.renderer.tokenizer.decode(ids)
-            parsed = parse_completion(text, index)
+            parsed = self._parse(text, index)
             if parsed.answer is None and len(context) + len(ids) >= b.max_context_tokens:
                 # Cut off mid-thought: nothing after this would be seen by the policy.
                 parsed = replace(parsed, tool_calls=[])
@@ -215,7 +232,7 @@ class EpisodeRunner:
             if parsed.answer is not None and s.user_turn < len(s.spec.followups):
                 # A reply to one user message (in `Turn.answer`); `Episode.answer` is the last.
                 if s.stop_reason is None:
-                    observation = self._next_user_turn(s, closed)
+                    observation = dialogue.append(ids, text, closed, self._next_user_turn(s))
                     if len(context) + len(ids) + len(observation) > b.max_context_tokens:
                         observation = []
                         s.stop(StopReason.CONTEXT_FULL)
@@ -223,10 +240,9 @@ class EpisodeRunner:
                 s.stop(StopReason.ANSWERED)
                 s.answer = parsed.answer
             elif s.stop_reason is None:
-                notes = [r.text for r in results]
-                if not parsed.tool_calls:
-                    notes.append(f"Error: {parsed.format_error}")
-                observation = self.renderer.observation(notes, completion_closed=closed)
+                note = None if parsed.tool_calls else f"Error: {parsed.format_error}"
+                responses = ToolResponses(parsed.tool_calls, [r.text for r in results], note)
+                observation = dialogue.append(ids, text, closed, responses)
                 if len(context) + len(ids) + len(observation) > b.max_context_tokens:
                     # The reply would not fit: no policy call would ever see it.
                     observation = []
@@ -258,17 +274,37 @@ class EpisodeRunner:
             s.turns.append(turn)
             pending_prompt = []
 
-    async def _restore(self, s: _State) -> list[int]:
+    async def _restore(self, s: _State) -> tuple[list[int], Dialogue] | None:
         """Start from `spec.prefix`: its ids as the context, its costs and calls as spent, and
-        its calls to per-episode tools replayed (module docstring). Returns the context."""
+        its calls to per-episode tools replayed (module docstring). Returns the context and
+        the dialogue that continues it (a template renderer follows the stored turns and
+        checks it would have rendered the same ids); None when the prefix cannot be
+        continued (the episode stops with an error)."""
         prefix = s.spec.prefix
-        problem = _prefix_problem(prefix, len(s.spec.followups))
+        spec = s.spec
+        problem = _prefix_problem(prefix, len(spec.followups))
         if problem is not None:
             s.stop(StopReason.ERROR, f"invalid prefix: {problem}")
-            return []
+            return None
+        dialogue = self.renderer.resume(
+            spec.instructions,
+            s.tools.schemas(spec.hidden_tools),
+            spec.question,
+            spec.examples,
+            prefix[0].prompt_ids,
+        )
         context: list[int] = []
         for turn in prefix:
             s.set_user_turn(turn.user_turn)
+            followup: Followup
+            if turn.answer is not None:
+                followup = UserMessage(self._followup_text(s, turn.user_turn))
+            else:
+                note = None if turn.tool_calls else f"Error: {turn.format_error}"
+                texts = [r.text for r in turn.tool_results]
+                followup = ToolResponses(turn.tool_calls, texts, note)
+            closed = bool(turn.completion_ids) and turn.completion_ids[-1] == self._eot_id
+            dialogue.replay(turn.completion_ids, turn.text, closed, followup, turn.observation_ids)
             context += turn.prompt_ids
             context += turn.completion_ids
             context += turn.observation_ids
@@ -302,7 +338,7 @@ class EpisodeRunner:
             )
         last = prefix[-1]
         s.set_user_turn(last.user_turn + (last.answer is not None))
-        return context
+        return context, dialogue
 
     async def _run_calls(self, s: _State, calls: Sequence[ToolCall]) -> list[ToolResult]:
         """Run a turn's calls in order (tools may be stateful); every call gets a result."""
@@ -327,16 +363,22 @@ class EpisodeRunner:
                 s.stop(StopReason.BUDGET_EXHAUSTED, f"cost budget reached: {', '.join(over)}")
         return results
 
-    def _next_user_turn(self, s: _State, closed: bool) -> list[int]:
-        """Ids of the next followup message (with the schemas of the tools it reveals)."""
+    def _next_user_turn(self, s: _State) -> UserMessage:
+        """The next followup message (with the schemas of the tools it reveals)."""
         followup = s.spec.followups[s.user_turn]
+        text = self._followup_text(s, s.user_turn)
         s.user_turn += 1
-        text = followup.text
         if followup.reveal:
             s.hidden = s.hidden - set(followup.reveal)
-            shown = [x for x in s.tools.schemas() if x["name"] in followup.reveal]
-            text = self.renderer.tools_note(shown) + "\n\n" + text
-        return self.renderer.user_turn(text, completion_closed=closed)
+        return UserMessage(text)
+
+    def _followup_text(self, s: _State, index: int) -> str:
+        """The text of followup `index`: the schemas of the tools it reveals, then its own."""
+        followup = s.spec.followups[index]
+        if not followup.reveal:
+            return followup.text
+        shown = [x for x in s.tools.schemas() if x["name"] in followup.reveal]
+        return self.renderer.tools_note(shown) + "\n\n" + followup.text
 
 
 def _prefix_problem(prefix: Sequence[Turn], n_followups: int) -> str | None:

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from turnrl.agent.budget import Budget
+from turnrl.agent.chat_config import ChatConfig
 from turnrl.agent.model_config import (
     EmbeddedModel,
     ModelConfig,
@@ -45,6 +46,7 @@ from turnrl.tools_config import ExtraToolConfig, McpToolConfig, WebToolConfig
 
 __all__ = [
     "SUITE_KINDS",
+    "ChatConfig",
     "ConfigError",
     "EmbeddedModel",
     "EvalConfig",
@@ -131,6 +133,9 @@ class RunConfig(_Config):
     task: TaskConfig = Field(default_factory=SearchQAConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    chat: ChatConfig = Field(default_factory=ChatConfig)
+    """The chat template and tool-call format (`agent.chat_config`); default: turnrl's ChatML
+    with `<tool_call>` JSON calls."""
     sandbox: SandboxConfig = Field(default_factory=AutoConfig)
     """Where model-written code runs (opened only when the suite or a tool runs code:
     `needs_sandbox()`)."""

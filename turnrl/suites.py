@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from turnrl.agent.chat import ChatML, HFTokenizer
+from turnrl.agent.chat import ChatML, HFTokenizer, Renderer
 from turnrl.agent.model_config import ExpertConfig
 from turnrl.agent.policy import Policy, SamplingParams
 from turnrl.agent.records import UserTurn
 from turnrl.agent.scripted import ScriptedPolicy
+from turnrl.agent.tool_formats import rewrite_hermes
 from turnrl.sandboxes.base import Sandbox
 from turnrl.tasks.base import TaskItem, TaskSuite
 from turnrl.tasks.registry import SUITE_CONFIGS, SUITE_KINDS, TaskConfig
@@ -55,7 +56,7 @@ def build_suite(
     return cfg.build(BuildContext(encode=encode, sandbox=sandbox, expert=expert))
 
 
-def model_expert(policy: Policy, renderer: ChatML, max_tokens: int) -> Generate:
+def model_expert(policy: Policy, renderer: Renderer, max_tokens: int) -> Generate:
     """A prompt-in, text-out function over a policy (greedy), for `ask`'s expert."""
     eot = renderer.end_of_turn_id()
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=(eot,))
@@ -124,22 +125,25 @@ def describe_suites() -> list[dict[str, object]]:
 
 
 def oracle_policies(
-    suite: TaskSuite, renderer: ChatML, end_of_turn: str
+    suite: TaskSuite, renderer: Renderer, end_of_turn: str
 ) -> Callable[[TaskItem], ScriptedPolicy]:
     """For each item, a `ScriptedPolicy` that plays the item's gold replies (given to the
     item's episodes as their own policy: two items can look the same to a policy, e.g. BFCL's
     long-context twin of a scenario, whose initial state differs but is never shown). In a
     conversation it follows the followups seen so far and plays the replies for the user
-    message being served, the k-th at its k-th turn."""
+    message being served, the k-th at its k-th turn. Gold calls (written by the suites as
+    `<tool_call>` JSON) are played in the renderer's tool format."""
     tokenizer = renderer.tokenizer
-    header = tokenizer.decode([renderer.start_id, *tokenizer.encode("assistant\n")])
+    header = renderer.generation_prompt
+    fmt = renderer.tool_format
     made: dict[str, ScriptedPolicy] = {}
 
     def policy_for(item: TaskItem) -> ScriptedPolicy:
         policy = made.get(item.id)
         if policy is not None:
             return policy
-        plan = _Plan(item.followups, _segments(suite.oracle_turns(item)))
+        turns = [rewrite_hermes(t, fmt) for t in suite.oracle_turns(item)]
+        plan = _Plan(item.followups, _segments(turns))
         question_end: list[int] = []
 
         def script(context: Sequence[int]) -> str:
@@ -154,8 +158,9 @@ def oracle_policies(
             u, at = plan.served(rest)
             segment = plan.segments[min(u, len(plan.segments) - 1)]
             # Replies so far to this message: the assistant headers after it, less the last
-            # one, which opens the reply being sampled now.
-            k = rest.count(header, at) - 1
+            # one, which opens the reply being sampled now. A template without a header
+            # (Mistral's) closes each reply with the end-of-turn text instead.
+            k = rest.count(header, at) - 1 if header else rest.count(end_of_turn, at)
             return segment[min(max(k, 0), len(segment) - 1)] + end_of_turn
 
         policy = made[item.id] = ScriptedPolicy(script, tokenizer)

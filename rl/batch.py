@@ -32,7 +32,8 @@ pad, so the learner needs no attention mask: padded logits are garbage that the 
 
 Micro-batches for gradient accumulation are planned by a token budget on the *padded* size
 (rows x longest row): rows are sorted by length so a micro-batch holds similar lengths and
-wastes little on padding.
+wastes little on padding. `turnrl.rl.packing` lays the same tensors out with several episodes
+per row instead (the optional `position_ids_B_T`, `segments_B_T`, `value_segments_B_J`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,31 @@ class TokenBatch:
     """float32: value-head regression target of turn `j`; 0 where `value_mask_B_J` is False."""
     value_mask_B_J: torch.Tensor
     """bool: True where turn `j` has a value target."""
+    position_ids_B_T: torch.Tensor | None = None
+    """Packed batches only (`turnrl.rl.packing`, several episodes per row): int64 position of
+    each token inside its own episode, restarting at 0 for each episode and for the padding
+    tail. None: one episode per row at positions 0..T-1 (the layout above)."""
+    segments_B_T: torch.Tensor | None = None
+    """Packed batches only: int64 index (in the caller's episode list, like
+    `episode_index_B`) of the episode each position belongs to; -1 on padding."""
+    value_segments_B_J: torch.Tensor | None = None
+    """Packed batches only: the episode index of each turn column (a packed row's turns are
+    its episodes' turns in order); -1 past the last."""
+
+    @property
+    def packed(self) -> bool:
+        """Several episodes per row (`turnrl.rl.packing`)."""
+        return self.position_ids_B_T is not None
+
+    @property
+    def n_trained_episodes(self) -> int:
+        """Episodes of the batch with at least one trained token."""
+        return _episodes_with(self.loss_mask_B_T, self.segments_B_T)
+
+    @property
+    def n_value_episodes(self) -> int:
+        """Episodes of the batch with at least one value target."""
+        return _episodes_with(self.value_mask_B_J, self.value_segments_B_J)
 
     @property
     def n_tokens(self) -> int:
@@ -94,7 +120,25 @@ class TokenBatch:
 
     def to(self, device: torch.device | str) -> TokenBatch:
         """The same batch with every tensor on `device`."""
-        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        moved: dict[str, torch.Tensor | None] = {
+            f.name: getattr(self, f.name) for f in fields(self)
+        }
+        return TokenBatch(**{k: None if v is None else v.to(device) for k, v in moved.items()})  # type: ignore[arg-type]
+
+
+def counts_of(batches: Sequence[TokenBatch], n_episodes: int) -> dict[str, float]:
+    """A step's counts for its scalars: trained tokens, episodes, padded tokens computed."""
+    return {
+        "n_tokens": float(sum(b.n_tokens for b in batches)),
+        "n_sequences": float(n_episodes),
+        "n_padded_tokens": float(sum(b.n_padded for b in batches)),
+    }
+
+
+def _episodes_with(mask_B_X: torch.Tensor, segments_B_X: torch.Tensor | None) -> int:
+    if segments_B_X is None:
+        return int(mask_B_X.any(dim=1).sum())
+    return int(torch.unique(segments_B_X[mask_B_X]).numel())
 
 
 def _check(

@@ -67,8 +67,9 @@ import torch
 from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode
-from turnrl.rl import learner_checkpoint, measure, memory
-from turnrl.rl.batch import TokenBatch, micro_batches
+from turnrl.rl import learner_checkpoint, measure, memory, placement
+from turnrl.rl.batch import TokenBatch, counts_of
+from turnrl.rl.distributed import DataParallelGroup
 from turnrl.rl.learner_config import LearnerConfig, LoraConfig
 from turnrl.rl.logprobs import decoder_hidden, token_logprobs
 from turnrl.rl.losses import (
@@ -79,7 +80,8 @@ from turnrl.rl.losses import (
     sft_loss,
     value_loss,
 )
-from turnrl.rl.ppo_epochs import Update, merge_scalars, run_epochs
+from turnrl.rl.packing import training_batches
+from turnrl.rl.ppo_epochs import Update, batch_counts, merge_scalars, run_epochs, trained_size
 from turnrl.rl.value_head import ValueHead, state_values
 
 
@@ -103,12 +105,29 @@ class StepResult:
 class Learner:
     """PPO-clip learner over a transformers causal LM, trained in place (module docstring)."""
 
-    def __init__(self, model: PreTrainedModel, config: LearnerConfig, *, pad_id: int = 0) -> None:
-        """Train `model` in place. For LoRA, peft injects the adapter layers into `model`
-        itself, so the policy keeps sampling with the same object and sees the adapters.
-        `pad_id` pads rows; any id inside the vocabulary works (pads are never trained)."""
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        config: LearnerConfig,
+        *,
+        pad_id: int = 0,
+        data_parallel: DataParallelGroup | None = None,
+    ) -> None:
+        """Train `model` in place, moved to `config.device` (`turnrl.rl.placement`). For LoRA,
+        peft injects the adapter layers into `model` itself, so the policy keeps sampling with
+        the same object and sees the adapters. `pad_id` pads rows; any id inside the
+        vocabulary works (pads are never trained). With `data_parallel`, every rank steps on
+        its own episodes and the ranks sum their gradients (`turnrl.rl.distributed`); rank
+        0's weights are copied to the others here."""
         self.config = config
         self.pad_id = pad_id
+        self.data_parallel = data_parallel
+        local_rank = None if data_parallel is None else data_parallel.local_rank
+        placement.place_model(model, config, placement.resolve_device(config.device, local_rank))
+        if data_parallel is not None:
+            # Before the KL reference copies them.
+            data_parallel.broadcast_parameters(model.parameters())
+        self._compute_dtype = placement.compute_dtype(config.dtype)
         self.version = 0
         """Number of `step`/`sft_step` calls that moved the policy's weights (one weight sync
         each, however many optimizer steps a call took; a call that trained the value head
@@ -154,6 +173,10 @@ class Learner:
             [] if self.value_head is None else list(self.value_head.parameters())
         )
         """The value head's parameters (its own optimizer group); empty without a head."""
+        if data_parallel is not None:
+            # Parameters made here: LoRA adapters and the value head.
+            made = self.trainable_parameters if self.peft_model is not None else []
+            data_parallel.broadcast_parameters(made + self.value_parameters)
         # The fused kernel updates every tensor in one pass; on CPU the default per-tensor loop
         # costs ~7x more for a 135M-parameter model (benchmarks/bench_learner.py).
         fused = all(
@@ -198,19 +221,25 @@ class Learner:
         if value_targets is not None and (self.value_head is None or head_cfg is None):
             raise ValueError("value_targets need a value head (LearnerConfig.value_head)")
         advantages = [[t.advantage for t in e.turns] for e in episodes]
-        batches = micro_batches(
+        batches = training_batches(
             episodes,
             advantages,
             cfg.micro_batch_tokens,
+            packing=cfg.packing,
             pad_id=self.pad_id,
             value_targets=value_targets,
         )
-        n_tokens = sum(b.n_tokens for b in batches)
-        n_targets = sum(b.n_value_targets for b in batches)
-        counts = _counts(batches, len(episodes))
-        policy_signal = n_tokens > 0 and (
-            cfg.kl_coef > 0 or any(bool(b.advantages_B_T.any()) for b in batches)
+        # Step-wide counts (over every rank: `turnrl.rl.distributed`); the episodes that take
+        # a share under "episode" weighting.
+        n_tokens, n_targets, n_policy_rows, n_value_rows, n_advantaged = self._global(
+            sum(b.n_tokens for b in batches),
+            sum(b.n_value_targets for b in batches),
+            sum(b.n_trained_episodes for b in batches),
+            sum(b.n_value_episodes for b in batches),
+            sum(bool(b.advantages_B_T.any()) for b in batches),
         )
+        counts = counts_of(batches, len(episodes))
+        policy_signal = n_tokens > 0 and (cfg.kl_coef > 0 or n_advantaged > 0)
         value_signal = n_targets > 0
         if value_targets is not None:
             counts["n_value_targets"] = float(n_targets)
@@ -221,9 +250,6 @@ class Learner:
                 version=self.version,
                 scalars={"n_micro_batches": 0.0, **counts},
             )
-        # Step-wide counts of the episodes that take a share under "episode" weighting.
-        n_policy_rows = sum(int(b.loss_mask_B_T.any(dim=1).sum()) for b in batches)
-        n_value_rows = sum(int(b.value_mask_B_J.any(dim=1).sum()) for b in batches)
         use_kl = cfg.kl_coef > 0
         value_reaches_trunk = head_cfg is not None and head_cfg.backprop_to_policy
 
@@ -267,17 +293,22 @@ class Learner:
         # Placeholders: oracle and other cloned episodes carry no usable logprobs.
         scrubbed = [measure.without_logprobs(e, keep_replayed=True) for e in episodes]
         advantages = [[t.advantage for t in e.turns] for e in episodes]
-        batches = micro_batches(scrubbed, advantages, cfg.micro_batch_tokens, pad_id=self.pad_id)
-        n_tokens = sum(b.n_tokens for b in batches)
-        counts = _counts(batches, len(episodes))
-        if n_tokens == 0 or not any(bool(b.advantages_B_T.any()) for b in batches):
+        batches = training_batches(
+            scrubbed, advantages, cfg.micro_batch_tokens, packing=cfg.packing, pad_id=self.pad_id
+        )
+        n_tokens, n_rows, n_advantaged = self._global(
+            sum(b.n_tokens for b in batches),
+            sum(b.n_trained_episodes for b in batches),
+            sum(bool(b.advantages_B_T.any()) for b in batches),
+        )
+        counts = counts_of(batches, len(episodes))
+        if n_tokens == 0 or n_advantaged == 0:
             return StepResult(
                 skipped=True,
                 policy_updated=False,
                 version=self.version,
                 scalars={"n_micro_batches": 0.0, **counts},
             )
-        n_rows = sum(int(b.loss_mask_B_T.any(dim=1).sum()) for b in batches)
 
         def loss_of(cpu_batch: TokenBatch) -> tuple[torch.Tensor, Metrics] | None:
             if cpu_batch.n_tokens == 0:
@@ -289,7 +320,7 @@ class Learner:
             weights_B_T = None
             if cfg.loss_weighting != "token":
                 weights_B_T = sample_weights(
-                    batch.loss_mask_B_T, cfg.loss_weighting, n_tokens, n_rows
+                    batch.loss_mask_B_T, cfg.loss_weighting, n_tokens, n_rows, batch.segments_B_T
                 )
             return sft_loss(
                 logprobs_B_T,
@@ -319,7 +350,8 @@ class Learner:
         self.model.train()
         try:
             for cpu_batch in batches:
-                out = loss_of(cpu_batch)
+                with placement.autocast(self.device, self._compute_dtype):
+                    out = loss_of(cpu_batch)
                 if out is None:
                     continue
                 loss, metrics = out
@@ -330,7 +362,14 @@ class Learner:
         finally:
             self.model.train(was_training)
         # One host sync for the whole step, not one per micro-batch.
-        return {k: float(v) for k, v in sums.items()}
+        floats = {k: float(v) for k, v in sums.items()}
+        return floats if self.data_parallel is None else self.data_parallel.sum_metrics(floats)
+
+    def _global(self, *counts: int) -> list[int]:
+        """`counts` summed over the data-parallel ranks (as they are in one process)."""
+        if self.data_parallel is None:
+            return list(counts)
+        return [round(v) for v in self.data_parallel.sum_floats([float(c) for c in counts])]
 
     def _policy_loss(
         self,
@@ -350,7 +389,9 @@ class Learner:
         # unweighted path); other weightings pass explicit per-token weights.
         weights_B_T = None
         if cfg.loss_weighting != "token":
-            weights_B_T = sample_weights(batch.loss_mask_B_T, cfg.loss_weighting, n_tokens, n_rows)
+            weights_B_T = sample_weights(
+                batch.loss_mask_B_T, cfg.loss_weighting, n_tokens, n_rows, batch.segments_B_T
+            )
         denom = None if weights_B_T is not None else n_tokens
         loss, metrics = ppo_clip_loss(
             logprobs_B_T,
@@ -392,7 +433,9 @@ class Learner:
             return value_loss(
                 values_B_J, batch.value_targets_B_J, batch.value_mask_B_J, n_targets=n_targets
             )
-        weights_B_J = sample_weights(batch.value_mask_B_J, weighting, n_targets, n_rows)
+        weights_B_J = sample_weights(
+            batch.value_mask_B_J, weighting, n_targets, n_rows, batch.value_segments_B_J
+        )
         return value_loss(
             values_B_J, batch.value_targets_B_J, batch.value_mask_B_J, weights_B_J=weights_B_J
         )
@@ -460,7 +503,7 @@ class Learner:
         policy_updated = any(u.policy_updated for u in steps)
         if policy_updated:
             self.version += 1
-        scalars = merge_scalars(schedule, _batch_counts(episodes, value_targets), cfg.ppo_epochs)
+        scalars = merge_scalars(schedule, batch_counts(episodes, value_targets), cfg.ppo_epochs)
         scalars["seconds"] = time.perf_counter() - start
         return StepResult(
             skipped=not steps, policy_updated=policy_updated, version=self.version, scalars=scalars
@@ -499,6 +542,10 @@ class Learner:
         scalars = dict(result.scalars)
         try:
             if not result.skipped:
+                if self.data_parallel is not None:
+                    self.data_parallel.sum_gradients(
+                        self.trainable_parameters + self.value_parameters
+                    )
                 max_norm = self.config.max_grad_norm or math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm)
                 scalars["grad_norm"] = float(grad_norm)
@@ -514,15 +561,20 @@ class Learner:
 
     def _rollout_kl(self, episodes: Sequence[Episode]) -> float:
         cfg = self.config
-        return measure.rollout_kl(
-            self.model,
-            episodes,
-            temperature=cfg.temperature,
-            weighting=cfg.loss_weighting,
-            micro_batch_tokens=cfg.micro_batch_tokens,
-            pad_id=self.pad_id,
-            share_prefix=cfg.share_prefix,
-        )
+        with placement.autocast(self.device, self._compute_dtype):
+            kl = measure.rollout_kl(
+                self.model,
+                episodes,
+                temperature=cfg.temperature,
+                weighting=cfg.loss_weighting,
+                micro_batch_tokens=cfg.micro_batch_tokens,
+                pad_id=self.pad_id,
+                share_prefix=cfg.share_prefix,
+            )
+        if self.data_parallel is None:
+            return kl
+        # The ranks' means, weighted by what each mean is over, so that every rank stops alike.
+        return self.data_parallel.weighted_mean(kl, trained_size(episodes, cfg.loss_weighting))
 
     def values(self, episodes: Sequence[Episode], *, bootstrap: bool = False) -> list[list[float]]:
         """V(s_j) of every turn under the current weights: `[episode][turn]`, the value of the
@@ -533,7 +585,10 @@ class Learner:
         gradients; store them with `turnrl.rl.value_head.with_values`."""
         if self.value_head is None:
             raise ValueError("this learner has no value head (LearnerConfig.value_head)")
-        with memory.returned_to_system(self._release_memory):
+        with (
+            memory.returned_to_system(self._release_memory),
+            placement.autocast(self.device, self._compute_dtype),
+        ):
             return measure.episode_values(
                 self.model,
                 self.value_head,
@@ -548,7 +603,10 @@ class Learner:
         """Score each turn's stored completion ids under the current weights (teacher
         forcing), shaped like `Turn.completion_logprobs`: `[episode][turn][token]`. The
         episodes' own logprobs are ignored. Runs in eval mode without gradients."""
-        with memory.returned_to_system(self._release_memory):
+        with (
+            memory.returned_to_system(self._release_memory),
+            placement.autocast(self.device, self._compute_dtype),
+        ):
             return measure.completion_logprobs(
                 self.model,
                 episodes,
@@ -568,27 +626,3 @@ class Learner:
         this learner (same model architecture and adaptation). The KL reference is kept: it
         is the model the learner was built on, not the checkpoint."""
         learner_checkpoint.load_checkpoint(self, directory)
-
-
-def _counts(batches: Sequence[TokenBatch], n_episodes: int) -> dict[str, float]:
-    return {
-        "n_tokens": float(sum(b.n_tokens for b in batches)),
-        "n_sequences": float(n_episodes),
-        "n_padded_tokens": float(sum(b.n_padded for b in batches)),
-    }
-
-
-def _batch_counts(
-    episodes: Sequence[Episode], value_targets: Sequence[Sequence[float | None]] | None
-) -> dict[str, float]:
-    """The whole batch's counts (what `micro_batches` would train), however it is split."""
-    n_tokens = sum(
-        len(t.completion_ids)
-        for e in episodes
-        for t in e.turns
-        if t.advantage is not None and not t.replayed
-    )
-    counts = {"n_tokens": float(n_tokens), "n_sequences": float(len(episodes))}
-    if value_targets is not None:
-        counts["n_value_targets"] = float(sum(v is not None for row in value_targets for v in row))
-    return counts

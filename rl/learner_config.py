@@ -6,12 +6,18 @@ config loads without them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 LossWeighting = Literal["token", "episode"]
 """How a step's loss is shared among its samples (see `turnrl.rl.losses`)."""
+LearnerDevice = Literal["auto", "cpu", "cuda"]
+"""Where the learner trains: `auto` is cuda when one is available, else cpu."""
+LearnerDtype = Literal["float32", "bfloat16"]
+"""The learner's compute precision (`turnrl.rl.placement`)."""
+AttentionImplementation = Literal["sdpa", "flash_attention_2", "eager"]
+"""The transformers attention kernel the learner sets on the model."""
 
 
 class ValueHeadConfig(BaseModel):
@@ -136,3 +142,55 @@ class LearnerConfig(BaseModel):
     value_head: ValueHeadConfig | None = None
     """A linear value head on the final hidden state for turn-level critics (GAE); None
     builds none."""
+    device: LearnerDevice = "auto"
+    """Where the model is trained (it is moved there, with the policy that shares it): `auto`
+    is `cuda` when torch sees one, else `cpu`. Under `torchrun` each rank takes
+    `cuda:LOCAL_RANK` (`turnrl.rl.distributed`)."""
+    dtype: LearnerDtype = "float32"
+    """`bfloat16` keeps float32 master weights and AdamW state and runs the forward and
+    backward under bf16 autocast; logprobs are always log_softmax'd in float32
+    (`turnrl.rl.placement` says why not bf16 weights). `float32` computes in float32 (the
+    right choice on AVX2-only CPUs, where bf16 is slower)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of storing them
+    (transformers' non-reentrant checkpointing): ~1/3 more compute for activation memory of
+    one layer per micro-batch. Excludes `share_prefix` (a checkpointed layer drops the KV
+    cache the shared prefix lives in)."""
+    attention: AttentionImplementation = "sdpa"
+    """Attention kernel set on the model: `sdpa` (torch's scaled_dot_product_attention, any
+    device), `flash_attention_2` (needs the `flash-attn` package and cuda; refused otherwise),
+    `eager` (the reference implementation)."""
+    packing: bool = False
+    """Pack episodes end to end into rows as wide as the step's longest episode, positions
+    restarting and attention confined to each episode (a block-diagonal causal mask, or
+    flash-attention's varlen path), micro-batches of `micro_batch_tokens // width` rows
+    (`turnrl.rl.packing`): the padding of short episodes is replaced by other episodes.
+    Losses and gradients equal the padded layout's to float rounding, for either weighting.
+    Applies to the gradient passes (`step`, `sft_step`); scoring passes stay padded. Excludes
+    `share_prefix` (a pack row's episodes share no single prefix)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _share_prefix_default(cls, data: Any) -> Any:
+        # share_prefix defaults to True, but packing and checkpointing exclude it: left out,
+        # it follows them (so a dumped config loads back unchanged); set True, it is refused.
+        if not isinstance(data, dict) or "share_prefix" in data:
+            return data
+        if data.get("packing") or data.get("gradient_checkpointing"):
+            return {**data, "share_prefix": False}
+        return data
+
+    @model_validator(mode="after")
+    def _share_prefix_excluded(self) -> LearnerConfig:
+        if self.share_prefix and (self.packing or self.gradient_checkpointing):
+            which = "packing" if self.packing else "gradient_checkpointing"
+            raise ValueError(
+                f"learner.share_prefix cannot be combined with learner.{which}: a "
+                + (
+                    "pack row's episodes share no single prefix"
+                    if self.packing
+                    else "checkpointed layer drops the prefix's KV cache"
+                )
+                + "; set learner.share_prefix: false (or leave it out)"
+            )
+        return self

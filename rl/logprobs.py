@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicLayer
 
 from turnrl.rl.batch import TokenBatch
 from turnrl.rl.losses import entropy_from_logprobs
+from turnrl.rl.packing import packed_hidden
 
 MIN_SHARED_PREFIX = 16
 """Shortest common prefix worth a separate pass (below it the saving is a few token-rows)."""
@@ -65,7 +66,10 @@ def decoder_hidden(
 ) -> torch.Tensor:
     """The decoder's final hidden states (after its last norm) for every position of
     `batch`: `hidden_B_T_H`, what the LM head and the value head read. `share_prefix` runs
-    the rows' common prefix once (module docstring); the result is the same."""
+    the rows' common prefix once (module docstring); the result is the same. A packed batch
+    (`turnrl.rl.packing`) runs with its block-diagonal attention, never a shared prefix."""
+    if batch.packed:
+        return packed_hidden(model, batch)
     return context_hidden(model, batch.input_ids_B_T, batch.lengths_B, share_prefix=share_prefix)
 
 

@@ -76,25 +76,40 @@ def _reducer(
 
 
 def sample_weights(
-    mask_B_X: torch.Tensor, weighting: LossWeighting, n_samples: int, n_rows: int
+    mask_B_X: torch.Tensor,
+    weighting: LossWeighting,
+    n_samples: int,
+    n_rows: int,
+    segments_B_X: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weight of each sample in the step's loss; each row is one episode (module docstring).
+    """Weight of each sample in the step's loss; each row is one episode (module docstring),
+    or, with `segments_B_X` (packed rows, `turnrl.rl.packing`), each sample belongs to the
+    episode numbered there (-1 off the samples).
 
     `mask_B_X` marks the samples (trained tokens, or turns with a value target) of one
     (micro-)batch; `n_samples` is the number of samples in the whole step and `n_rows` the
     number of episodes of the step with at least one sample. `"token"`: `1 / n_samples` on
-    every sample; `"episode"`: `1 / (samples in the row * n_rows)`. 0 off the mask; float32.
+    every sample; `"episode"`: `1 / (samples in the episode * n_rows)`. 0 off the mask;
+    float32.
     """
     if n_samples <= 0 or n_rows <= 0:
         raise ValueError(f"need a positive step size, got {n_samples} samples in {n_rows} rows")
     mask = mask_B_X.bool()
     if weighting == "token":
-        per_row_B_1 = torch.full_like(mask[:, :1], n_samples, dtype=torch.float32)
+        per_B_X = torch.full(mask.shape, float(n_samples), device=mask.device)
+    elif weighting == "episode" and segments_B_X is None:
+        per_B_X = mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32) * n_rows
     elif weighting == "episode":
-        per_row_B_1 = mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32) * n_rows
+        assert segments_B_X is not None
+        # Samples per episode, gathered back to each sample: the row count of the padded
+        # layout, for rows that hold several episodes.
+        segments = torch.where(mask, segments_B_X, 0)
+        counts_S = torch.zeros(int(segments.max()) + 1, device=mask.device)
+        counts_S.index_add_(0, segments[mask], torch.ones(int(mask.sum()), device=mask.device))
+        per_B_X = counts_S[segments].clamp(min=1) * n_rows
     else:
         raise ValueError(f"unknown loss weighting {weighting!r}")
-    return torch.where(mask, 1.0 / per_row_B_1, 0.0)
+    return torch.where(mask, 1.0 / per_B_X, 0.0)
 
 
 def ppo_clip_loss(

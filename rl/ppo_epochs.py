@@ -24,6 +24,9 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from turnrl.agent.records import Episode
+from turnrl.rl.learner_config import LossWeighting
+
 COUNT_KEYS = ("n_tokens", "n_sequences", "n_value_targets")
 """Scalars that count the whole batch (taken once, not averaged over updates)."""
 WORK_KEYS = ("n_micro_batches", "n_padded_tokens")
@@ -138,3 +141,29 @@ def _means(updates: Sequence[Update]) -> dict[str, float]:
             sums[key] = sums.get(key, 0.0) + value
             seen[key] = seen.get(key, 0) + 1
     return {key: sums[key] / seen[key] for key in sums}
+
+
+def batch_counts(
+    episodes: Sequence[Episode], value_targets: Sequence[Sequence[float | None]] | None
+) -> dict[str, float]:
+    """The whole batch's counts (what `micro_batches` would train), however it is split."""
+    n_tokens = sum(
+        len(t.completion_ids)
+        for e in episodes
+        for t in e.turns
+        if t.advantage is not None and not t.replayed
+    )
+    counts = {"n_tokens": float(n_tokens), "n_sequences": float(len(episodes))}
+    if value_targets is not None:
+        counts["n_value_targets"] = float(sum(v is not None for row in value_targets for v in row))
+    return counts
+
+
+def trained_size(episodes: Sequence[Episode], weighting: LossWeighting) -> int:
+    """What a step's loss is a mean over: trained tokens (`"token"`), or episodes with a
+    trained token (`"episode"`)."""
+    sizes = [
+        sum(len(t.completion_ids) for t in e.turns if t.advantage is not None and not t.replayed)
+        for e in episodes
+    ]
+    return sum(sizes) if weighting == "token" else sum(n > 0 for n in sizes)

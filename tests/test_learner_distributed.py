@@ -1,0 +1,139 @@
+"""Data-parallel learner steps (`turnrl.rl.distributed`): two CPU processes on gloo, each with
+half the episodes, end with identical weights equal to one process's step on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_learner import tiny_model
+from test_learner_packing import varied_episodes
+
+from turnrl.rl.distributed import DataParallelGroup, _buckets
+from turnrl.rl.learner import Learner
+from turnrl.rl.learner_config import LearnerConfig, LossWeighting, ValueHeadConfig
+
+WORLD = 2
+
+
+def config(weighting: LossWeighting, packing: bool) -> LearnerConfig:
+    return LearnerConfig(
+        lr=1e-3,
+        loss_weighting=weighting,
+        kl_coef=0.05,
+        micro_batch_tokens=40,
+        packing=packing,
+        value_head=ValueHeadConfig(init_std=0.1, backprop_to_policy=True),
+    )
+
+
+def targets_of(n: int) -> list[list[float | None]]:
+    from test_learner_packing import SHAPES
+
+    return [
+        [0.3 * j - 0.1 * i if (i + j) % 2 else None for j in range(len(SHAPES[i]))]
+        for i in range(n)
+    ]
+
+
+def run_step(
+    learner: Learner, episodes: list, targets: list[list[float | None]]
+) -> dict[str, object]:
+    """Gradients of the step (summed over ranks), then the step itself."""
+    learner.accumulate_gradients(episodes, targets)
+    params = learner.trainable_parameters + learner.value_parameters
+    if learner.data_parallel is not None:
+        learner.data_parallel.sum_gradients(params)
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+    learner.optimizer.zero_grad(set_to_none=True)
+    result = learner.step(episodes, targets)
+    return {
+        "grads": grads,
+        "params": [p.detach().clone() for p in params],
+        "loss": result.scalars["loss"],
+        "version": result.version,
+    }
+
+
+def _rank(rank: int, port: int, weighting: LossWeighting, packing: bool, out: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(rank)  # different value-head inits: rank 0's must win
+        model = tiny_model()
+        if rank == 1:
+            with torch.no_grad():  # and different weights: rank 0's are broadcast
+                next(model.parameters()).add_(1.0)
+        group = DataParallelGroup(rank, WORLD)
+        learner = Learner(model, config(weighting, packing), data_parallel=group)
+        episodes = varied_episodes(tiny_model())
+        targets = targets_of(len(episodes))
+        torch.save(
+            run_step(learner, group.shard(episodes), group.shard(targets)),
+            Path(out) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize(("weighting", "packing"), [("token", False), ("episode", True)])
+def test_two_ranks_step_like_one_process(
+    tmp_path: Path, weighting: LossWeighting, packing: bool
+) -> None:
+    mp.start_processes(
+        _rank,
+        args=(free_port(), weighting, packing, str(tmp_path)),
+        nprocs=WORLD,
+        join=True,
+        start_method="spawn",
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    torch.manual_seed(0)
+    model = tiny_model()
+    single = Learner(model, config(weighting, packing))
+    assert single.value_head is not None
+    # The value head as rank 0 initialised it (rank 0's seed; its weights were broadcast).
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        head = Learner(tiny_model(), config(weighting, packing)).value_head
+    assert head is not None
+    single.value_head.load_state_dict(head.state_dict())
+    episodes = varied_episodes(tiny_model())
+    one = run_step(single, episodes, targets_of(len(episodes)))
+
+    # Both ranks end identical: same summed gradient, same AdamW step.
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
+        assert torch.equal(a, b)
+    assert ranks[0]["version"] == ranks[1]["version"] == one["version"] == 1
+    # The ranks' losses are normalised by the global counts: their sum is the whole loss.
+    assert ranks[0]["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    for g_rank, g_one in zip(ranks[0]["grads"], one["grads"], strict=True):
+        torch.testing.assert_close(g_rank, g_one, atol=1e-6, rtol=1e-4)
+    # Adam's first step is ~lr * sign(grad): rounding near 0 moves a weight by <= 1% of lr.
+    for p_rank, p_one in zip(ranks[0]["params"], one["params"], strict=True):
+        torch.testing.assert_close(p_rank, p_one, atol=1e-5, rtol=1e-5)
+
+
+def test_shards_are_contiguous_and_cover_everything() -> None:
+    items = list(range(7))
+    shards = [DataParallelGroup(r, 3).shard(items) for r in range(3)]
+    assert shards == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+def test_gradient_buckets_respect_the_limit_and_the_dtype() -> None:
+    ps = [torch.zeros(10), torch.zeros(10), torch.zeros(30), torch.zeros(5, dtype=torch.float64)]
+    buckets = _buckets(ps, limit=80)
+    assert [len(b) for b in buckets] == [2, 1, 1]

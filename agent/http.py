@@ -11,6 +11,8 @@ does only that:
 - request bodies with `Content-Length`; responses framed by `Content-Length`, `chunked`, or
   the end of the connection;
 - one timeout per request, covering the pool wait, connecting, sending and reading;
+- optionally TLS (`ssl`) and fixed extra headers on every request (`headers`: an API key),
+  for a hosted OpenAI-compatible API;
 - resending, and when: a keep-alive connection the server has closed while idle is noticed
   before anything is written to it (its end-of-stream has arrived) and replaced. A request
   whose bytes were written and that got no response is resent once on a new connection only
@@ -26,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl as _ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -113,9 +117,15 @@ class HTTPClient:
         max_connections: int = 64,
         timeout_s: float = 60.0,
         max_body_bytes: int = 256 << 20,
+        ssl: _ssl.SSLContext | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        headers = headers or {}
+        if any(c in k + v for k, v in headers.items() for c in "\r\n"):
+            raise ValueError("header names and values must not contain line breaks")
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         self.host = host
         self.port = port
         self.max_connections = max_connections
@@ -125,7 +135,8 @@ class HTTPClient:
         """Connections opened so far."""
         self.n_sent = 0
         """Requests written to a connection so far (a resent request counts twice)."""
-        self._host_header = f"Host: {host}:{port}\r\n".encode()
+        self._host_header = f"Host: {host}:{port}\r\n{extra}".encode()
+        self._ssl = ssl
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Conn] = []
         self._open: set[_Conn] = set()
@@ -245,7 +256,11 @@ class HTTPClient:
             self._discard(conn)
         try:
             reader, writer = await asyncio.open_connection(
-                self.host, self.port, limit=_HEADER_LIMIT
+                self.host,
+                self.port,
+                limit=_HEADER_LIMIT,
+                ssl=self._ssl,
+                server_hostname=self.host if self._ssl is not None else None,
             )
         except OSError as e:
             raise HTTPConnectionError(

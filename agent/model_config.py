@@ -116,10 +116,82 @@ class VLLMModel(_Config):
         return self.server.model_copy(update={"seed": seed})
 
 
-ModelConfig = Annotated[
-    EmbeddedModel | TinyModel | PathModel | OracleModel | VLLMModel, Field(discriminator="kind")
-]
+class ApiPrice(_Config):
+    """What an API model costs, in dollars per million tokens as its provider counts them."""
+
+    input_per_mtok: float = Field(ge=0)
+    """Prompt tokens."""
+    output_per_mtok: float = Field(ge=0)
+    """Completion tokens (reasoning tokens included: providers count them there)."""
+    cached_input_per_mtok: float | None = Field(None, ge=0)
+    """Prompt tokens the provider served from its prompt cache; None bills them as input."""
+
+    def dollars(self, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> float:
+        """The price of one request (`cached_input_tokens` are part of `input_tokens`)."""
+        cached = self.cached_input_per_mtok
+        if cached is None:
+            cached = self.input_per_mtok
+        fresh = input_tokens - cached_input_tokens
+        return (
+            fresh * self.input_per_mtok
+            + cached_input_tokens * cached
+            + output_tokens * self.output_per_mtok
+        ) / 1e6
+
+
+class OpenAIModel(_Config):
+    """A model behind any OpenAI-compatible chat-completions endpoint, with native function
+    calling (`turnrl.agent.openai_policy`). Evaluation only: its turns are its replies' text
+    encoded with the local tokenizer, not ids a trainable model sampled, so `turnrl train` and
+    `turnrl sft` refuse it."""
+
+    kind: Literal["openai"] = "openai"
+    model: str
+    """The `model` field of requests (`gpt-4o-mini`, or a local server's served name)."""
+    base_url: str = "https://api.openai.com/v1"
+    """The API root; requests go to `{base_url}/chat/completions`."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (sent as a bearer token; never
+    written to the run folder). None sends no key (a local server)."""
+    price: ApiPrice
+    """Dollars per million tokens; every turn's cost is the API's own token counts times it."""
+    token_limit_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    """Which request field carries the per-turn token limit (OpenAI's reasoning models take
+    only `max_completion_tokens`)."""
+    send_temperature: bool = True
+    """Send `eval.temperature` (models that accept only their default refuse the field)."""
+    request_timeout_s: float = Field(120.0, gt=0)
+    """Bound on one request; past it the episode ends with a policy error (not retried: the
+    provider may still be generating, and billing, the first one)."""
+    max_retries: int = Field(4, ge=0)
+    """Resends of a request that got no reply: a 429, a 5xx, or a lost connection."""
+    backoff_s: float = Field(1.0, ge=0)
+    """First wait before a resend; doubled each time (with jitter), at most `max_wait_s`."""
+    max_wait_s: float = Field(60.0, ge=0)
+    """Longest wait before one resend; a 429 whose `retry-after` asks for more ends the
+    episode instead."""
+    max_connections: int = Field(16, ge=1)
+    """Requests in flight at once (the provider's rate limit is the usual bound)."""
+
+
+AnyModel = EmbeddedModel | TinyModel | PathModel | OracleModel | VLLMModel | OpenAIModel
+"""Every model kind (`ModelConfig` is this union, discriminated by `kind`)."""
+
+ModelConfig = Annotated[AnyModel, Field(discriminator="kind")]
 """The policy of a run."""
+
+
+def training_refusal(model: AnyModel) -> str | None:
+    """Why `turnrl train`/`sft` cannot run with `model` (None: they can)."""
+    if model.kind == "oracle":
+        return "the oracle model plays gold answers: use it with `turnrl eval`"
+    if model.kind == "openai":
+        return (
+            "model.kind openai is an API model for evaluation only: its turns are its replies' "
+            "text re-encoded with the local tokenizer, not ids a trained model sampled, and it "
+            "has no weights to train: use it with `turnrl eval`"
+        )
+    return None
 
 
 class ExpertConfig(_Config):

@@ -140,6 +140,20 @@ _NO_SIGNALS = TurnSignals()
 """Every new turn's signals: one shared value (records are frozen), not one built per turn."""
 
 
+class ApiUsage(Record):
+    """What an API model's provider counted and charged for one turn's request
+    (`model.kind: openai`): its own token counts, not local re-counts."""
+
+    input_tokens: int = Field(ge=0)
+    """Prompt tokens (`usage.prompt_tokens`)."""
+    cached_input_tokens: int = Field(0, ge=0)
+    """Of those, the ones served from the provider's prompt cache."""
+    output_tokens: int = Field(ge=0)
+    """Completion tokens (`usage.completion_tokens`, reasoning tokens included)."""
+    cost_usd: float = Field(ge=0)
+    """Their price under the run's price table (`model.price`)."""
+
+
 class Turn(Record):
     """One policy step and what the environment appended after it."""
 
@@ -199,6 +213,11 @@ class Turn(Record):
     """True for a turn copied from a stored episode as the prefix of a branched rollout
     (`EpisodeSpec.prefix`): its ids stay in the context exactly, but this episode's policy did
     not sample them, so the learner must not train on them (mask them out)."""
+    api_usage: ApiUsage | None = None
+    """For a turn an API model wrote (`model.kind: openai`): the provider's token counts and
+    price of its request (also summed into `Episode.cost`). Such a turn's ids are the local
+    tokenizer's encoding of the reply, not ids a model of this run sampled, and its logprobs
+    are placeholders (0.0): it is never trained on. None for every other turn."""
 
     @property
     def n_tool_calls(self) -> int:

@@ -50,6 +50,17 @@ def _load(config: Path, sets: list[str]) -> Any:
         raise typer.Exit(2) from None
 
 
+def _trainable(cfg: Any) -> Any:
+    """`cfg`, or a clear refusal when its model cannot be trained (the oracle, an API model)."""
+    from turnrl.agent.model_config import training_refusal
+
+    refusal = training_refusal(cfg.model)
+    if refusal is not None:
+        console.print(f"[red]{refusal}[/]")
+        raise typer.Exit(2)
+    return cfg
+
+
 SetOpt = Annotated[
     Optional[list[str]],  # noqa: UP045 (typer reads the annotation at run time)
     typer.Option("--set", help="Override a config field: --set train.steps=2"),
@@ -70,7 +81,8 @@ def train(
 
     _quiet_libraries()
     try:
-        run_train(_load(config, sets or []), console, with_eval=not no_eval, overwrite=overwrite)
+        cfg = _trainable(_load(config, sets or []))
+        run_train(cfg, console, with_eval=not no_eval, overwrite=overwrite)
     except FileExistsError as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
@@ -91,7 +103,8 @@ def sft(
 
     _quiet_libraries()
     try:
-        run_sft(_load(config, sets or []), console, with_eval=not no_eval, overwrite=overwrite)
+        cfg = _trainable(_load(config, sets or []))
+        run_sft(cfg, console, with_eval=not no_eval, overwrite=overwrite)
     except (FileExistsError, ValueError) as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None

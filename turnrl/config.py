@@ -239,6 +239,19 @@ class RunConfig(_Config):
             )
         return self
 
+    @model_validator(mode="after")
+    def _api_model_turns_are_chatml(self) -> RunConfig:
+        # An API model's replies are stored as ChatML text with `<tool_call>` calls
+        # (`turnrl.agent.openai_chat`): another template or call format would misread them.
+        if self.model.kind == "openai" and (
+            self.chat.template.kind != "chatml" or self.chat.tool_format != "hermes"
+        ):
+            raise ValueError(
+                "model.kind openai stores its turns as ChatML with hermes tool calls: leave "
+                "chat at its default (template chatml, tool_format hermes)"
+            )
+        return self
+
     def needs_sandbox(self) -> bool:
         """Whether the run opens its sandbox: the suite or one of `tools` runs code."""
         return self.task.runs_code or any(t.runs_code for t in self.tools)

@@ -93,7 +93,18 @@ def episode_row(e: Episode) -> dict[str, Any]:
         "context_tokens": len(e.token_ids()),
         "cost": e.cost,
         "wall_s": e.wall_s,
+        "error": _error_line(e.error),
     }
+
+
+def _error_line(error: str | None) -> str | None:
+    """What ended a failed episode, at a glance: a policy error's class and text, or a
+    traceback's last line."""
+    lines = (error or "").strip().splitlines()
+    if not lines:
+        return None
+    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    return line[:500]
 
 
 def curves_table(rows: Sequence[dict[str, float]], columns: Mapping[str, str]) -> Table:

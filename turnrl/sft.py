@@ -221,7 +221,11 @@ def _stored_episodes(source: RunSource, train_ids: set[str]) -> list[Episode]:
     if not (source.path / "episodes.rec").is_file():
         raise FileNotFoundError(f"warm_start source {source.path}: not a run folder")
     with RunStore.open_readonly(source.path) as run:
-        episodes = [e for e in run.episodes() if e.outcome]
+        # An API model's turns are its text re-encoded, with placeholder logprobs: not
+        # trajectories a model of ours sampled, and never trained on (`Turn.api_usage`).
+        episodes = [
+            e for e in run.episodes() if e.outcome and all(t.api_usage is None for t in e.turns)
+        ]
     if source.split == "train":
         episodes = [e for e in episodes if e.task_id in train_ids]
     return episodes

@@ -33,7 +33,8 @@ from rich.progress import (
 )
 from transformers import PreTrainedModel
 
-from turnrl.agent.chat import ChatML, HFTokenizer
+from turnrl.agent.chat import Renderer
+from turnrl.agent.chat_template import build_renderer
 from turnrl.agent.hf_policy import HFPolicy
 from turnrl.agent.model import (
     embedded_model_dir,
@@ -42,6 +43,8 @@ from turnrl.agent.model import (
     tiny_model_dir,
     tokenizer_dir,
 )
+from turnrl.agent.model_config import training_refusal
+from turnrl.agent.openai_policy import OpenAIPolicy
 from turnrl.agent.policy import Policy, SamplingParams, WeightSync
 from turnrl.agent.records import Episode
 from turnrl.agent.runner import EpisodeRunner
@@ -50,6 +53,7 @@ from turnrl.agent.store import RunStore
 from turnrl.agent.vllm_policy import VLLMPolicy
 from turnrl.config import ModelConfig, RunConfig
 from turnrl.loop import Rollouts, StepHooks, StepReport, grade, rollout, train_step
+from turnrl.openai_backend import OpenAIBackend, cost_line
 from turnrl.plots import plot_curves
 from turnrl.report import (
     comparison_table,
@@ -110,6 +114,8 @@ def model_dir(cfg: ModelConfig, checkpoint: Path | None = None) -> Path:
         return tiny_model_dir()
     if cfg.kind == "oracle":
         raise ValueError("the oracle model has no weights")
+    if cfg.kind == "openai":
+        raise ValueError("an API model (model.kind openai) has no weights here")
     if cfg.kind == "vllm":
         return model_dir(cfg.weights)
     return cfg.path
@@ -126,7 +132,7 @@ class Session:
     sync: WeightSync
     """How the learner's new weights reach `policy` (for an in-process model, a pause and a
     version stamp)."""
-    renderer: ChatML
+    renderer: Renderer
     suite: TaskSuite
     learner: Learner | None
     """The RL learner; None for an evaluation, and until the warm start has run."""
@@ -144,6 +150,8 @@ class Session:
     """The episodes of each evaluation so far, by tag (paired before/after comparisons)."""
     backend: VLLMBackend | None = None
     """The vLLM server and its client (`model.kind: vllm`); None for an in-process policy."""
+    api: OpenAIBackend | None = None
+    """The API model and its cost ledger (`model.kind: openai`, evaluation only)."""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def open_tools(self) -> None:
@@ -152,6 +160,8 @@ class Session:
         if self.backend is not None:
             self._closers.append(self.backend.close)
             await self.backend.open()
+        if self.api is not None:
+            self._closers.append(self.api.aclose)  # its connections belong to this loop
         ctx = ToolContext(self.renderer.tokenizer.encode, self.sandbox, self._closers)
         self.extra_tools.extend(await open_run_tools(self.config.tools, ctx))
 
@@ -213,18 +223,22 @@ def open_session(
     torch.manual_seed(config.seed)
     if config.policy.torch_threads:
         torch.set_num_threads(config.policy.torch_threads)
+    refusal = training_refusal(config.model)
+    if train and refusal is not None:
+        raise ValueError(refusal)
     if config.model.kind == "oracle":
-        if train:
-            raise ValueError("the oracle model plays gold answers: use it with `turnrl eval`")
         path = tokenizer_dir()
         console.print(
             f"[bold]model[/] oracle (scripted gold answers)  [bold]run[/] {config.run_dir}"
         )
+    elif config.model.kind == "openai":
+        path = tokenizer_dir()  # encodes the API's replies into the stored turns
+        console.print(f"[bold]model[/] {config.model.model} (API)  [bold]run[/] {config.run_dir}")
     else:
         path = model_dir(config.model, checkpoint)
         console.print(f"[bold]model[/] {path.name}  [bold]run[/] {config.run_dir}")
     tokenizer = load_tokenizer(path)
-    renderer = ChatML(HFTokenizer(tokenizer))
+    renderer = build_renderer(config.chat, tokenizer)
     sandbox = open_sandbox(config.sandbox) if config.needs_sandbox() else None
     expert = _expert(config, console)
     suite = build_suite(
@@ -233,7 +247,8 @@ def open_session(
     suite.tools()  # opens (or builds, once) the search index before the event loop starts
     learner = None
     backend: VLLMBackend | None = None
-    policy: HFPolicy | ScriptedPolicy | VLLMPolicy
+    api: OpenAIBackend | None = None
+    policy: HFPolicy | ScriptedPolicy | VLLMPolicy | OpenAIPolicy
     model: PreTrainedModel | None = None
     if config.model.kind == "vllm":
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
@@ -243,6 +258,10 @@ def open_session(
             model = load_model(path)
             if config.warm_start is None:
                 learner = Learner(model, config.learner)
+    elif config.model.kind == "openai":
+        api = OpenAIBackend(config.model, renderer, config.seed)
+        policy = api.policy
+        console.print(f"[bold]API[/] {api.describe()}")
     elif config.model.kind == "oracle":
         eot = str(tokenizer.convert_ids_to_tokens(renderer.end_of_turn_id()))
         oracle = oracle_policies(suite, renderer, eot)
@@ -278,6 +297,7 @@ def open_session(
             sandbox,
             model=policy.model if isinstance(policy, HFPolicy) else model,
             backend=backend,
+            api=api,
         )
         if config.model.kind == "oracle":
             session.policy_for = oracle
@@ -289,7 +309,7 @@ def open_session(
             )
         yield session
     finally:
-        if isinstance(policy, HFPolicy | VLLMPolicy):
+        if isinstance(policy, HFPolicy | VLLMPolicy | OpenAIPolicy):
             policy.close()
         if expert is not None:
             expert[0].close()
@@ -336,6 +356,8 @@ async def evaluate(s: Session, tag: str) -> dict[str, float]:
             tag,
             on_episode=lambda _: progress.advance(bar),
         )
+        if s.api is not None:
+            episodes = s.api.charge(episodes)
         episodes = await grade(s.suite, items, episodes, r.concurrency, r.metrics)
     for e in episodes:
         s.store.append_episode(e)
@@ -349,6 +371,8 @@ async def evaluate(s: Session, tag: str) -> dict[str, float]:
         + f"tool calls/ep {summary['tool_calls_per_episode']:.2f}  "
         f"({time.monotonic() - t0:.0f} s, {len(episodes)} episodes)"
     )
+    if s.api is not None:
+        s.console.print(f"[bold]{tag}[/]: {cost_line(summary, episodes)}")
     return summary
 
 

@@ -14,6 +14,8 @@ Cache folders are built in a temporary sibling folder and renamed into place und
 lock: a crash mid-build never leaves a half folder, and concurrent processes build it once.
 Nothing here touches the network: every load is from a local folder with
 `local_files_only=True`. Weights load in float32: on AVX2-only CPUs bf16 is slower.
+`load_model` reads any local transformers causal-LM folder (Llama, Qwen2/2.5/3, SmolLM2...);
+`random_model` builds one from a config alone, for throughput tests.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GgufConfig,
@@ -171,6 +175,64 @@ def build_tiny_model(seed: int = 0) -> LlamaForCausalLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-1.5b": {
+        # Qwen2.5-1.5B(-Instruct)'s config.json values, written out here (no download).
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    },
+    "smollm2-135m": {
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
+        "tie_word_embeddings": False,
+    },
+}
+"""Architectures `random_model` builds by name: the GPU check's Qwen2.5-1.5B shape and the
+embedded model's."""
+
+
+def random_model(
+    shape: str | Mapping[str, Any], dtype: torch.dtype = torch.float32, seed: int = 0
+) -> PreTrainedModel:
+    """A causal LM with random weights, built from a config alone (nothing downloaded): a
+    name in `MODEL_SHAPES`, or a config dict with its `model_type` (any transformers causal
+    LM: `qwen2`, `llama`, ...). For throughput, memory and MFU measurements, where the
+    weights' values do not matter. In eval mode."""
+    if isinstance(shape, str):
+        if shape not in MODEL_SHAPES:
+            raise ValueError(f"unknown model shape {shape!r}; known: {sorted(MODEL_SHAPES)}")
+        shape = MODEL_SHAPES[shape]
+    values = dict(shape)
+    model_type = values.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise ValueError("a model config dict needs its `model_type` (e.g. 'qwen2', 'llama')")
+    config = AutoConfig.for_model(model_type, **values)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     return model
 

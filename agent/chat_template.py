@@ -353,9 +353,15 @@ class TemplateRenderer:
             ("<answer> y </answer>", False, UserMessage(" And then? ")),
             ("Hmm.", True, ToolResponses([], [], note="Error: no call")),
         ]
-        for text, closed, followup in steps:
-            ids = tok.encode(text, parse_special=True) + ([eot] if closed else [])
-            d.append(ids, tok.decode(ids), closed, followup)
+        try:
+            for text, closed, followup in steps:
+                ids = tok.encode(text, parse_special=True) + ([eot] if closed else [])
+                d.append(ids, tok.decode(ids), closed, followup)
+        except TemplateError as e:
+            if self.tool_schemas != "template":
+                raise
+            hint = " (if the template moves its tool list, try `tool_schemas: system`)"
+            raise TemplateError(self.name, e.where, e.problem + hint) from e
 
 
 class _TemplateDialogue:

@@ -181,7 +181,10 @@ class OpenAIPolicy:
         *,
         seed: int = 0,
         sleep: Sleep = asyncio.sleep,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls`: the context of an `https` endpoint (default: the system's trusted CAs);
+        `sleep`: how waits before a resend are taken (tests record them)."""
         parts = urlsplit(cfg.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"model.base_url {cfg.base_url!r} is not an http(s) URL")
@@ -193,7 +196,7 @@ class OpenAIPolicy:
         self.ledger = Ledger()
         self.policy_version = 0
         self.path = parts.path.rstrip("/") + "/chat/completions"
-        tls = ssl.create_default_context() if parts.scheme == "https" else None
+        tls = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
         self._key = api_key or None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = HTTPClient(

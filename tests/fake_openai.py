@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -133,8 +134,10 @@ class FakeOpenAI:
         api_key: str | None = None,
         model: str = "fake-gpt",
         prefix: str = "/v1",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.script = script
+        self.tls = tls
         self.api_key = api_key
         self.model = model
         self.prefix = prefix
@@ -151,14 +154,15 @@ class FakeOpenAI:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.prefix}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{self.prefix}"
 
     def inject(self, question: str, *faults: Fault) -> None:
         """The next requests of the episode asking `question` take `faults`, one each."""
         self._faults.setdefault(question, []).extend(faults)
 
     async def start(self) -> FakeOpenAI:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -210,3 +210,30 @@ def test_an_unset_key_variable_is_a_clear_error(
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(ValueError, match=KEY_ENV):
         run_eval(config(tmp_path / "nokey", "http://127.0.0.1:1/v1"), Console(), None)
+
+
+def test_the_cli_evaluates_the_example_config_against_the_server(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """`turnrl eval examples/openai_eval.yaml`, pointed at the fake server: the summary it
+    prints carries the dollars per episode and per success."""
+    sets = [
+        f"run_dir={tmp_path / 'cli'}",
+        f"model.base_url={fake.base_url}",
+        f"model.api_key_env={KEY_ENV}",
+        "model.model=fake-gpt",
+        "task.n_train=40",
+        "task.n_test=10",
+        "eval.n_items=3",
+    ]
+    args = ["eval", str(ROOT / "examples" / "openai_eval.yaml")]
+    for pair in sets:
+        args += ["--set", pair]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{\n") :])
+    assert summary["episodes"] == 3 and summary["cost/model_usd"] > 0
+    assert summary["cost_per_success/model_usd"] == pytest.approx(
+        summary["cost/model_usd"] / summary["success"]
+    )
+    assert len(fake.answered) >= 3

@@ -413,3 +413,36 @@ def test_config_refuses_an_unknown_field_and_keeps_the_key_out(tmp_path: Any) ->
         OpenAIModel.model_validate({"model": "m", "price": PRICE, "api_key": KEY})
     dumped = json.dumps(OpenAIModel(model="m", price=PRICE).model_dump(mode="json"))
     assert "OPENAI_API_KEY" in dumped
+
+
+def test_an_https_endpoint_is_reached_over_tls(renderer: ChatML, tmp_path: Any) -> None:
+    """A self-signed certificate for 127.0.0.1, trusted by the client's context: the request
+    and reply travel over TLS (a plain-HTTP client could not read the reply)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    make = "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1"
+    san = ["-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        ["openssl", *make.split(), "-keyout", str(key), "-out", str(cert), *san],
+        check=True,
+        capture_output=True,
+    )
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    client_tls = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> None:
+        async with FakeOpenAI(search_then_answer, api_key=KEY, tls=server_tls) as server:
+            assert server.base_url.startswith("https://")
+            policy = OpenAIPolicy(cfg(server), renderer, KEY, tls=client_tls)
+            async with policy:
+                c = await policy.generate(opening(renderer), PARAMS)
+            assert "search" in renderer.tokenizer.decode(c.token_ids)
+            assert len(server.answered) == 1
+
+    asyncio.run(main())

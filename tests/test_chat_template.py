@@ -393,3 +393,40 @@ def test_chat_config_values() -> None:
             ChatConfig.model_validate({"template": bad})
     with pytest.raises(ValidationError):
         ChatConfig.model_validate({"tool_format": "xml"})
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "config"),
+    [
+        ("llama31", "embodied_search", {"n_train": 2, "n_test": 2, "ambiguity": 2}),
+        ("mistral", "embodied_search", {"n_train": 2, "n_test": 2, "ambiguity": 2}),
+        ("qwen25", "search_qa", {"n_train": 10, "n_test": 4}),
+    ],
+)
+def test_oracle_scores_under_a_model_template(
+    name: str, kind: str, config: dict[str, Any], request: pytest.FixtureRequest
+) -> None:
+    """The oracle plays each item's gold calls in the renderer's tool format through the
+    template (few-shot examples rewritten too), and every episode is graded correct."""
+    from pydantic import TypeAdapter
+
+    from turnrl.rollout import collect
+    from turnrl.suites import oracle_policies
+    from turnrl.tasks.registry import TaskConfig
+    from turnrl.tasks.suite_config import BuildContext
+
+    renderer, _ = _style(name, request)
+    cfg: TaskConfig = TypeAdapter(TaskConfig).validate_python({"kind": kind, **config})
+    suite = cfg.build(BuildContext(encode=renderer.tokenizer.encode, sandbox=None))
+    items = list(suite.items("train"))[:2]
+    eot = renderer.eot_text
+    wrong = ScriptedPolicy(lambda _: f"<answer>wrong</answer>{eot}", renderer.tokenizer)
+    budget = Budget(max_turns=24, max_tool_calls=20, max_context_tokens=32_768)
+    runner = EpisodeRunner(wrong, renderer, suite.tools(), budget, SamplingParams())
+    oracle = oracle_policies(suite, renderer, eot)
+    episodes = asyncio.run(collect(runner, suite, items, 1, 0, 0, 2, policy_for=oracle))
+    assert [e.outcome["correct"] for e in episodes] == [1.0] * len(items)
+    calls = [c for e in episodes for t in e.turns for c in t.tool_calls]
+    assert calls and all(c.parse_error is None for c in calls)
+    if renderer.tool_format.name != "hermes":
+        assert all("<tool_call>" not in t.text for e in episodes for t in e.turns)

@@ -45,6 +45,11 @@ Design:
 - `sft_step` is the supervised variant (warm start, behaviour cloning): the same micro-batches
   and optimizer, with the weighted NLL of the trained tokens (`turnrl.rl.losses.sft_loss`)
   for loss; each turn's `advantage` is its weight.
+- Where it runs (`turnrl.rl.placement`): the model is moved to `LearnerConfig.device`, with
+  bf16 autocast over float32 master weights, the chosen attention kernel and gradient
+  checkpointing; micro-batches are padded or packed (`turnrl.rl.packing`); with a
+  `DataParallelGroup` the ranks share the step (`turnrl.rl.distributed`: global counts, summed
+  gradients); one micro-batch's loss: `turnrl.rl.step_losses`.
 - Checkpoints: `turnrl.rl.learner_checkpoint`; no-gradient scoring passes (`logprobs`,
   `values`, the KL stop's measurement): `turnrl.rl.measure`; giving freed CPU memory back
   between steps (`LearnerConfig.release_memory`): `turnrl.rl.memory`.
@@ -72,16 +77,10 @@ from turnrl.rl.batch import TokenBatch, counts_of
 from turnrl.rl.distributed import DataParallelGroup
 from turnrl.rl.learner_config import LearnerConfig, LoraConfig
 from turnrl.rl.logprobs import decoder_hidden, token_logprobs
-from turnrl.rl.losses import (
-    Metrics,
-    kl_penalty,
-    ppo_clip_loss,
-    sample_weights,
-    sft_loss,
-    value_loss,
-)
+from turnrl.rl.losses import Metrics, sample_weights, sft_loss
 from turnrl.rl.packing import training_batches
 from turnrl.rl.ppo_epochs import Update, batch_counts, merge_scalars, run_epochs, trained_size
+from turnrl.rl.step_losses import policy_loss, state_value_loss
 from turnrl.rl.value_head import ValueHead, state_values
 
 
@@ -378,67 +377,23 @@ class Learner:
         n_tokens: int,
         n_rows: int,
         use_kl: bool,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, Metrics]:
         """PPO-clip (+ KL) of one micro-batch, weighted for the whole step."""
         cfg = self.config
         ref_B_T = self._reference_logprobs(batch) if use_kl else None
         logprobs_B_T, entropy_N = token_logprobs(
             self.model, batch, cfg.temperature, with_entropy=True, hidden_B_T_H=hidden_B_T_H
         )
-        # "token" keeps the plain division by the step's token count (bit for bit the
-        # unweighted path); other weightings pass explicit per-token weights.
-        weights_B_T = None
-        if cfg.loss_weighting != "token":
-            weights_B_T = sample_weights(
-                batch.loss_mask_B_T, cfg.loss_weighting, n_tokens, n_rows, batch.segments_B_T
-            )
-        denom = None if weights_B_T is not None else n_tokens
-        loss, metrics = ppo_clip_loss(
-            logprobs_B_T,
-            batch.old_logprobs_B_T,
-            batch.advantages_B_T,
-            batch.loss_mask_B_T,
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            n_tokens=denom,
-            weights_B_T=weights_B_T,
-        )
-        if ref_B_T is not None:
-            kl, kl_metrics = kl_penalty(
-                logprobs_B_T,
-                ref_B_T,
-                batch.loss_mask_B_T,
-                "k3",
-                n_tokens=denom,
-                weights_B_T=weights_B_T,
-            )
-            loss = loss + cfg.kl_coef * kl
-            metrics.update(kl_metrics)
         assert entropy_N is not None
-        # entropy_N is in mask order; column 0 is never trained, so the mask's order is it.
-        if weights_B_T is None:
-            metrics["entropy"] = entropy_N.sum() / n_tokens
-        else:
-            metrics["entropy"] = (entropy_N * weights_B_T[batch.loss_mask_B_T]).sum()
-        return loss, metrics
+        return policy_loss(logprobs_B_T, entropy_N, ref_B_T, batch, cfg, n_tokens, n_rows)
 
     def _value_loss(
         self, batch: TokenBatch, hidden_B_T_H: torch.Tensor, n_targets: int, n_rows: int
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, Metrics]:
         """MSE of V(s_j) against the batch's targets, weighted for the whole step."""
         assert self.value_head is not None
         values_B_J = state_values(self.value_head, hidden_B_T_H, batch.state_positions_B_J)
-        weighting = self.config.loss_weighting
-        if weighting == "token":
-            return value_loss(
-                values_B_J, batch.value_targets_B_J, batch.value_mask_B_J, n_targets=n_targets
-            )
-        weights_B_J = sample_weights(
-            batch.value_mask_B_J, weighting, n_targets, n_rows, batch.value_segments_B_J
-        )
-        return value_loss(
-            values_B_J, batch.value_targets_B_J, batch.value_mask_B_J, weights_B_J=weights_B_J
-        )
+        return state_value_loss(values_B_J, batch, self.config.loss_weighting, n_targets, n_rows)
 
     def step(
         self,

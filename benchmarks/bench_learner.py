@@ -15,6 +15,13 @@ turns each, as `turnrl train` on the search demo sees) is stepped with
 `LearnerConfig.share_prefix` on and off on the same learner, alternating; the JSON line's
 `share_prefix_speedup` is unshared seconds / shared seconds (both losses are printed: they
 agree to float rounding).
+
+Packing: episodes of widely varying length (15-100% of the longest, as multi-turn agent
+episodes are: one answers at once, another uses every turn) are stepped with
+`LearnerConfig.packing` on and off on the same learner, alternating, same micro-batch token
+budget, no shared prefix in either; `packing_speedup` is padded seconds / packed seconds and
+`packing_token_ratio` the tokens the padded layout computes over the packed one (the losses
+agree to float rounding).
 """
 
 from __future__ import annotations
@@ -69,13 +76,14 @@ def load(model_choice: str) -> tuple[transformers.PreTrainedModel, str]:
     return smollm2_sized_model(), "SmolLM2-135M dims, random weights"
 
 
-def make_episodes(n: int, length: int, seed: int) -> list[Episode]:
-    """`n` episodes of about `length` tokens: a prompt of length/5, then turns of 20-60%
-    sampled tokens and observations; the first episode is the longest."""
+def make_episodes(n: int, length: int, seed: int, shortest: float = 0.8) -> list[Episode]:
+    """`n` episodes of `shortest`-100% of `length` tokens: a prompt of length/5, then turns of
+    20-60% sampled tokens and observations; the first episode is the longest."""
     g = torch.Generator().manual_seed(seed)
     episodes = []
     for i in range(n):
-        target = length if i == 0 else int(length * (0.8 + 0.2 * torch.rand((), generator=g)))
+        spread = shortest + (1 - shortest) * float(torch.rand((), generator=g))
+        target = length if i == 0 else int(length * spread)
         n_prompt = length // 5
         turns: list[Turn] = []
         used = 0
@@ -108,6 +116,20 @@ def make_episodes(n: int, length: int, seed: int) -> list[Episode]:
             )
         )
     return episodes
+
+
+def with_advantages(episodes: list[Episode]) -> list[Episode]:
+    """Half the episodes pushed up, half down: both PPO branches do work."""
+    return [
+        e.model_copy(
+            update={
+                "turns": [
+                    t.model_copy(update={"advantage": 1.0 if i % 2 else -1.0}) for t in e.turns
+                ]
+            }
+        )
+        for i, e in enumerate(episodes)
+    ]
 
 
 def demo_episodes(n: int, prompt: int, turns: int, seed: int) -> list[Episode]:
@@ -187,6 +209,9 @@ def main() -> None:
     parser.add_argument("--demo-episodes", type=int, default=16)
     parser.add_argument("--demo-prompt", type=int, default=564)
     parser.add_argument("--demo-turns", type=int, default=200)
+    parser.add_argument("--pack-episodes", type=int, default=16)
+    parser.add_argument("--pack-length", type=int, default=512, help="longest packed episode")
+    parser.add_argument("--pack-micro-batch-tokens", type=int, default=2048)
     parser.add_argument(
         "--demo-micro-batch-tokens",
         type=int,
@@ -198,22 +223,13 @@ def main() -> None:
         args.episodes, args.length, args.reps, args.micro_batch_tokens = 2, 128, 2, 2048
         args.no_lora = True
         args.demo_episodes, args.demo_prompt, args.demo_turns = 4, 96, 48
+        args.pack_episodes, args.pack_length, args.pack_micro_batch_tokens = 6, 96, 256
 
     model, model_name = load(args.model)
     episodes = make_episodes(args.episodes, args.length, seed=0)
-    # Half the episodes are pushed up, half down: both PPO branches do work. The learner reads
-    # them from the turns; the raw baseline's batches take them as a list.
-    advantages = [[1.0 if i % 2 else -1.0] * len(e.turns) for i, e in enumerate(episodes)]
-    episodes = [
-        e.model_copy(
-            update={
-                "turns": [
-                    t.model_copy(update={"advantage": a}) for t, a in zip(e.turns, adv, strict=True)
-                ]
-            }
-        )
-        for e, adv in zip(episodes, advantages, strict=True)
-    ]
+    episodes = with_advantages(episodes)
+    # The raw baseline's batches take the advantages as a list.
+    advantages: list[list[float | None]] = [[t.advantage for t in e.turns] for e in episodes]
     config = LearnerConfig(lr=1e-7, micro_batch_tokens=args.micro_batch_tokens)
     learner = Learner(model, config)
     batches = micro_batches(episodes, advantages, config.micro_batch_tokens)
@@ -258,6 +274,39 @@ def main() -> None:
         f"one {args.demo_prompt}-token prompt, micro-batch budget "
         f"{args.demo_micro_batch_tokens}: step {shared_s:.3f} s shared vs {plain_s:.3f} s "
         f"plain ({speedup:.2f}x); loss {warm[True]:.6f} vs {warm[False]:.6f}"
+    )
+
+    # Packing on and off, the same learner; no shared prefix in either (packing excludes it).
+    varied = with_advantages(
+        make_episodes(args.pack_episodes, args.pack_length, seed=2, shortest=0.15)
+    )
+    budget = args.pack_micro_batch_tokens
+    pack_off = LearnerConfig(lr=1e-7, micro_batch_tokens=budget, share_prefix=False)
+    pack_on = LearnerConfig(lr=1e-7, micro_batch_tokens=budget, packing=True)
+    pack_losses: dict[bool, float] = {}
+    computed: dict[bool, float] = {}
+
+    def pack_step(cfg: LearnerConfig) -> None:
+        learner.config = cfg
+        scalars = learner.step(varied).scalars
+        pack_losses[cfg.packing] = scalars["loss"]
+        computed[cfg.packing] = scalars["n_padded_tokens"]
+
+    # No warm-up: the learner is warm (kernels, AdamW state); the losses printed are those of
+    # the last two (consecutive) steps.
+    packed_s, unpacked_s = timed(
+        [lambda: pack_step(pack_on), lambda: pack_step(pack_off)], 1 if args.quick else args.reps
+    )
+    pack_warm = dict(pack_losses)
+    pack_speedup = unpacked_s / packed_s
+    token_ratio = computed[False] / computed[True]
+    lengths = [len(e.token_ids()) for e in varied]
+    print(
+        f"packing: {len(varied)} episodes of {min(lengths)}-{max(lengths)} tokens "
+        f"({sum(lengths)} real), micro-batch budget {budget}: step {packed_s:.3f} s packed "
+        f"({computed[True]:.0f} tokens computed) vs {unpacked_s:.3f} s padded "
+        f"({computed[False]:.0f}); {pack_speedup:.2f}x; loss {pack_warm[True]:.6f} vs "
+        f"{pack_warm[False]:.6f}"
     )
 
     if not args.quick:
@@ -310,6 +359,8 @@ def main() -> None:
                 "target": "<= 1.2",
                 "ok": ratio <= 1.2,
                 "share_prefix_speedup": round(speedup, 2),
+                "packing_speedup": round(pack_speedup, 2),
+                "packing_token_ratio": round(token_ratio, 2),
             }
         )
     )

@@ -65,6 +65,7 @@ from turnrl.report import (
     write_eval,
 )
 from turnrl.rl.learner import Learner
+from turnrl.rl.placement import place_model, resolve_device
 from turnrl.sandboxes.base import Sandbox
 from turnrl.sandboxes.config import open_sandbox
 from turnrl.sft import (
@@ -269,6 +270,10 @@ def open_session(
         policy = ScriptedPolicy(lambda _: f"(no item){eot}", renderer.tokenizer)
     else:
         model = load_model(path)
+        if train:
+            # On the learner's device before the policy reads the model's device: both use
+            # the one module (`learner.device`, `turnrl.rl.placement`).
+            place_model(model, config.learner, resolve_device(config.learner.device))
         # With a warm start, the RL learner is built after it (`Session.start_learner`): its
         # KL reference and LoRA adapters belong to the warm-started weights. The policy samples
         # with `model` itself; both learners train it in place (peft injects into it).

@@ -6,14 +6,16 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from test_learner import tiny_model
-from test_learner_packing import varied_episodes
+from test_learner_packing import SHAPES, varied_episodes
+from torch.multiprocessing.spawn import spawn
 
+from turnrl.agent.records import Episode
 from turnrl.rl.distributed import DataParallelGroup, _buckets
 from turnrl.rl.learner import Learner
 from turnrl.rl.learner_config import LearnerConfig, LossWeighting, ValueHeadConfig
@@ -33,8 +35,6 @@ def config(weighting: LossWeighting, packing: bool) -> LearnerConfig:
 
 
 def targets_of(n: int) -> list[list[float | None]]:
-    from test_learner_packing import SHAPES
-
     return [
         [0.3 * j - 0.1 * i if (i + j) % 2 else None for j in range(len(SHAPES[i]))]
         for i in range(n)
@@ -42,8 +42,8 @@ def targets_of(n: int) -> list[list[float | None]]:
 
 
 def run_step(
-    learner: Learner, episodes: list, targets: list[list[float | None]]
-) -> dict[str, object]:
+    learner: Learner, episodes: list[Episode], targets: list[list[float | None]]
+) -> dict[str, Any]:
     """Gradients of the step (summed over ranks), then the step itself."""
     learner.accumulate_gradients(episodes, targets)
     params = learner.trainable_parameters + learner.value_parameters
@@ -93,14 +93,13 @@ def free_port() -> int:
 def test_two_ranks_step_like_one_process(
     tmp_path: Path, weighting: LossWeighting, packing: bool
 ) -> None:
-    mp.start_processes(
+    spawn(
         _rank,
         args=(free_port(), weighting, packing, str(tmp_path)),
         nprocs=WORLD,
         join=True,
-        start_method="spawn",
     )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks: list[dict[str, Any]] = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     torch.manual_seed(0)
     model = tiny_model()
     single = Learner(model, config(weighting, packing))

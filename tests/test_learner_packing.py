@@ -192,7 +192,7 @@ def test_bfloat16_keeps_float32_weights_and_float32_logprobs(packing: bool) -> N
     episodes = varied_episodes(model)
     fp32 = Learner(copy.deepcopy(model), LearnerConfig(lr=1e-3, packing=packing))
     bf16 = Learner(
-        copy.deepcopy(model).to(torch.bfloat16),
+        copy.deepcopy(model).to(torch.bfloat16),  # type: ignore[arg-type]
         LearnerConfig(lr=1e-3, dtype="bfloat16", packing=packing),
     )
     # Master weights are float32 even for a model handed over in bf16.

@@ -18,18 +18,26 @@ from torch.multiprocessing.spawn import spawn
 from turnrl.agent.records import Episode
 from turnrl.rl.distributed import DataParallelGroup, _buckets
 from turnrl.rl.learner import Learner
-from turnrl.rl.learner_config import LearnerConfig, LossWeighting, ValueHeadConfig
+from turnrl.rl.learner_config import (
+    FullConfig,
+    LearnerConfig,
+    LoraConfig,
+    LossWeighting,
+    ValueHeadConfig,
+)
 
 WORLD = 2
 
 
-def config(weighting: LossWeighting, packing: bool) -> LearnerConfig:
+def config(weighting: LossWeighting, variant: str) -> LearnerConfig:
+    """`variant`: padded rows, packed rows, or LoRA adapters (broadcast from rank 0)."""
     return LearnerConfig(
         lr=1e-3,
         loss_weighting=weighting,
         kl_coef=0.05,
         micro_batch_tokens=40,
-        packing=packing,
+        packing=variant == "packed",
+        adaptation=LoraConfig(r=4, alpha=8) if variant == "lora" else FullConfig(),
         value_head=ValueHeadConfig(init_std=0.1, backprop_to_policy=True),
     )
 
@@ -60,7 +68,7 @@ def run_step(
     }
 
 
-def _rank(rank: int, port: int, weighting: LossWeighting, packing: bool, out: str) -> None:
+def _rank(rank: int, port: int, weighting: LossWeighting, variant: str, out: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -71,7 +79,7 @@ def _rank(rank: int, port: int, weighting: LossWeighting, packing: bool, out: st
             with torch.no_grad():  # and different weights: rank 0's are broadcast
                 next(model.parameters()).add_(1.0)
         group = DataParallelGroup(rank, WORLD)
-        learner = Learner(model, config(weighting, packing), data_parallel=group)
+        learner = Learner(model, config(weighting, variant), data_parallel=group)
         episodes = varied_episodes(tiny_model())
         targets = targets_of(len(episodes))
         torch.save(
@@ -89,25 +97,27 @@ def free_port() -> int:
         return port
 
 
-@pytest.mark.parametrize(("weighting", "packing"), [("token", False), ("episode", True)])
+@pytest.mark.parametrize(
+    ("weighting", "variant"), [("token", "padded"), ("episode", "packed"), ("episode", "lora")]
+)
 def test_two_ranks_step_like_one_process(
-    tmp_path: Path, weighting: LossWeighting, packing: bool
+    tmp_path: Path, weighting: LossWeighting, variant: str
 ) -> None:
     spawn(
         _rank,
-        args=(free_port(), weighting, packing, str(tmp_path)),
+        args=(free_port(), weighting, variant, str(tmp_path)),
         nprocs=WORLD,
         join=True,
     )
     ranks: list[dict[str, Any]] = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     torch.manual_seed(0)
     model = tiny_model()
-    single = Learner(model, config(weighting, packing))
+    single = Learner(model, config(weighting, variant))
     assert single.value_head is not None
     # The value head as rank 0 initialised it (rank 0's seed; its weights were broadcast).
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        head = Learner(tiny_model(), config(weighting, packing)).value_head
+        head = Learner(tiny_model(), config(weighting, variant)).value_head
     assert head is not None
     single.value_head.load_state_dict(head.state_dict())
     episodes = varied_episodes(tiny_model())
@@ -118,7 +128,7 @@ def test_two_ranks_step_like_one_process(
         assert torch.equal(a, b)
     assert ranks[0]["version"] == ranks[1]["version"] == one["version"] == 1
     # The ranks' losses are normalised by the global counts: their sum is the whole loss.
-    assert ranks[0]["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert ranks[0]["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-6)
     for g_rank, g_one in zip(ranks[0]["grads"], one["grads"], strict=True):
         torch.testing.assert_close(g_rank, g_one, atol=1e-6, rtol=1e-4)
     # Adam's first step is ~lr * sign(grad): rounding near 0 moves a weight by <= 1% of lr.

@@ -140,12 +140,16 @@ def _buckets(parameters: Sequence[torch.Tensor], limit: int) -> list[list[torch.
     return out
 
 
+def torch_world_size() -> int:
+    """The number of processes `torchrun` launched together (1 outside it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_from_env(backend: str | None = None) -> DataParallelGroup | None:
     """Join the process group `torchrun` describes in the environment (`RANK`, `WORLD_SIZE`,
     `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`); None when not launched by it (one process).
     The backend defaults to nccl when cuda is available, else gloo."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if torch_world_size() <= 1:
         return None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():

@@ -64,6 +64,7 @@ from turnrl.report import (
     with_intervals,
     write_eval,
 )
+from turnrl.rl.distributed import torch_world_size
 from turnrl.rl.learner import Learner
 from turnrl.rl.placement import place_model, resolve_device
 from turnrl.sandboxes.base import Sandbox
@@ -221,6 +222,12 @@ def open_session(
     evaluation writes its config as `{tag}.config.yaml` beside a run's, so that evaluating
     into a training run's folder never replaces the config `turnrl replay` reads (an
     evaluation into a new folder writes `config.yaml` too)."""
+    if train and torch_world_size() > 1:
+        raise ValueError(
+            "turnrl train under torchrun is not supported yet: every rank would run its own "
+            "rollouts; the learner alone is data-parallel (turnrl.rl.distributed, README "
+            "'Training on a GPU')"
+        )
     torch.manual_seed(config.seed)
     if config.policy.torch_threads:
         torch.set_num_threads(config.policy.torch_threads)

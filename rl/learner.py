@@ -458,7 +458,11 @@ class Learner:
         policy_updated = any(u.policy_updated for u in steps)
         if policy_updated:
             self.version += 1
-        scalars = merge_scalars(schedule, batch_counts(episodes, value_targets), cfg.ppo_epochs)
+        counts = batch_counts(episodes, value_targets)
+        if self.data_parallel is not None:  # the whole batch's, like the loss scalars
+            summed = self.data_parallel.sum_floats(list(counts.values()))
+            counts = dict(zip(counts, summed, strict=True))
+        scalars = merge_scalars(schedule, counts, cfg.ppo_epochs)
         scalars["seconds"] = time.perf_counter() - start
         return StepResult(
             skipped=not steps, policy_updated=policy_updated, version=self.version, scalars=scalars

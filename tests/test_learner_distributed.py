@@ -64,6 +64,7 @@ def run_step(
         "grads": grads,
         "params": [p.detach().clone() for p in params],
         "loss": result.scalars["loss"],
+        "n_tokens": result.scalars["n_tokens"],
         "version": result.version,
     }
 
@@ -129,6 +130,7 @@ def test_two_ranks_step_like_one_process(
     assert ranks[0]["version"] == ranks[1]["version"] == one["version"] == 1
     # The ranks' losses are normalised by the global counts: their sum is the whole loss.
     assert ranks[0]["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-6)
+    assert ranks[0]["n_tokens"] == ranks[1]["n_tokens"] == one["n_tokens"]
     for g_rank, g_one in zip(ranks[0]["grads"], one["grads"], strict=True):
         torch.testing.assert_close(g_rank, g_one, atol=1e-6, rtol=1e-4)
     # Adam's first step is ~lr * sign(grad): rounding near 0 moves a weight by <= 1% of lr.

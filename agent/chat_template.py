@@ -25,6 +25,10 @@ a tool result holding special-token text, a reply cut off before its end, a foll
 a format error note) when it is built, so a template unfit for turnrl is refused before a run
 starts. The reply's content goes to the template as `content` only (no structured
 `tool_calls`): templates that re-serialise calls would not reproduce the sampled text.
+
+The reply's own ids are the policy's and are never compared: where a generation prompt ends in
+plain text (Llama's `\\n\\n`), a tokenizer may split a re-tokenized transcript differently at
+that boundary; the stored ids are what the policy continued, as at inference.
 """
 
 from __future__ import annotations

@@ -171,6 +171,18 @@ def _pad(rows: list[list[_T]], value: _T, width: int) -> list[list[_T]]:
     return [r + [value] * (width - len(r)) for r in rows]
 
 
+def check_rows(
+    episodes: Sequence[Episode],
+    advantages: Sequence[Sequence[float | None]],
+    value_targets: Sequence[Sequence[float | None]] | None,
+) -> None:
+    """One advantage row (and value-target row, when given) per episode."""
+    if len(advantages) != len(episodes):
+        raise ValueError(f"{len(advantages)} advantage rows for {len(episodes)} episodes")
+    if value_targets is not None and len(value_targets) != len(episodes):
+        raise ValueError(f"{len(value_targets)} value-target rows for {len(episodes)} episodes")
+
+
 def build_token_batch(
     episodes: Sequence[Episode],
     advantages: Sequence[Sequence[float | None]],
@@ -187,10 +199,7 @@ def build_token_batch(
     the rows (default `0..len(episodes)-1`); `micro_batches` passes the positions in the
     caller's full list.
     """
-    if len(advantages) != len(episodes):
-        raise ValueError(f"{len(advantages)} advantage rows for {len(episodes)} episodes")
-    if value_targets is not None and len(value_targets) != len(episodes):
-        raise ValueError(f"{len(value_targets)} value-target rows for {len(episodes)} episodes")
+    check_rows(episodes, advantages, value_targets)
     if not episodes:
         raise ValueError("cannot build a batch from no episodes")
     if episode_indices is None:
@@ -308,10 +317,7 @@ def micro_batches(
 
     `TokenBatch.episode_index_B` gives each row's position in `episodes`.
     """
-    if len(advantages) != len(episodes):
-        raise ValueError(f"{len(advantages)} advantage rows for {len(episodes)} episodes")
-    if value_targets is not None and len(value_targets) != len(episodes):
-        raise ValueError(f"{len(value_targets)} value-target rows for {len(episodes)} episodes")
+    check_rows(episodes, advantages, value_targets)
     lengths = [sequence_length(e) for e in episodes]
     return [
         build_token_batch(

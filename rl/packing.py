@@ -36,7 +36,13 @@ import torch
 from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode
-from turnrl.rl.batch import TokenBatch, build_token_batch, micro_batches, sequence_length
+from turnrl.rl.batch import (
+    TokenBatch,
+    build_token_batch,
+    check_rows,
+    micro_batches,
+    sequence_length,
+)
 
 
 def plan_packs(lengths: Sequence[int], width: int) -> list[list[int]]:
@@ -70,10 +76,7 @@ def pack_micro_batches(
 ) -> list[TokenBatch]:
     """`turnrl.rl.batch.micro_batches` with several episodes per row (module docstring):
     rows as wide as the longest episode, `token_budget // width` rows per micro-batch."""
-    if len(advantages) != len(episodes):
-        raise ValueError(f"{len(advantages)} advantage rows for {len(episodes)} episodes")
-    if value_targets is not None and len(value_targets) != len(episodes):
-        raise ValueError(f"{len(value_targets)} value-target rows for {len(episodes)} episodes")
+    check_rows(episodes, advantages, value_targets)
     lengths = [sequence_length(e) for e in episodes]
     width = max([*lengths, 1])
     rows = plan_packs(lengths, width)

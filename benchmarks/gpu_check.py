@@ -251,12 +251,13 @@ def main() -> None:
     padded = LearnerConfig(**base, share_prefix=False)
     packed = LearnerConfig(**base, packing=True)
     learner = Learner(model, padded, data_parallel=group)
+    # Every rank is given the whole batch and trains on its share (`Learner.step`).
     mine = episodes if group is None else group.shard(episodes)
     computed: dict[bool, float] = {}
 
     def step(cfg: LearnerConfig) -> None:
         learner.config = cfg
-        computed[cfg.packing] = learner.step(mine).scalars["n_padded_tokens"]
+        computed[cfg.packing] = learner.step(episodes).scalars["n_padded_tokens"]
 
     step(packed)
     step(padded)

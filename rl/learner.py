@@ -48,8 +48,9 @@ Design:
 - Where it runs (`turnrl.rl.placement`): the model is moved to `LearnerConfig.device`, with
   bf16 autocast over float32 master weights, the chosen attention kernel and gradient
   checkpointing; micro-batches are padded or packed (`turnrl.rl.packing`); with a
-  `DataParallelGroup` the ranks share the step (`turnrl.rl.distributed`: global counts, summed
-  gradients); one micro-batch's loss: `turnrl.rl.step_losses`.
+  `DataParallelGroup` every rank is given the whole batch, plans the same minibatches and
+  trains on its share of each (`turnrl.rl.distributed`: global counts, summed gradients), so
+  every optimizer step is one process's; one micro-batch's loss: `turnrl.rl.step_losses`.
 - Checkpoints: `turnrl.rl.learner_checkpoint`; no-gradient scoring passes (`logprobs`,
   `values`, the KL stop's measurement): `turnrl.rl.measure`; giving freed CPU memory back
   between steps (`LearnerConfig.release_memory`): `turnrl.rl.memory`.
@@ -115,8 +116,9 @@ class Learner:
         """Train `model` in place, moved to `config.device` (`turnrl.rl.placement`). For LoRA,
         peft injects the adapter layers into `model` itself, so the policy keeps sampling with
         the same object and sees the adapters. `pad_id` pads rows; any id inside the
-        vocabulary works (pads are never trained). With `data_parallel`, every rank steps on
-        its own episodes and the ranks sum their gradients (`turnrl.rl.distributed`); rank
+        vocabulary works (pads are never trained). With `data_parallel`, every rank is given
+        the same episodes, trains on its share of each minibatch, and the ranks sum their
+        gradients (`turnrl.rl.distributed`); rank
         0's weights are copied to the others here."""
         self.config = config
         self.pad_id = pad_id
@@ -364,6 +366,12 @@ class Learner:
         floats = {k: float(v) for k, v in sums.items()}
         return floats if self.data_parallel is None else self.data_parallel.sum_metrics(floats)
 
+    def _share(self, part: list[int]) -> list[int]:
+        """This rank's share of the episodes `part` indexes (all of them in one process). Every
+        rank is given the whole batch and plans the same minibatches, so each optimizer step
+        sums the same episodes' gradients as one process would."""
+        return part if self.data_parallel is None else self.data_parallel.shard(part)
+
     def _global(self, *counts: int) -> list[int]:
         """`counts` summed over the data-parallel ranks (as they are in one process)."""
         if self.data_parallel is None:
@@ -435,6 +443,7 @@ class Learner:
             return list(episodes) if len(part) == len(episodes) else [episodes[i] for i in part]
 
         def update(part: list[int]) -> Update:
+            part = self._share(part)
             targets = value_targets
             if value_targets is not None and len(part) != len(episodes):
                 targets = [value_targets[i] for i in part]
@@ -450,7 +459,7 @@ class Learner:
                     seed=self.version,
                     update=update,
                     target_kl=cfg.target_kl,
-                    kl_after=lambda part: self._rollout_kl(subset(part)),
+                    kl_after=lambda part: self._rollout_kl(subset(self._share(part))),
                 )
         finally:
             self.optimizer.zero_grad(set_to_none=True)
@@ -459,9 +468,6 @@ class Learner:
         if policy_updated:
             self.version += 1
         counts = batch_counts(episodes, value_targets)
-        if self.data_parallel is not None:  # the whole batch's, like the loss scalars
-            summed = self.data_parallel.sum_floats(list(counts.values()))
-            counts = dict(zip(counts, summed, strict=True))
         scalars = merge_scalars(schedule, counts, cfg.ppo_epochs)
         scalars["seconds"] = time.perf_counter() - start
         return StepResult(
@@ -489,10 +495,16 @@ class Learner:
         """
         start = time.perf_counter()
         with memory.returned_to_system(self._release_memory):
-            result = self._apply(self.accumulate_sft_gradients(episodes), value=False)
+            mine = [episodes[i] for i in self._share(list(range(len(episodes))))]
+            result = self._apply(self.accumulate_sft_gradients(mine), value=False)
         if result.policy_updated:
             self.version += 1
-        scalars = {**result.scalars, "seconds": time.perf_counter() - start}
+        scalars = dict(result.scalars)
+        if self.data_parallel is not None:  # the whole batch's counts, like the loss
+            keys = [k for k in ("n_tokens", "n_sequences", "n_padded_tokens") if k in scalars]
+            summed = self.data_parallel.sum_floats([scalars[k] for k in keys])
+            scalars |= dict(zip(keys, summed, strict=True))
+        scalars["seconds"] = time.perf_counter() - start
         return dataclasses.replace(result, version=self.version, scalars=scalars)
 
     def _apply(self, result: StepResult, *, value: bool) -> StepResult:

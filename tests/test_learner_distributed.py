@@ -1,5 +1,6 @@
-"""Data-parallel learner steps (`turnrl.rl.distributed`): two CPU processes on gloo, each with
-half the episodes, end with identical weights equal to one process's step on the whole batch."""
+"""Data-parallel learner steps (`turnrl.rl.distributed`): two CPU processes on gloo, each given
+the whole batch and training on its half of every minibatch, end with identical weights equal
+to one process's step."""
 
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ WORLD = 2
 
 
 def config(weighting: LossWeighting, variant: str) -> LearnerConfig:
-    """`variant`: padded rows, packed rows, or LoRA adapters (broadcast from rank 0)."""
+    """`variant`: padded rows, packed rows, LoRA adapters (broadcast from rank 0), or two PPO
+    epochs of four minibatches (six episodes: parts of one episode leave a rank none)."""
     return LearnerConfig(
+        ppo_epochs=2 if variant == "minibatches" else 1,
+        minibatches=4 if variant == "minibatches" else 1,
         lr=1e-3,
         loss_weighting=weighting,
         kl_coef=0.05,
@@ -52,8 +56,12 @@ def targets_of(n: int) -> list[list[float | None]]:
 def run_step(
     learner: Learner, episodes: list[Episode], targets: list[list[float | None]]
 ) -> dict[str, Any]:
-    """Gradients of the step (summed over ranks), then the step itself."""
-    learner.accumulate_gradients(episodes, targets)
+    """The whole batch's gradient (each rank's share, summed over ranks), then the step."""
+    group = learner.data_parallel
+    if group is None:
+        learner.accumulate_gradients(episodes, targets)
+    else:
+        learner.accumulate_gradients(group.shard(episodes), group.shard(targets))
     params = learner.trainable_parameters + learner.value_parameters
     if learner.data_parallel is not None:
         learner.data_parallel.sum_gradients(params)
@@ -84,7 +92,7 @@ def _rank(rank: int, port: int, weighting: LossWeighting, variant: str, out: str
         episodes = varied_episodes(tiny_model())
         targets = targets_of(len(episodes))
         torch.save(
-            run_step(learner, group.shard(episodes), group.shard(targets)),
+            run_step(learner, episodes, targets),
             Path(out) / f"rank{rank}.pt",
         )
     finally:
@@ -99,7 +107,8 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize(
-    ("weighting", "variant"), [("token", "padded"), ("episode", "packed"), ("episode", "lora")]
+    ("weighting", "variant"),
+    [("token", "padded"), ("episode", "packed"), ("episode", "lora"), ("token", "minibatches")],
 )
 def test_two_ranks_step_like_one_process(
     tmp_path: Path, weighting: LossWeighting, variant: str

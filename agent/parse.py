@@ -47,6 +47,10 @@ class ParsedTurn:
     """The final answer text, stripped; None when there is no complete `<answer>` tag."""
     format_error: str | None = None
     """Why the turn is malformed, for the format reward; None when well-formed."""
+    calls_not_run: int = 0
+    """Call attempts left out of `tool_calls`, so never run: calls written beside an answer,
+    a `<tool_call>` without its closing tag. Graders that judge calls read it (a format's
+    malformed but complete call is in `tool_calls`, with its `parse_error`)."""
 
 
 def parse_completion(text: str, turn_index: int) -> ParsedTurn:
@@ -74,6 +78,7 @@ def parse_completion(text: str, turn_index: int) -> ParsedTurn:
         tool_calls=calls if answer is None else [],
         answer=answer,
         format_error="; ".join(errors) or None,
+        calls_not_run=(0 if answer is None else len(calls)) + int(split.unterminated),
     )
 
 

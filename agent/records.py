@@ -187,6 +187,11 @@ class Turn(Record):
     format_error: str | None = None
     """Why the turn is malformed (bad call, unterminated tag, neither call nor answer);
     None for a well-formed turn."""
+    calls_not_run: int | None = None
+    """Call attempts in the completion that are not in `tool_calls` and were never run (written
+    beside an answer, left without their closing tag, cut off by a full context), whatever the
+    tool-call format: with `tool_calls`, what graders of calls read instead of the text. None
+    in records from before it existed."""
     rewards: dict[str, float] = Field(default_factory=dict)
     """Per-turn reward components by name, never pre-summed (filled in by `rl.rewards`)."""
     state_key: str | None = None

@@ -219,7 +219,8 @@ class EpisodeRunner:
             parsed = self._parse(text, index)
             if parsed.answer is None and len(context) + len(ids) >= b.max_context_tokens:
                 # Cut off mid-thought: nothing after this would be seen by the policy.
-                parsed = replace(parsed, tool_calls=[])
+                not_run = parsed.calls_not_run + len(parsed.tool_calls)
+                parsed = replace(parsed, tool_calls=[], calls_not_run=not_run)
                 s.stop(StopReason.CONTEXT_FULL)
 
             t1 = self._clock()
@@ -264,6 +265,7 @@ class EpisodeRunner:
                 answer=parsed.answer,
                 user_turn=user_turn,
                 format_error=parsed.format_error,
+                calls_not_run=parsed.calls_not_run,
                 cost_so_far=dict(s.cost),
                 tokens_left=b.max_context_tokens - len(context),
                 policy_version=completion.policy_version,

@@ -1,6 +1,7 @@
 """How a model writes tool calls, as small formats chosen by config (`ChatConfig.tool_format`).
 
-A format reads a completion into a `ParsedTurn` (calls, final answer, format error), writes
+A format reads a completion into a `ParsedTurn` (calls, final answer, format error, and the
+call attempts it left unrun: graders of calls read these, never the format's text), writes
 calls as the text a model of that family would sample (the oracle plays gold calls through it),
 and tells the model its syntax when the chat template does not render tools itself. The final
 answer is `<answer>...</answer>` in every format: graders read it, whatever the call syntax.
@@ -224,7 +225,7 @@ def _json_calls(text: str, before: str, turn_index: int, args_keys: tuple[str, .
     answer = last_answer(before + rest)
     if answer is not None:
         errors.append("an answer and tool calls in the same turn: the calls were not run")
-        return ParsedTurn(answer=answer, format_error="; ".join(errors))
+        return ParsedTurn(answer=answer, format_error="; ".join(errors), calls_not_run=len(calls))
     if rest.strip():
         errors.append("text after the tool calls")
     return ParsedTurn(tool_calls=calls, format_error="; ".join(errors) or None)

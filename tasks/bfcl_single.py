@@ -26,9 +26,10 @@ calling one runs nothing and only acknowledges it. As bfcl-eval grades a model's
 `grade_episode` reads the episode's first turn only: its calls must pass `bfcl_ast.check_calls`
 (one unparsable or unterminated call makes the response invalid, where bfcl-eval's Qwen-style
 decoder would drop it silently; so do calls written beside an answer, which the parser does not
-run); an irrelevance item is correct when that turn makes no call and writes no
-`<tool_call>` tag at all (a call written beside an answer, which the parser does not run, still
-counts as calling). The answer that ends the episode is not graded.
+run); an irrelevance item is correct when that turn neither makes a call nor attempts one
+(`Turn.calls_not_run`: a call written beside an answer, which the parser does not run, still
+counts as calling). Both read the parsed record, so they hold in every tool-call format. The
+answer that ends the episode is not graded.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import Field
 
-from turnrl.agent.records import Episode
+from turnrl.agent.records import Episode, Turn
 from turnrl.tasks.base import BaseSuite, Split, TaskItem
 from turnrl.tasks.bfcl_ast import check_calls
 from turnrl.tasks.suite_config import BuildContext, SuiteConfig
@@ -261,6 +262,15 @@ def oracle_arguments(
     return args
 
 
+def _calls_not_run(turn: Turn) -> int:
+    """The turn's call attempts that are not among its calls (`Turn.calls_not_run`). A record
+    from before that field is read as the hermes parser's (the only format then): each
+    `<tool_call>` tag beyond the parsed calls is one."""
+    if turn.calls_not_run is not None:
+        return turn.calls_not_run
+    return max(0, turn.text.count("<tool_call>") - len(turn.tool_calls))
+
+
 @dataclass(frozen=True, eq=False)
 class CheckedFunction:
     """One BFCL function as a tool: a call is accepted and recorded, nothing runs. Hashed by
@@ -341,9 +351,10 @@ class BfclSingle(BaseSuite):
         if not episode.turns:
             return {"correct": 0.0}
         first = episode.turns[0]
+        not_run = _calls_not_run(first)
         if "irrelevance" in item.meta["category"]:
-            return {"correct": float(not first.tool_calls and "<tool_call>" not in first.text)}
-        if first.text.count("<tool_call>") != len(first.tool_calls):
+            return {"correct": float(not first.tool_calls and not not_run)}
+        if not_run:
             return {"correct": 0.0}  # a call left unterminated, or written beside an answer
         calls: list[tuple[str, Mapping[str, Any]]] = []
         for call in first.tool_calls:

@@ -35,11 +35,14 @@ from turnrl.agent.policy import SamplingParams
 from turnrl.agent.records import Episode, StopReason, Turn
 from turnrl.agent.runner import Budget, EpisodeRunner, EpisodeSpec
 from turnrl.agent.scripted import ScriptedPolicy
+from turnrl.agent.tool_formats import ToolFormatName, make_tool_format, rewrite_hermes
 from turnrl.tasks.base import BaseSuite, TaskItem, TaskSuite
 from turnrl.tasks.bfcl_ast import check_calls, standardize
 from turnrl.tasks.bfcl_single import (
     CATEGORIES,
+    DONE_ANSWER,
     FILES,
+    NO_CALL_ANSWER,
     RECORDED,
     SYSTEM_PROMPT,
     UNSATISFIABLE,
@@ -371,6 +374,7 @@ def episode_of(item: TaskItem, texts: list[str]) -> Episode:
                 tool_calls=parsed.tool_calls,
                 answer=parsed.answer,
                 format_error=parsed.format_error,
+                calls_not_run=parsed.calls_not_run,
             )
         )
     return Episode(
@@ -596,6 +600,105 @@ def test_oracle_through_the_episode_runner() -> None:
         assert all(r.error is None and r.text == RECORDED for r in results), item.id
         assert len(results) == len(item.meta["ground_truth"] or [])
         assert asyncio.run(s.grade_episode(item, ep)) == {"correct": 1.0}, item.id
+
+
+# --- tool-call formats ---------------------------------------------------------------------
+
+FORMATS: tuple[ToolFormatName, ...] = ("hermes", "llama3_json", "mistral")
+
+
+def play_first(
+    item: TaskItem, reply: str, fmt: ToolFormatName, max_context_tokens: int = 100_000
+) -> tuple[Episode, float]:
+    """An episode through the real runner whose policy writes tool calls in the format `fmt`:
+    `reply` first, then `<answer>done</answer>` if the episode goes on; and its grade."""
+    tok = CharTokenizer()
+    replies = iter([reply, f"<answer>{DONE_ANSWER}</answer>"])
+    policy = ScriptedPolicy(lambda ctx: next(replies) + "<|im_end|>", tok)
+    renderer = ChatML(tok, make_tool_format(fmt, ("<|im_end|>",)))
+    budget = Budget(max_context_tokens=max_context_tokens)
+    runner = EpisodeRunner(policy, renderer, [], budget, SamplingParams())
+    spec = EpisodeSpec(
+        episode_id=item.id,
+        group_id="g",
+        task_id=item.id,
+        instructions=suite().system_prompt,
+        question=item.question,
+        tools=tuple(suite().tools_for(item)),
+    )
+    episode = asyncio.run(runner.run_episode(spec))
+    return episode, asyncio.run(suite().grade_episode(item, episode))["correct"]
+
+
+def gold_reply(item: TaskItem, fmt: ToolFormatName) -> str:
+    """The item's ground-truth calls as a model of the format `fmt` writes them."""
+    return rewrite_hermes(suite().oracle_turns(item)[0], make_tool_format(fmt))
+
+
+def irrelevance_item() -> TaskItem:
+    return next(it for it in all_items() if it.meta["category"] == "irrelevance")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_correct_call_is_correct_in_every_format(fmt: ToolFormatName) -> None:
+    for item_id in ("simple_python_0", "parallel_multiple_0"):
+        item = next(it for it in all_items() if it.id == item_id)
+        reply = gold_reply(item, fmt)
+        assert (fmt == "hermes") == ("<tool_call>" in reply)
+        episode, correct = play_first(item, reply, fmt)
+        first = episode.turns[0]
+        assert len(first.tool_calls) == len(item.meta["ground_truth"]), first.format_error
+        assert first.calls_not_run == 0
+        assert correct == 1.0, item_id
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_irrelevance_without_a_call_is_correct_in_every_format(fmt: ToolFormatName) -> None:
+    item = irrelevance_item()
+    assert play_first(item, f"<answer>{NO_CALL_ANSWER}</answer>", fmt)[1] == 1.0
+    assert play_first(item, "I cannot help with that.", fmt)[1] == 1.0
+    name = item.meta["functions"][0]["name"]
+    call = f'<tool_call>{{"name": "{name}", "arguments": {{}}}}</tool_call>'
+    assert play_first(item, rewrite_hermes(call, make_tool_format(fmt)), fmt)[1] == 0.0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_malformed_call_attempt_is_wrong_in_every_format(fmt: ToolFormatName) -> None:
+    """A call cut off halfway (hermes: no closing tag, so no call is parsed; llama3_json and
+    mistral: a call with a JSON `parse_error`), calls written beside an answer (not run), and
+    calls the runner dropped because they filled the context: all wrong, on an item that wants
+    those calls and on an irrelevance item."""
+    item = next(it for it in all_items() if it.id == "simple_python_0")
+    reply = gold_reply(item, fmt)
+    irrelevant = irrelevance_item()
+    for cut in (reply[: len(reply) // 2], reply + f"<answer>{DONE_ANSWER}</answer>"):
+        episode, correct = play_first(item, cut, fmt)
+        first = episode.turns[0]
+        assert first.format_error is not None and correct == 0.0, cut
+        assert first.calls_not_run or any(c.parse_error for c in first.tool_calls)
+        assert play_first(irrelevant, cut, fmt)[1] == 0.0, cut
+    # Exactly enough context for the prompt and the calls: the runner runs none of them.
+    episode, _ = play_first(item, reply, fmt)
+    fits = len(episode.turns[0].prompt_ids) + len(episode.turns[0].completion_ids)
+    episode, correct = play_first(item, reply, fmt, max_context_tokens=fits)
+    assert episode.stop_reason == StopReason.CONTEXT_FULL
+    assert (episode.turns[0].tool_calls, episode.turns[0].calls_not_run) == ([], 1)
+    assert correct == 0.0
+
+
+def test_records_from_before_calls_not_run_are_graded_as_before() -> None:
+    """A stored turn without `calls_not_run` (hermes, the only format then) still loads, and
+    a `<tool_call>` tag beyond its parsed calls counts as a call attempt, as it used to."""
+    item = irrelevance_item()
+    name = item.meta["functions"][0]["name"]
+    call = f'<tool_call>{{"name": "{name}", "arguments": {{}}}}</tool_call>'
+    for text, correct in ((call + "<answer>x</answer>", 0.0), ("<answer>x</answer>", 1.0)):
+        stored = episode_of(item, [text]).model_dump(mode="json")
+        for turn in stored["turns"]:
+            del turn["calls_not_run"]
+        old = Episode.model_validate(stored)
+        assert old.turns[0].calls_not_run is None
+        assert asyncio.run(suite().grade_episode(item, old)) == {"correct": correct}
 
 
 def test_requests_that_contradict_each_other_are_not_offered() -> None:

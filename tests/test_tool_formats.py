@@ -56,6 +56,24 @@ def test_answers_and_malformed_turns(fmt: str) -> None:
     assert "unterminated <answer>" in (f.parse("<answer>Par", 0).format_error or "")
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_call_attempts_left_unrun_are_counted(fmt: str) -> None:
+    """`calls_not_run`: calls beside an answer are attempts the turn does not run, whatever
+    the format; a cut-off call is one too (hermes), or a call with a `parse_error` (the JSON
+    formats, whose call runs as a parse error)."""
+    f = FORMATS[fmt]
+    calls = f.write_calls([_call("a", x=1), _call("b")])
+    assert f.parse(calls + END[fmt], 0).calls_not_run == 0
+    beside = f.parse(calls + "<answer>x</answer>" + END[fmt], 0)
+    assert (beside.answer, beside.tool_calls, beside.calls_not_run) == ("x", [], 2)
+    assert f.parse("<answer>x</answer>" + END[fmt], 0).calls_not_run == 0
+    cut = f.parse(calls[: len(calls) // 4], 0)
+    assert cut.format_error is not None
+    assert cut.calls_not_run == (1 if fmt == "hermes" else 0)
+    errors = [c.parse_error is not None for c in cut.tool_calls]
+    assert errors == ([] if fmt == "hermes" else [True])
+
+
 def test_llama3_json_reads_what_llama_writes() -> None:
     f = FORMATS["llama3_json"]
     (call,) = f.parse('<|python_tag|>{"name": "a", "parameters": {"x": 1}}<|eom_id|>', 0).tool_calls

@@ -14,6 +14,7 @@ about calls, results and sessions lives here.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import contextlib
@@ -21,6 +22,7 @@ import itertools
 import json
 import secrets
 import struct
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,8 +33,64 @@ from pydantic import BaseModel, ConfigDict, Field
 from turnrl.sandboxes.base import ExecResult, Limits, SandboxError
 from turnrl.sandboxes.output import join_capture
 
-WORKER_SOURCE = (Path(__file__).with_name("worker.py")).read_text()
-"""The worker's source, passed to the sandbox's Python with `-c` (nothing to mount)."""
+WORKER_MODULES = ("worker_wire", "worker_child", "worker")
+"""The worker's modules, each after those it imports; the last one calls `main`."""
+
+
+def worker_source(modules: tuple[str, ...] = WORKER_MODULES) -> str:
+    """The worker's modules as one program for the sandbox's Python, which has no turnrl to
+    import them from: their texts in order, with their imports of each other blanked (the
+    texts before define those names) and `from __future__ import annotations` moved to the
+    head, where Python requires it. They share one namespace there, so a module that defines a
+    name another one defines, renames what it imports from one, or imports anything outside
+    the standard library is refused here rather than misbehaving in the sandbox."""
+    program = ["from __future__ import annotations\n"]
+    defined: dict[str, str] = {}
+    for i, module in enumerate(modules):
+        text = Path(__file__).with_name(f"{module}.py").read_text()
+        lines = text.splitlines(keepends=True)
+        siblings = {f"turnrl.sandboxes.{m}" for m in modules[:i]}
+        for node in ast.parse(text).body:
+            if isinstance(node, ast.ImportFrom) and node.module in {"__future__", *siblings}:
+                if node.module == "__future__" and [a.name for a in node.names] != ["annotations"]:
+                    raise RuntimeError(f"{module}.py: only `annotations` may come from __future__")
+                if any(a.asname for a in node.names):
+                    raise RuntimeError(f"{module}.py renames what it imports from {node.module}")
+                for k in range(node.lineno - 1, node.end_lineno or node.lineno):
+                    lines[k] = "\n"
+            elif isinstance(node, ast.Import | ast.ImportFrom):
+                imported = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or "."]  # a relative import names no module
+                )
+                for name in imported:
+                    if name.split(".")[0] not in sys.stdlib_module_names:
+                        raise RuntimeError(
+                            f"{module}.py imports {name}: neither the standard library nor a "
+                            f"worker module before it in {modules}"
+                        )
+            else:
+                for name in top_level_names(node):
+                    if name in defined:
+                        raise RuntimeError(f"{module}.py and {defined[name]}.py both define {name}")
+                    defined[name] = module
+        program += lines
+    return "".join(program)
+
+
+def top_level_names(node: ast.stmt) -> list[str]:
+    """The names a module-level statement binds (imports aside)."""
+    if isinstance(node, ast.FunctionDef | ast.ClassDef):
+        return [node.name]
+    targets = node.targets if isinstance(node, ast.Assign) else []
+    if isinstance(node, ast.AnnAssign):
+        targets = [node.target]
+    return [t.id for t in targets if isinstance(t, ast.Name)]
+
+
+WORKER_SOURCE = worker_source()
+"""The worker as one program, passed to the sandbox's Python with `-c` (nothing to mount)."""
 
 BACKSTOP_S = 5.0
 """Host-side grace beyond a call's wall limit; past it the worker is presumed hung and killed
@@ -40,7 +98,7 @@ BACKSTOP_S = 5.0
 
 
 REPORT_BYTES = 8192
-"""What the worker reads of a snippet's report at most (`worker.REPORT_BYTES`)."""
+"""What the worker reads of a snippet's report at most (`worker_wire.REPORT_BYTES`)."""
 SMALL_REPLY_BYTES = 4096
 """The largest reply to a request without limits (ping, exit)."""
 

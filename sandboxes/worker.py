@@ -2,11 +2,14 @@
 
 It is started once per sandbox (by bubblewrap, inside a container, or as a plain process) with
 the sandbox's own Python, and must therefore use the standard library only and import nothing
-from turnrl: the host passes this file's source with `python3 -c`.
+from turnrl: the host passes its source with `python3 -c`, this module's together with the two
+it imports (`worker_wire`: the formats on its descriptors; `worker_child`: what runs in the
+processes it forks), joined into one program (`pool.worker_source`). This module is the worker
+process itself: its startup, the request loop, and the supervision of every call's processes.
 
-Protocol: frames of a 4-byte big-endian length and a UTF-8 JSON object, requests on stdin and
-responses on stdout (both kept on private descriptors; fds 0-2 are pointed at /dev/null so that
-nothing the worker or a child prints can corrupt the stream). Requests:
+Requests arrive on stdin and replies leave on stdout as frames (`worker_wire`), both kept on
+private descriptors; fds 0-2 are pointed at /dev/null so that nothing the worker or a child
+prints can corrupt the stream. Requests:
 
 - `{"op": "ping"}` -> `{"pong": true}`; `{"op": "exit"}` kills everything and exits;
 - `{"op": "exec", "code": ..., "stateful": bool, "limits": {...}}`: a Python snippet, in a child
@@ -19,19 +22,13 @@ channel: it is the sandbox's pid 1 (bwrap `--as-pid-1`, docker without `--init`)
 pipes on private descriptors, and is not dumpable, so no code it runs can open, ptrace or
 inherit them; the host also caps and checks every reply (`turnrl.sandboxes.pool`).
 
-A snippet's report (completed, exception) travels on its own descriptor and is bounded
-(`REPORT_BYTES`); a report that is not the expected JSON object is taken as "did not complete".
-
 After every call the worker kills every process the call left behind (it is a child
 subreaper, so daemonised grandchildren are re-parented to it and found), and reaps zombies.
-Output is capped here, in the sandbox, keeping head and tail, so a flood never crosses the
-boundary; decoding and sanitising happen on the host.
 """
 
 from __future__ import annotations
 
 import base64
-import builtins
 import contextlib
 import ctypes
 import functools
@@ -41,75 +38,33 @@ import os
 import resource
 import select
 import signal
-import struct
 import sys
 import time
-import traceback
+
+from turnrl.sandboxes.worker_child import (
+    ENV,
+    children_map,
+    descendants,
+    exec_program,
+    kernel_loop,
+    run_snippet,
+)
+from turnrl.sandboxes.worker_wire import (
+    KERNEL_CMD_FD,
+    REPORT_BYTES,
+    REPORT_FD,
+    Capture,
+    ReportLines,
+    parse_report,
+    read_frame,
+    write_frame,
+)
 
 PR_SET_DUMPABLE = 4
 PR_SET_SECCOMP = 22
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_MODE_FILTER = 2
-REPORT_FD = 3
-REPORT_BYTES = 8192
-"""Bytes of a snippet's report read at most; the honest report is well under (its exception
-text is cut at 2000 characters), anything past it is drained and dropped."""
-KERNEL_CMD_FD = 4
-ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
-
-
-class Capture:
-    """Keeps the first and last `cap // 2` bytes of a stream and counts the rest."""
-
-    def __init__(self, cap: int) -> None:
-        self.half = max(cap // 2, 1)
-        self.head = bytearray()
-        self.tail = bytearray()
-        self.total = 0
-
-    def feed(self, data: bytes) -> None:
-        self.total += len(data)
-        room = self.half - len(self.head)
-        if room > 0:
-            self.head += data[:room]
-            data = data[room:]
-        if data:
-            self.tail += data
-            if len(self.tail) > self.half:
-                del self.tail[: len(self.tail) - self.half]
-
-    def dump(self) -> dict[str, object]:
-        return {
-            "head": base64.b64encode(bytes(self.head)).decode(),
-            "tail": base64.b64encode(bytes(self.tail)).decode(),
-            "total": self.total,
-        }
-
-
-def read_frame(fd: int) -> bytes | None:
-    header = read_exact(fd, 4)
-    if header is None:
-        return None
-    (n,) = struct.unpack(">I", header)
-    return read_exact(fd, n)
-
-
-def read_exact(fd: int, n: int) -> bytes | None:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
-def write_frame(fd: int, obj: object) -> None:
-    body = json.dumps(obj).encode()
-    data = struct.pack(">I", len(body)) + body
-    while data:
-        data = data[os.write(fd, data) :]
 
 
 def install_seccomp(program: bytes) -> None:
@@ -132,31 +87,6 @@ def install_seccomp(program: bytes) -> None:
     prog = SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_char_p))
     if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
-
-
-def children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: split after the last ')'.
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        kids.setdefault(ppid, []).append(int(name))
-    return kids
-
-
-def descendants(root: int, kids: dict[int, list[int]]) -> list[int]:
-    out, todo = [], list(kids.get(root, []))
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(kids.get(pid, []))
-    return out
 
 
 class Worker:
@@ -532,126 +462,6 @@ class Kernel:
         for fd in (self.cmd_w, self.out_r, self.err_r, self.rep_r, self.pidfd):
             os.close(fd)
         return status
-
-
-def kernel_loop() -> None:
-    namespace: dict[str, object] = {"__name__": "__main__", "__builtins__": builtins}
-    while True:
-        frame = read_frame(KERNEL_CMD_FD)
-        if frame is None:
-            os._exit(0)
-        req = json.loads(frame)
-        used = resource.getrusage(resource.RUSAGE_SELF)
-        soft = math.ceil(used.ru_utime + used.ru_stime + req["cpu_s"])
-        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
-        rep = execute(req["code"], namespace)
-        end_children()
-        rep["seq"] = req["seq"]
-        os.write(REPORT_FD, json.dumps(rep).encode() + b"\n")
-
-
-def end_children() -> None:
-    """Kill what a stateful snippet left and reap it here: only a parent can reap its
-    children, and the worker's sweep would leave them zombies holding the sandbox's pids."""
-    for _ in range(200):
-        left = descendants(os.getpid(), children_map())
-        for pid in left:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        while True:
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
-        if not left:
-            return
-        time.sleep(0.001)
-
-
-def execute(code: str, namespace: dict[str, object]) -> dict[str, object]:
-    """Run `code` as `__main__`; print a traceback (without the worker's frames) on error."""
-    try:
-        exec(compile(code, "<snippet>", "exec"), namespace)
-        rep: dict[str, object] = {"completed": True}
-    except BaseException as e:  # SystemExit and KeyboardInterrupt are the snippet's end too
-        if isinstance(e, SystemExit) and e.code in (None, 0):
-            rep = {"completed": False, "exception": f"SystemExit: {e.code}"}
-        else:
-            tb = e.__traceback__.tb_next if e.__traceback__ else None
-            with contextlib.suppress(BaseException):
-                traceback.print_exception(type(e), e, tb)
-            rep = {"completed": False, "exception": f"{type(e).__name__}: {e}"[:2000]}
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(BaseException):
-            stream.flush()
-    return rep
-
-
-class ReportLines:
-    """The stateful kernel's report channel, read line by line until the report of call
-    `seq`. The snippet runs in the kernel's process and can write to the channel too: lines
-    that are not that report (a flood, a stale or forged line) are dropped, each bounded by
-    `REPORT_BYTES`, so the next call never reads this call's leftovers as its own."""
-
-    def __init__(self, seq: int) -> None:
-        self.seq = seq
-        self.buf = bytearray()
-        self.skipping = False
-        """Inside an over-long line: drop bytes up to its newline."""
-        self.found: bytes | None = None
-
-    def feed(self, chunk: bytes) -> None:
-        while chunk and self.found is None:
-            end = chunk.find(b"\n")
-            part, chunk = (chunk, b"") if end < 0 else (chunk[:end], chunk[end + 1 :])
-            if not self.skipping:
-                self.buf += part[: REPORT_BYTES + 1 - len(self.buf)]
-                self.skipping = len(self.buf) > REPORT_BYTES
-            if end < 0:
-                return
-            line, self.skipping = bytes(self.buf), False
-            self.buf.clear()
-            if len(line) <= REPORT_BYTES and self.answers(line):
-                self.found = line
-
-    def answers(self, line: bytes) -> bool:
-        try:
-            rep = json.loads(line)
-        except ValueError:
-            return False
-        return isinstance(rep, dict) and rep.get("seq") == self.seq
-
-
-def parse_report(report: bytes) -> dict[str, object]:
-    """The report of a snippet as `{"completed": bool, "exception": str | None}`; one that is
-    missing, not JSON, or of the wrong shape (the snippet wrote to its report descriptor)
-    reads as not completed."""
-    try:
-        rep = json.loads(report.split(b"\n")[0]) if report else None
-    except ValueError:
-        rep = None
-    if not isinstance(rep, dict):
-        return {"completed": False, "exception": "ReportError: no valid report" if report else None}
-    completed, exception = rep.get("completed"), rep.get("exception")
-    if not isinstance(completed, bool) or not isinstance(exception, (str, type(None))):
-        return {"completed": False, "exception": "ReportError: malformed report"}
-    return {"completed": completed, "exception": exception[:2000] if exception else exception}
-
-
-def run_snippet(code: str) -> None:
-    rep = execute(code, {"__name__": "__main__", "__builtins__": builtins})
-    os.write(REPORT_FD, json.dumps(rep).encode() + b"\n")
-    os._exit(0)
-
-
-def exec_program(argv: list[str]) -> None:
-    try:
-        os.execvpe(argv[0], argv, ENV)
-    except OSError as e:
-        os.write(2, f"cannot run {argv[0]!r}: {e.strerror}\n".encode())
-        os._exit(127)
 
 
 def main() -> None:

@@ -29,7 +29,8 @@ from turnrl.sandboxes.cgroups import CgroupDriver, CgroupLimits, detect
 from turnrl.sandboxes.output import join_capture, sanitize
 from turnrl.sandboxes.pool import BACKSTOP_S, PoolSession, WorkerDied, WorkerPool, to_result
 from turnrl.sandboxes.reaper import RunLock, cgroup_run_id, reap, run_is_alive
-from turnrl.sandboxes.worker import Capture, descendants, read_frame, write_frame
+from turnrl.sandboxes.worker_child import descendants
+from turnrl.sandboxes.worker_wire import Capture, read_frame, write_frame
 
 FORBIDDEN = {chr(c) for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)]} - {"\n", "\t"}
 """C0 and C1 controls and DEL: never in sanitised text (newline and tab excepted)."""

@@ -134,7 +134,7 @@ def workload(config_name: str, run_dir: Path, items: int, group_size: int) -> di
 
     from turnrl.config import load_config
     from turnrl.loop import rollout
-    from turnrl.train import open_session
+    from turnrl.session import open_session
 
     config = load_config(ROOT / "examples" / config_name, {"run_dir": str(run_dir)})
     console = Console(quiet=True)

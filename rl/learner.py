@@ -12,8 +12,9 @@ Design:
 - Tokens are the truth: batches come from `turnrl.rl.batch` (the stored ids, never re-tokenized)
   and logprobs are recomputed with the sampling convention of `turnrl.agent.policy`:
   log_softmax(logits / temperature) in float32, gathered at the next token. The PPO ratio is
-  taken against the stored rollout logprobs (`ppo_clip_loss`), so it is 1 before the first
-  optimizer step of a `step` and moves from the second on.
+  taken against the stored rollout logprobs, or under an off-policy correction against the
+  weights at the start of `step`, with an importance weight (`turnrl.rl.offpolicy`,
+  `turnrl.rl.proximal`).
 - Only trained positions reach the LM head: the decoder's hidden states are computed for every
   position, then the rows whose next token is trained are selected and projected to the vocab.
   This skips the head (and the vocab-sized log-softmax, its largest activation) on prompt,
@@ -51,7 +52,8 @@ Design:
   `DataParallelGroup` every rank is given the whole batch, plans the same minibatches and
   trains on its share of each (`turnrl.rl.distributed`: global counts, summed gradients), so
   every optimizer step is one process's; one micro-batch's loss: `turnrl.rl.step_losses`.
-- Checkpoints: `turnrl.rl.learner_checkpoint`; no-gradient scoring passes (`logprobs`,
+- Checkpoints: `turnrl.rl.learner_checkpoint`; AdamW's groups, gradient clipping and the
+  learning-rate schedule: `turnrl.rl.optimization`; no-gradient scoring passes (`logprobs`,
   `values`, the KL stop's measurement): `turnrl.rl.measure`; giving freed CPU memory back
   between steps (`LearnerConfig.release_memory`): `turnrl.rl.memory`.
 """
@@ -60,27 +62,32 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import peft
 import torch
 from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode
-from turnrl.rl import learner_checkpoint, measure, memory, placement
-from turnrl.rl.batch import TokenBatch, counts_of
+from turnrl.rl import learner_checkpoint, measure, memory, optimization, placement, proximal
+from turnrl.rl.batch import ProximalLogprobs, TokenBatch, counts_of
 from turnrl.rl.distributed import DataParallelGroup
 from turnrl.rl.learner_config import LearnerConfig, LoraConfig
 from turnrl.rl.logprobs import decoder_hidden, token_logprobs
 from turnrl.rl.losses import Metrics, sample_weights, sft_loss
 from turnrl.rl.packing import training_batches
-from turnrl.rl.ppo_epochs import Update, batch_counts, merge_scalars, run_epochs, trained_size
+from turnrl.rl.ppo_epochs import (
+    Update,
+    batch_counts,
+    merge_scalars,
+    plan_updates,
+    run_epochs,
+    trained_size,
+)
 from turnrl.rl.step_losses import policy_loss, state_value_loss
 from turnrl.rl.value_head import ValueHead, state_values
 
@@ -163,13 +170,9 @@ class Learner:
         self._release_memory = config.release_memory and self.device.type == "cpu"
         self.value_head: ValueHead | None = None
         """The value head (`config.value_head`), outside `model`; None without one."""
-        groups: list[dict[str, Any]] = [{"params": self.trainable_parameters}]
         if config.value_head is not None:
             hidden_size = int(model.config.get_text_config().hidden_size)
             self.value_head = ValueHead(hidden_size, config.value_head).to(self.device)
-            groups.append(
-                {"params": list(self.value_head.parameters()), "lr": config.value_head.lr}
-            )
         self.value_parameters = (
             [] if self.value_head is None else list(self.value_head.parameters())
         )
@@ -178,45 +181,24 @@ class Learner:
             # Parameters made here: LoRA adapters and the value head.
             made = self.trainable_parameters if self.peft_model is not None else []
             data_parallel.broadcast_parameters(made + self.value_parameters)
-        # The fused kernel updates every tensor in one pass; on CPU the default per-tensor loop
-        # costs ~7x more for a 135M-parameter model (benchmarks/bench_learner.py).
-        fused = all(
-            p.is_floating_point() and p.device.type in ("cpu", "cuda")
-            for p in self.trainable_parameters + self.value_parameters
+        self.optimizer = optimization.build_adamw(
+            self.trainable_parameters, self.value_parameters, config
         )
-        self.optimizer = torch.optim.AdamW(
-            groups,
-            lr=config.lr,
-            betas=config.betas,
-            weight_decay=config.weight_decay,
-            fused=fused or None,
-        )
-
-    def _reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        share = self.config.share_prefix
-        with torch.no_grad():
-            if self._reference is not None:
-                lp, _ = token_logprobs(
-                    self._reference, batch, self.config.temperature, share_prefix=share
-                )
-                return lp
-            assert self.peft_model is not None
-            with self.peft_model.disable_adapter():
-                lp, _ = token_logprobs(
-                    self.model, batch, self.config.temperature, share_prefix=share
-                )
-                return lp
+        self.optimizer_steps = 0
+        """Optimizer steps taken: where `config.lr_schedule` stands (saved with checkpoints)."""
 
     def accumulate_gradients(
         self,
         episodes: Sequence[Episode],
         value_targets: Sequence[Sequence[float | None]] | None = None,
+        proximal: ProximalLogprobs | None = None,
     ) -> StepResult:
         """Forward and backward over `episodes` in micro-batches, adding the step's gradient
         to each trained parameter's `.grad`; no optimizer step, `version` unchanged. Each
         turn's `advantage` is broadcast to its sampled tokens (None: the turn is not trained).
-        The result's scalars lack `grad_norm` and `seconds`. `step` is this plus clipping and
-        AdamW."""
+        `proximal`: the proximal policy's logprobs under an off-policy correction (None: the
+        current weights'). The result's scalars lack `grad_norm` and `seconds`. `step` is
+        this plus clipping and AdamW."""
         cfg = self.config
         head_cfg = cfg.value_head
         if value_targets is not None and (self.value_head is None or head_cfg is None):
@@ -229,15 +211,18 @@ class Learner:
             packing=cfg.packing,
             pad_id=self.pad_id,
             value_targets=value_targets,
+            proximal=proximal,
         )
         # Step-wide counts (over every rank: `turnrl.rl.distributed`); the episodes that take
-        # a share under "episode" weighting.
-        n_tokens, n_targets, n_policy_rows, n_value_rows, n_advantaged = self._global(
+        # a share under "episode" weighting; the turns trained (an off-policy correction's
+        # sequences).
+        n_tokens, n_targets, n_policy_rows, n_value_rows, n_advantaged, n_turns = self._global(
             sum(b.n_tokens for b in batches),
             sum(b.n_value_targets for b in batches),
             sum(b.n_trained_episodes for b in batches),
             sum(b.n_value_episodes for b in batches),
             sum(bool(b.advantages_B_T.any()) for b in batches),
+            sum(b.n_trained_turns for b in batches),
         )
         counts = counts_of(batches, len(episodes))
         policy_signal = n_tokens > 0 and (cfg.kl_coef > 0 or n_advantaged > 0)
@@ -266,7 +251,7 @@ class Learner:
             metrics: Metrics = {}
             if train_policy:
                 loss, metrics = self._policy_loss(
-                    batch, hidden_B_T_H, n_tokens, n_policy_rows, use_kl
+                    batch, hidden_B_T_H, (n_tokens, n_policy_rows, n_turns), use_kl
                 )
             if train_value:
                 assert head_cfg is not None
@@ -382,18 +367,26 @@ class Learner:
         self,
         batch: TokenBatch,
         hidden_B_T_H: torch.Tensor,
-        n_tokens: int,
-        n_rows: int,
+        counts: tuple[int, int, int],
         use_kl: bool,
     ) -> tuple[torch.Tensor, Metrics]:
-        """PPO-clip (+ KL) of one micro-batch, weighted for the whole step."""
+        """PPO-clip (+ KL) of one micro-batch, weighted for the whole step's `counts`: trained
+        tokens, episodes with trained tokens, trained turns."""
         cfg = self.config
-        ref_B_T = self._reference_logprobs(batch) if use_kl else None
+        ref_B_T = None
+        if use_kl:
+            ref_B_T = measure.reference_logprobs(
+                self.model if self._reference is None else self._reference,
+                batch,
+                temperature=cfg.temperature,
+                share_prefix=cfg.share_prefix,
+                adapters=self.peft_model if self._reference is None else None,
+            )
         logprobs_B_T, entropy_N = token_logprobs(
             self.model, batch, cfg.temperature, with_entropy=True, hidden_B_T_H=hidden_B_T_H
         )
         assert entropy_N is not None
-        return policy_loss(logprobs_B_T, entropy_N, ref_B_T, batch, cfg, n_tokens, n_rows)
+        return policy_loss(logprobs_B_T, entropy_N, ref_B_T, batch, cfg, *counts)
 
     def _value_loss(
         self, batch: TokenBatch, hidden_B_T_H: torch.Tensor, n_targets: int, n_rows: int
@@ -412,8 +405,8 @@ class Learner:
         `config.minibatches` minibatches of whole episodes, one optimizer step per minibatch
         (`turnrl.rl.ppo_epochs`; the defaults, 1 and 1, take one step over the whole batch).
         Each turn's `Turn.advantage` is broadcast to its sampled tokens (None: the turn is not
-        trained); the ratio is always taken against the stored rollout logprobs, so it moves
-        (and the clip engages) from the second update on. Each minibatch's loss is weighted
+        trained); the ratio is taken against the stored rollout logprobs, or the proximal
+        policy's under `config.off_policy` (`turnrl.rl.proximal`). Each minibatch's loss is weighted
         with its own counts. `value_targets[i][j]` (needs a value head) is the regression
         target of V(s_j), the state turn `j` starts from (None: no target for that turn); the
         step adds `coef * MSE`, and the targets follow their episodes into the minibatches.
@@ -422,12 +415,15 @@ class Learner:
 
         Scalars (for logging; averaged over the optimizer steps that ran): loss, clip_frac,
         approx_kl, ratio_mean, entropy, kl_ref (when `kl_coef > 0`), grad_norm (before
-        clipping); with value targets also value_loss (the MSE before `coef`; `loss` includes
-        `coef` times it), value_mean, value_target_mean, value_grad_norm. Counts of the whole
-        batch: n_tokens, n_sequences, n_value_targets (with value targets); work summed over
-        the updates: n_micro_batches, n_padded_tokens; n_optimizer_steps; with several epochs
-        clip_frac_last_epoch and approx_kl_last_epoch; when a KL stop was measured,
-        early_stopped (0/1) and kl_after_update; seconds.
+        clipping), lr; under an off-policy correction is_weight_mean, is_token_frac,
+        is_seq_frac, behaviour_kl (`turnrl.rl.offpolicy.importance_metrics`); with value
+        targets also value_loss (the MSE before `coef`; `loss` includes `coef` times it),
+        value_mean, value_target_mean, value_grad_norm. Counts of the whole batch: n_tokens,
+        n_sequences, n_value_targets (with value targets); version_lag_mean and
+        version_lag_max over the trained turns; work summed over the updates: n_micro_batches,
+        n_padded_tokens; n_optimizer_steps; with several epochs clip_frac_last_epoch and
+        approx_kl_last_epoch; when a KL stop was measured, early_stopped (0/1) and
+        kl_after_update; seconds.
 
         `version` is incremented once per call that moved the policy's weights
         (`policy_updated`), however many optimizer steps it took: one weight sync per
@@ -438,6 +434,7 @@ class Learner:
         if value_targets is not None and len(value_targets) != len(episodes):
             raise ValueError(f"{len(value_targets)} value-target rows for {len(episodes)} episodes")
         value = value_targets is not None
+        lag = proximal.version_lag(episodes, self.version)
 
         def subset(part: list[int]) -> list[Episode]:
             return list(episodes) if len(part) == len(episodes) else [episodes[i] for i in part]
@@ -447,11 +444,15 @@ class Learner:
             targets = value_targets
             if value_targets is not None and len(part) != len(episodes):
                 targets = [value_targets[i] for i in part]
-            result = self._apply(self.accumulate_gradients(subset(part), targets), value=value)
+            prox = None if anchors is None else [anchors[i] for i in part]
+            accumulated = self.accumulate_gradients(subset(part), targets, prox)
+            result = self._apply(accumulated, value=value)
             return Update(result.skipped, result.policy_updated, dict(result.scalars))
 
+        plan = plan_updates(len(episodes), cfg.ppo_epochs, cfg.minibatches, seed=self.version)
         try:
             with memory.returned_to_system(self._release_memory):
+                anchors = proximal.proximal_logprobs(self, episodes, plan, share=self._share)
                 schedule = run_epochs(
                     len(episodes),
                     cfg.ppo_epochs,
@@ -459,7 +460,9 @@ class Learner:
                     seed=self.version,
                     update=update,
                     target_kl=cfg.target_kl,
-                    kl_after=lambda part: self._rollout_kl(subset(self._share(part))),
+                    kl_after=lambda part: self._rollout_kl(
+                        proximal.anchored(episodes, self._share(part), anchors)
+                    ),
                 )
         finally:
             self.optimizer.zero_grad(set_to_none=True)
@@ -469,6 +472,7 @@ class Learner:
             self.version += 1
         counts = batch_counts(episodes, value_targets)
         scalars = merge_scalars(schedule, counts, cfg.ppo_epochs)
+        scalars |= lag
         scalars["seconds"] = time.perf_counter() - start
         return StepResult(
             skipped=not steps, policy_updated=policy_updated, version=self.version, scalars=scalars
@@ -490,7 +494,7 @@ class Learner:
         learner with it.
 
         Scalars: loss (the weighted objective), nll (plain mean of -logprob per trained token),
-        n_tokens, n_sequences, n_padded_tokens, n_micro_batches, grad_norm, seconds. A step
+        n_tokens, n_sequences, n_padded_tokens, n_micro_batches, grad_norm, lr, seconds. A step
         with no trained token, or only zero weights, is skipped like `step`'s.
         """
         start = time.perf_counter()
@@ -508,8 +512,9 @@ class Learner:
         return dataclasses.replace(result, version=self.version, scalars=scalars)
 
     def _apply(self, result: StepResult, *, value: bool) -> StepResult:
-        """Clip and take the optimizer step after an accumulation (none when skipped); zero
-        the gradients either way. The caller bumps `version`."""
+        """Clip and take the optimizer step after an accumulation (none when skipped,
+        `turnrl.rl.optimization`); zero the gradients either way. The caller bumps
+        `version`."""
         scalars = dict(result.scalars)
         try:
             if not result.skipped:
@@ -517,15 +522,15 @@ class Learner:
                     self.data_parallel.sum_gradients(
                         self.trainable_parameters + self.value_parameters
                     )
-                max_norm = self.config.max_grad_norm or math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm)
-                scalars["grad_norm"] = float(grad_norm)
-                if value:
-                    value_norm = torch.nn.utils.clip_grad_norm_(self.value_parameters, max_norm)
-                    scalars["value_grad_norm"] = float(value_norm)
-                # Parameters without a gradient (the policy's, in a value-only step with a
-                # detached head) are left alone by AdamW, momentum and weight decay included.
-                self.optimizer.step()
+                scalars |= optimization.optimizer_step(
+                    self.optimizer,
+                    self.config,
+                    self.optimizer_steps,
+                    self.trainable_parameters,
+                    self.value_parameters,
+                    value=value,
+                )
+                self.optimizer_steps += 1
         finally:
             self.optimizer.zero_grad(set_to_none=True)
         return dataclasses.replace(result, scalars=scalars)
@@ -587,13 +592,21 @@ class Learner:
                 share_prefix=self.config.share_prefix,
             )
 
+    def merge_adapters(self) -> None:
+        """Fold LoRA adapters into the model's own weights, in place, so that the policy
+        samples the merged model and a later learner starts from it (with adapters of its
+        own, or full fine-tuning); this learner is done. Nothing to do after full
+        fine-tuning."""
+        if self.peft_model is not None:
+            self.peft_model.merge_and_unload()
+
     def save_checkpoint(self, directory: str | Path, *, merged: bool = False) -> Path:
-        """Write the weights, optimizer state and version under `directory` (layout:
-        `turnrl.rl.learner_checkpoint.save_checkpoint`)."""
+        """Write the weights, optimizer state, version and optimizer step count under
+        `directory` (layout: `turnrl.rl.learner_checkpoint.save_checkpoint`)."""
         return learner_checkpoint.save_checkpoint(self, directory, merged=merged)
 
     def load_checkpoint(self, directory: str | Path) -> None:
-        """Restore weights, optimizer state and version written by `save_checkpoint` into
-        this learner (same model architecture and adaptation). The KL reference is kept: it
-        is the model the learner was built on, not the checkpoint."""
+        """Restore what `save_checkpoint` wrote into this learner (same model architecture
+        and adaptation); the LR schedule continues from the saved step count. The KL
+        reference is kept: it is the model the learner was built on, not the checkpoint."""
         learner_checkpoint.load_checkpoint(self, directory)

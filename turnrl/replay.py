@@ -27,10 +27,10 @@ from turnrl.rl.reward_config import RewardConfig, SaturationReward, needs_gold_p
 from turnrl.rl.scoring import score
 from turnrl.rollout import grade_all
 from turnrl.sandboxes.config import open_sandbox
+from turnrl.session import model_dir
 from turnrl.suites import build_suite
 from turnrl.tasks.base import TaskItem
 from turnrl.tasks.grading import normalize_answer
-from turnrl.train import model_dir
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, list[Episode]]:

@@ -253,11 +253,3 @@ def sft_learner_config(learner: LearnerConfig, cfg: WarmStartConfig) -> LearnerC
             "value_head": None,
         }
     )
-
-
-def merge_adapters(learner: Learner) -> None:
-    """Fold a LoRA warm start's adapters into the model's own weights, in place, so that the
-    policy samples the warm-started model and RL starts from it (with adapters of its own, or
-    full fine-tuning). Nothing to do after full fine-tuning."""
-    if learner.peft_model is not None:
-        learner.peft_model.merge_and_unload()

@@ -114,16 +114,21 @@ class HFPolicy:
         policy_version: int = 0,
         prefix_cache: bool = True,
         prefix_cache_bytes: int = 512 * 2**20,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         """`end_token_ids` end every request (kept in the output) on top of its own
         `stop_token_ids`; None means the tokenizer's end-of-turn and end-of-sequence ids, and
         `()` lets rows run to `max_tokens` (benchmarks). `seed` seeds the per-request seeds of
         requests that bring none. `prefix_cache` reuses the KV of earlier prompts and contexts
         (`prefix_cache_bytes` of it at most: 512 MiB holds ~11,600 ids of SmolLM2-135M in fp32,
-        46 KB an id; 16 episodes x 3 turns on a 590-id shared prompt use ~250 MB)."""
+        46 KB an id; 16 episodes x 3 turns on a 590-id shared prompt use ~250 MB).
+        `autocast_dtype` (bfloat16) runs every forward under autocast, as a bf16 learner
+        scores (`turnrl.rl.placement`): the sampled logprobs then come from the arithmetic
+        the learner's ratio compares them with, not from float32."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.model = model
+        self._autocast_dtype = autocast_dtype
         # transformers 5.24 renamed the forward's `past_key_values` argument to `cache` (the
         # old name warns); both spellings are in the supported range.
         params = inspect.signature(model.forward).parameters
@@ -412,10 +417,16 @@ class HFPolicy:
         self, prompts: list[list[int]], hits: list[kv_cache.Hit]
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         tree, pad, kwarg = self._prefix, self._pad_id, self._cache_kwarg
-        out = kv_cache.prefill(self.model, prompts, hits, tree, pad_id=pad, cache_kwarg=kwarg)
+        with self._autocast():
+            out = kv_cache.prefill(self.model, prompts, hits, tree, pad_id=pad, cache_kwarg=kwarg)
         self.n_prefills += 1
         self.n_prefill_tokens += sum(len(p) for p in prompts) - sum(h.length for h in hits)
         return out
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self._device.type, dtype=self._autocast_dtype)
 
     def _tree(self) -> kv_cache.PrefixCache | None:
         """The prefix cache, emptied first if the weights changed since it was filled."""
@@ -430,13 +441,14 @@ class HFPolicy:
             mask_B_T = torch.cat(
                 [self._mask_B_T, torch.ones(n, 1, dtype=torch.long, device=self._device)], dim=1
             )
-            out = self.model(
-                input_ids=self._last_B[:, None],
-                attention_mask=mask_B_T,
-                position_ids=self._pos_B[:, None],
-                use_cache=True,
-                **{self._cache_kwarg: self._cache},
-            )
+            with self._autocast():
+                out = self.model(
+                    input_ids=self._last_B[:, None],
+                    attention_mask=mask_B_T,
+                    position_ids=self._pos_B[:, None],
+                    use_cache=True,
+                    **{self._cache_kwarg: self._cache},
+                )
             self.n_decode_steps += 1
             self._mask_B_T = mask_B_T
             self._pos_B = self._pos_B + 1

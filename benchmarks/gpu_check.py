@@ -19,11 +19,12 @@ Measured, in one run:
    cross-episode blocks a dense mask computes are not counted: MFU is useful work.
 2. `HFPolicy` decode throughput (`turnrl.agent.hf_policy`): a batch of concurrent requests,
    random prompts, fixed length (no stop ids), sampled at temperature 1: generated tokens per
-   second, with the float32 master weights the learner trains (in-process weight sync) and
-   with a bf16 copy of them.
-3. The largest |policy logprob - learner logprob| over the sampled ids: the bf16 policy's
-   logprobs against the learner's recomputation under bf16 autocast of the same weights (the
-   mismatch the PPO ratio and IS correction must absorb); also the float32 policy's. Random
+   second, with the float32 master weights the learner trains (in-process weight sync), with
+   them under bf16 autocast (what `turnrl train` samples with when `learner.dtype` is
+   bfloat16), and with a bf16 copy of them.
+3. The largest |policy logprob - learner logprob| over the sampled ids: each policy's logprobs
+   against the learner's recomputation under bf16 autocast of the same weights (the mismatch
+   the PPO ratio and IS correction must absorb). Random
    weights give near-uniform distributions over the 151,936-word vocabulary, so the gap here
    is a floor, not what a trained model shows.
 
@@ -142,6 +143,7 @@ def decode(
     prompts: list[list[int]],
     max_tokens: int,
     device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[float, list[Completion]]:
     """Generated tokens per second of `HFPolicy` over the concurrent `prompts`."""
     policy = HFPolicy(
@@ -151,6 +153,7 @@ def decode(
         end_token_ids=(),
         seed=0,
         prefix_cache=False,
+        autocast_dtype=autocast_dtype,
     )
     params = SamplingParams(temperature=1.0, max_tokens=max_tokens)
 
@@ -307,6 +310,10 @@ def main() -> None:
     learner.config = padded
     fp32_rate, fp32_out = decode(model, prompts, args.decode_tokens, device)
     fp32_gap = max_gap(learner, as_episodes(prompts, fp32_out))
+    # What `turnrl train` samples with under `learner.dtype: bfloat16`: the float32 master
+    # weights under the learner's bf16 autocast.
+    auto_rate, auto_out = decode(model, prompts, args.decode_tokens, device, torch.bfloat16)
+    auto_gap = max_gap(learner, as_episodes(prompts, auto_out))
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
     bf16_rate, bf16_out = decode(bf16_model, prompts, args.decode_tokens, device)
     del bf16_model
@@ -314,11 +321,12 @@ def main() -> None:
     say(
         f"HFPolicy decode, {args.decode_batch} concurrent x {args.decode_tokens} tokens after "
         f"{args.decode_prompt}-token prompts: {fp32_rate:,.0f} tokens/s with the float32 "
-        f"master weights, {bf16_rate:,.0f} with a bf16 copy"
+        f"master weights, {auto_rate:,.0f} with them under bf16 autocast (turnrl train's), "
+        f"{bf16_rate:,.0f} with a bf16 copy"
     )
     say(
-        f"max |policy - learner (bf16 autocast)| logprob: bf16 policy {bf16_gap:.4f}, "
-        f"float32 policy {fp32_gap:.4f}"
+        f"max |policy - learner (bf16 autocast)| logprob: autocast policy {auto_gap:.4f}, "
+        f"bf16 policy {bf16_gap:.4f}, float32 policy {fp32_gap:.4f}"
     )
     mfu = rows["packed"]["mfu"]
     say(
@@ -340,6 +348,8 @@ def main() -> None:
                 "peak_memory_gb": None if peak_gb is None else round(peak_gb, 1),
                 "decode_tokens_per_s_fp32": round(fp32_rate, 1),
                 "decode_tokens_per_s_bf16": round(bf16_rate, 1),
+                "decode_tokens_per_s_autocast": round(auto_rate, 1),
+                "max_logprob_gap_autocast_policy": round(auto_gap, 5),
                 "max_logprob_gap_bf16": round(bf16_gap, 5),
                 "max_logprob_gap_fp32_policy": round(fp32_gap, 5),
                 "seconds": round(time.perf_counter() - start, 1),

@@ -45,7 +45,7 @@ from turnrl.loop import Rollouts
 from turnrl.openai_backend import OpenAIBackend
 from turnrl.rl.learner import Learner
 from turnrl.rl.learner_config import LearnerConfig
-from turnrl.rl.placement import place_model, resolve_device
+from turnrl.rl.placement import compute_dtype, place_model, resolve_device
 from turnrl.rl.ranks import Ranks, new_learner
 from turnrl.sandboxes.base import Sandbox
 from turnrl.sandboxes.config import open_sandbox
@@ -209,7 +209,7 @@ def open_session(
     sandbox = open_sandbox(config.sandbox) if config.needs_sandbox() else None
     expert = _expert(config, console)
     suite = build_suite(
-        config.task, renderer.tokenizer.encode, sandbox, expert[1] if expert else None
+        config.task, renderer.tokenizer.encode, sandbox, expert[1] if expert else None, chat=config.chat
     )
     suite.tools()  # opens (or builds, once) the search index before the event loop starts
     learner = None
@@ -246,7 +246,13 @@ def open_session(
         # with `model` itself; both learners train it in place (peft injects into it).
         if train and config.warm_start is None:
             learner = new_learner(model, config.learner, ranks)
-        policy = HFPolicy(model, tokenizer, max_batch_size=config.policy.max_batch_size)
+        policy = HFPolicy(
+            model,
+            tokenizer,
+            max_batch_size=config.policy.max_batch_size,
+            # Sampled under the learner's autocast (bf16): the ratio's two sides alike.
+            autocast_dtype=compute_dtype(config.learner.dtype) if train else None,
+        )
     store = RunStore(config.run_dir)
     if train or store.config_text() is None:
         store.write_config(config.to_yaml())

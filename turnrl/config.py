@@ -14,7 +14,7 @@ need a suite whose items have it; a run whose suite or tools run code opens a sa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -87,6 +87,9 @@ class PolicyConfig(_Config):
     """Most concurrent requests in one forward batch."""
     torch_threads: int | None = None
     """torch intra-op threads; None keeps torch's default (all cores)."""
+    prefix_cache: bool = True
+    """Reuse the KV of shared prompts and earlier turns. Off, every prompt is computed whole:
+    slower, but a rollout's logprobs then do not depend on what ran before it."""
 
 
 class TrainConfig(_Config):
@@ -109,6 +112,18 @@ class TrainConfig(_Config):
 
     checkpoint_every: int = Field(0, ge=0)
     """Save a checkpoint every N steps (0: only at the end)."""
+    resume_every: int = Field(1, ge=0)
+    """Save the state `turnrl train --resume` continues from every N steps (learner weights
+    and optimizer, RNG states; `turnrl.resume`); 0: never. Steps after the last saved state
+    are re-learned from their stored episodes on resume, so a larger N trades checkpoint
+    writes for resume time, never data."""
+    mode: Literal["sync", "async"] = "sync"
+    """`sync`: rollouts and learning alternate (`turnrl.loop`). `async`: rollouts go on while
+    the learner steps, within `max_staleness` (`turnrl.async_loop`)."""
+    max_staleness: int = Field(1, ge=0)
+    """`async` only: a rollout may start only while the policy it samples from is at most
+    this many versions behind the learner (admission control; nothing finished is ever
+    discarded). 0 is the synchronous schedule."""
 
 
 class EvalConfig(_Config):

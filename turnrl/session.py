@@ -209,7 +209,11 @@ def open_session(
     sandbox = open_sandbox(config.sandbox) if config.needs_sandbox() else None
     expert = _expert(config, console)
     suite = build_suite(
-        config.task, renderer.tokenizer.encode, sandbox, expert[1] if expert else None, chat=config.chat
+        config.task,
+        renderer.tokenizer.encode,
+        sandbox,
+        expert[1] if expert else None,
+        chat=config.chat,
     )
     suite.tools()  # opens (or builds, once) the search index before the event loop starts
     learner = None
@@ -250,6 +254,7 @@ def open_session(
             model,
             tokenizer,
             max_batch_size=config.policy.max_batch_size,
+            prefix_cache=config.policy.prefix_cache,
             # Sampled under the learner's autocast (bf16): the ratio's two sides alike.
             autocast_dtype=compute_dtype(config.learner.dtype) if train else None,
         )

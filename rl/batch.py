@@ -11,6 +11,7 @@ facts about the token `input_ids_B_T[b, t]`:
   (the prefix a branched rollout restored from a stored episode): they stay in the context,
   but this episode's policy did not sample them.
 - `old_logprobs_B_T` holds each sampled token's rollout logprob (`Turn.completion_logprobs`).
+  `proximal_logprobs_B_T`, when given, the proximal policy's (`turnrl.rl.offpolicy`).
 - `advantages_B_T` holds the advantage of the turn the token belongs to: one float per turn is
   broadcast to that turn's sampled tokens (GRPO gives every turn the episode's value; step-level
   estimators give each turn its own). Masked-out positions hold 0.
@@ -87,6 +88,10 @@ class TokenBatch:
     value_segments_B_J: torch.Tensor | None = None
     """Packed batches only: the episode index of each turn column (a packed row's turns are
     its episodes' turns in order); -1 past the last."""
+    proximal_logprobs_B_T: torch.Tensor | None = None
+    """float32: the proximal policy's logprob of each sampled id (the learner's weights at the
+    start of its step, `turnrl.rl.offpolicy`); 0 where the mask is False. None: not
+    measured (no off-policy correction, or the loss takes the current weights' own)."""
 
     @property
     def packed(self) -> bool:
@@ -107,6 +112,22 @@ class TokenBatch:
     def n_tokens(self) -> int:
         """Number of trained (masked-in) tokens."""
         return int(self.loss_mask_B_T.sum())
+
+    @property
+    def turn_ids_B_T(self) -> torch.Tensor:
+        """int64: an id of each position's turn, the same along one turn of one episode and
+        different for every other turn of the batch (packed rows included); -1 on padding."""
+        episode_B_T = self.segments_B_T
+        if episode_B_T is None:
+            episode_B_T = self.episode_index_B[:, None].expand_as(self.turn_index_B_T)
+        n_turns = int(self.turn_index_B_T.max()) + 1
+        real_B_T = self.turn_index_B_T >= 0
+        return torch.where(real_B_T, episode_B_T * n_turns + self.turn_index_B_T, -1)
+
+    @property
+    def n_trained_turns(self) -> int:
+        """Number of turns with at least one trained token."""
+        return int(torch.unique(self.turn_ids_B_T[self.loss_mask_B_T]).numel())
 
     @property
     def n_value_targets(self) -> int:
@@ -142,7 +163,10 @@ def _episodes_with(mask_B_X: torch.Tensor, segments_B_X: torch.Tensor | None) ->
 
 
 def _check(
-    episode: Episode, advantages: Sequence[float | None], targets: Sequence[float | None] | None
+    episode: Episode,
+    advantages: Sequence[float | None],
+    targets: Sequence[float | None] | None,
+    proximal: Sequence[Sequence[float]] | None = None,
 ) -> None:
     if targets is not None and len(targets) != len(episode.turns):
         raise ValueError(
@@ -165,6 +189,14 @@ def _check(
                 f"{len(turn.completion_logprobs)} logprobs for "
                 f"{len(turn.completion_ids)} completion ids"
             )
+    if proximal is not None and [len(p) for p in proximal] != [
+        len(t.completion_ids) for t in episode.turns
+    ]:
+        raise ValueError(
+            f"episode {episode.episode_id}: proximal logprobs shaped "
+            f"{[len(p) for p in proximal]}, completions "
+            f"{[len(t.completion_ids) for t in episode.turns]}"
+        )
 
 
 def _pad(rows: list[list[_T]], value: _T, width: int) -> list[list[_T]]:
@@ -175,12 +207,20 @@ def check_rows(
     episodes: Sequence[Episode],
     advantages: Sequence[Sequence[float | None]],
     value_targets: Sequence[Sequence[float | None]] | None,
+    proximal: Sequence[object] | None = None,
 ) -> None:
-    """One advantage row (and value-target row, when given) per episode."""
+    """One advantage row (and value-target row, proximal row, when given) per episode."""
     if len(advantages) != len(episodes):
         raise ValueError(f"{len(advantages)} advantage rows for {len(episodes)} episodes")
     if value_targets is not None and len(value_targets) != len(episodes):
         raise ValueError(f"{len(value_targets)} value-target rows for {len(episodes)} episodes")
+    if proximal is not None and len(proximal) != len(episodes):
+        raise ValueError(f"{len(proximal)} proximal rows for {len(episodes)} episodes")
+
+
+ProximalLogprobs = Sequence[Sequence[Sequence[float]]]
+"""The proximal policy's logprobs of each episode's completions, `[episode][turn][token]`
+(shaped like `Turn.completion_logprobs`; `Learner.logprobs` gives them)."""
 
 
 def build_token_batch(
@@ -190,6 +230,7 @@ def build_token_batch(
     pad_id: int = 0,
     episode_indices: Sequence[int] | None = None,
     value_targets: Sequence[Sequence[float | None]] | None = None,
+    proximal: ProximalLogprobs | None = None,
 ) -> TokenBatch:
     """Lay `episodes` out as right-padded rows, one per episode, in the order given.
 
@@ -197,9 +238,9 @@ def build_token_batch(
     trained, like a replayed one); `value_targets[i][j]`
     (optional) its value-head target, None for a turn without one. `episode_indices` labels
     the rows (default `0..len(episodes)-1`); `micro_batches` passes the positions in the
-    caller's full list.
+    caller's full list. `proximal` (optional) fills `proximal_logprobs_B_T`.
     """
-    check_rows(episodes, advantages, value_targets)
+    check_rows(episodes, advantages, value_targets, proximal)
     if not episodes:
         raise ValueError("cannot build a batch from no episodes")
     if episode_indices is None:
@@ -212,13 +253,16 @@ def build_token_batch(
     state_rows: list[list[int]] = []
     target_rows: list[list[float]] = []
     target_mask_rows: list[list[bool]] = []
+    prox_rows: list[list[float]] = []
     for i, (episode, episode_adv) in enumerate(zip(episodes, advantages, strict=True)):
         episode_targets = None if value_targets is None else value_targets[i]
-        _check(episode, episode_adv, episode_targets)
+        episode_prox = None if proximal is None else proximal[i]
+        _check(episode, episode_adv, episode_targets, episode_prox)
         ids: list[int] = []
         states: list[int] = []
         mask: list[bool] = []
         old: list[float] = []
+        prox: list[float] = []
         adv: list[float] = []
         turn_of: list[int] = []
         for j, (turn, a) in enumerate(zip(episode.turns, episode_adv, strict=True)):
@@ -234,10 +278,13 @@ def build_token_batch(
             if turn.replayed or a is None:
                 mask += [False] * (n_p + n_c + n_o)
                 old += [0.0] * (n_p + n_c + n_o)
+                prox += [0.0] * (n_p + n_c + n_o)
                 adv += [0.0] * (n_p + n_c + n_o)
             else:
                 mask += [False] * n_p + [True] * n_c + [False] * n_o
                 old += [0.0] * n_p + list(turn.completion_logprobs) + [0.0] * n_o
+                if episode_prox is not None:
+                    prox += [0.0] * n_p + list(episode_prox[j]) + [0.0] * n_o
                 adv += [0.0] * n_p + [float(a)] * n_c + [0.0] * n_o
             turn_of += [j] * (n_p + n_c + n_o)
         if mask and mask[0]:
@@ -248,6 +295,7 @@ def build_token_batch(
         ids_rows.append(ids)
         mask_rows.append(mask)
         old_rows.append(old)
+        prox_rows.append(prox)
         adv_rows.append(adv)
         turn_rows.append(turn_of)
         state_rows.append(states)
@@ -275,6 +323,9 @@ def build_token_batch(
         state_positions_B_J=torch.tensor(_pad(state_rows, -1, n_turns), dtype=torch.long),
         value_targets_B_J=torch.tensor(_pad(target_rows, 0.0, n_turns), dtype=torch.float32),
         value_mask_B_J=torch.tensor(_pad(target_mask_rows, False, n_turns), dtype=torch.bool),
+        proximal_logprobs_B_T=None
+        if proximal is None
+        else torch.tensor(_pad(prox_rows, 0.0, width), dtype=torch.float32),
     )
 
 
@@ -312,12 +363,13 @@ def micro_batches(
     *,
     pad_id: int = 0,
     value_targets: Sequence[Sequence[float | None]] | None = None,
+    proximal: ProximalLogprobs | None = None,
 ) -> list[TokenBatch]:
     """Split `episodes` into `TokenBatch`es whose padded size respects `token_budget`.
 
     `TokenBatch.episode_index_B` gives each row's position in `episodes`.
     """
-    check_rows(episodes, advantages, value_targets)
+    check_rows(episodes, advantages, value_targets, proximal)
     lengths = [sequence_length(e) for e in episodes]
     return [
         build_token_batch(
@@ -326,6 +378,7 @@ def micro_batches(
             pad_id=pad_id,
             episode_indices=group,
             value_targets=None if value_targets is None else [value_targets[i] for i in group],
+            proximal=None if proximal is None else [proximal[i] for i in group],
         )
         for group in plan_micro_batches(lengths, token_budget)
     ]

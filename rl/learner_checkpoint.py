@@ -1,5 +1,6 @@
 """Learner checkpoints: the weights (adapter or full model), the value head, the optimizer
-state and the version, in one folder that `Learner.load_checkpoint` restores exactly."""
+state, the version and the optimizer step count (where the learning-rate schedule stands,
+`turnrl.rl.optimization`), in one folder that `Learner.load_checkpoint` restores exactly."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def save_checkpoint(learner: Learner, directory: str | Path, *, merged: bool = False) -> Path:
-    """Write `learner`'s weights, optimizer state and version under `directory`.
+    """Write `learner`'s weights, optimizer state, version and optimizer step count under
+    `directory`.
 
     Layout: LoRA writes `adapter/` (peft `save_pretrained`) and, with `merged=True`, also
     `merged/`, a plain model with the adapters folded in (for servers without LoRA);
@@ -45,15 +47,20 @@ def save_checkpoint(learner: Learner, directory: str | Path, *, merged: bool = F
         }
         safetensors.torch.save_file(head_state, str(root / VALUE_HEAD_FILE))
     torch.save(learner.optimizer.state_dict(), root / "optimizer.pt")
-    state = {"version": learner.version, "config": learner.config.model_dump(mode="json")}
+    state = {
+        "version": learner.version,
+        "optimizer_steps": learner.optimizer_steps,
+        "config": learner.config.model_dump(mode="json"),
+    }
     (root / "learner.json").write_text(json.dumps(state, indent=2))
     return root
 
 
 def load_checkpoint(learner: Learner, directory: str | Path) -> None:
-    """Restore weights, optimizer state and version written by `save_checkpoint` into
-    this learner (same model architecture and adaptation). The KL reference is kept: it
-    is the model the learner was built on, not the checkpoint."""
+    """Restore weights, optimizer state, version and optimizer step count written by
+    `save_checkpoint` into this learner (same model architecture and adaptation); a
+    checkpoint from before the step count was saved restarts the schedule at 0. The KL
+    reference is kept: it is the model the learner was built on, not the checkpoint."""
     root = Path(directory)
     head_file = root / VALUE_HEAD_FILE
     if (learner.value_head is not None) != head_file.is_file():
@@ -87,6 +94,7 @@ def load_checkpoint(learner: Learner, directory: str | Path) -> None:
     )
     meta: dict[str, Any] = json.loads((root / "learner.json").read_text())
     learner.version = int(meta["version"])
+    learner.optimizer_steps = int(meta.get("optimizer_steps", 0))
 
 
 def _tied_names(model: nn.Module) -> set[str]:

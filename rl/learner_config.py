@@ -18,6 +18,124 @@ LearnerDtype = Literal["float32", "bfloat16"]
 """The learner's compute precision (`turnrl.rl.placement`)."""
 AttentionImplementation = Literal["sdpa", "flash_attention_2", "eager"]
 """The transformers attention kernel the learner sets on the model."""
+ISLevel = Literal["token", "sequence"]
+"""Where an importance weight is formed and corrected: each sampled token alone, or a whole
+sequence, one turn's sampled completion (the product of its tokens' weights, broadcast to
+them). Why a turn and not the episode: `turnrl.rl.offpolicy`."""
+RatioLevel = Literal["token", "sequence"]
+"""PPO's ratio per token, or GSPO's per sequence (one turn's completion; `LearnerConfig`)."""
+
+
+class RolloutRatio(BaseModel):
+    """PPO's ratio against the rollout logprobs stored with each turn: the behaviour policy is
+    also the clip's anchor (verl's "bypass" mode). No extra pass and no importance weight; the
+    right choice when rollouts come from the learner's own weights (the synchronous loop)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["rollout"] = "rollout"
+    """Selects the rollout-anchored ratio (the default: the loss of every earlier version)."""
+
+
+class DecoupledPPO(BaseModel):
+    """Decoupled PPO (Hilton, Cobbe & Schulman 2021, "Batch size-invariance for policy
+    optimization", arXiv 2110.00641; AReaL's asynchronous PPO): the clip is taken against the
+    proximal policy, the learner's weights at the start of `Learner.step`, and the behaviour
+    policy enters only through the untruncated token weight `pi_prox / pi_behav`
+    (`turnrl.rl.offpolicy`). For a truncated or masked weight, use `tis` or `mis`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["decoupled"] = "decoupled"
+    """Selects decoupled PPO."""
+
+
+class TruncatedIS(BaseModel):
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"; verl's `rollout_is`): decoupled PPO whose weight
+    `w = pi_prox / pi_behav` is capped, `min(w, cap)` (at token or sequence level)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["tis"] = "tis"
+    """Selects truncated importance sampling."""
+    level: ISLevel = "token"
+    """Token weights (biased, low variance), or one weight per turn's completion (the product
+    of its tokens' weights: unbiased for that turn, higher variance)."""
+    cap: float = Field(2.0, gt=0)
+    """C in `min(w, C)`. verl's guide suggests 1.5-5 at token level, 2-10 at sequence level."""
+
+
+class MaskedIS(BaseModel):
+    """Masked importance sampling (IcePop: Ling team 2025, "Every step evolves: scaling
+    reinforcement learning for trillion-scale thinking model"; sequence-level MIS: Liu, Li et
+    al. 2025, "When speed kills stability"): decoupled PPO whose weight
+    `w = pi_prox / pi_behav` is kept where `low <= w <= high` and is 0 elsewhere: a token (or a
+    whole turn's completion) the behaviour policy sampled far off the proximal one is dropped
+    from the loss instead of being down-weighted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["mis"] = "mis"
+    """Selects masked importance sampling."""
+    level: ISLevel = "token"
+    """Mask tokens one by one, or whole turns' completions by their product weight."""
+    low: float = Field(0.5, ge=0)
+    """Lowest weight kept."""
+    high: float = Field(5.0, gt=0)
+    """Highest weight kept."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MaskedIS:
+        if not self.low < self.high:
+            raise ValueError(f"mis needs low < high, got low={self.low}, high={self.high}")
+        return self
+
+
+OffPolicyCorrection = RolloutRatio | DecoupledPPO | TruncatedIS | MaskedIS
+"""How the PPO loss treats the gap between the behaviour policy (the rollout logprobs) and the
+policy being trained (`turnrl.rl.offpolicy`)."""
+
+
+class ConstantLR(BaseModel):
+    """`LearnerConfig.lr` throughout, after an optional linear warmup."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["constant"] = "constant"
+    """Selects the constant rate."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup: step k (1-based) of the first `warmup_steps` runs at
+    `k / warmup_steps` of the rate (never at 0). 0 starts at the full rate."""
+
+
+class WarmupCosineLR(BaseModel):
+    """Linear warmup, then cosine decay to a floor (Loshchilov & Hutter 2017, arXiv
+    1608.03983, without restarts), counted in optimizer steps (`turnrl.rl.lr_schedule`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["warmup_cosine"] = "warmup_cosine"
+    """Selects warmup and cosine decay."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup (as in `ConstantLR`)."""
+    total_steps: int = Field(ge=1)
+    """Optimizer steps, warmup included, after which the rate stays at the floor."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """The floor, as a fraction of the rate."""
+
+    @model_validator(mode="after")
+    def _decays(self) -> WarmupCosineLR:
+        if self.total_steps <= self.warmup_steps:
+            raise ValueError(
+                f"warmup_cosine needs total_steps > warmup_steps, got {self.total_steps} "
+                f"<= {self.warmup_steps}"
+            )
+        return self
+
+
+LRSchedule = ConstantLR | WarmupCosineLR
+"""The learning rate at each optimizer step, as a factor of the configured rates."""
 
 
 class ValueHeadConfig(BaseModel):
@@ -82,7 +200,11 @@ class LearnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     lr: float = Field(1e-6, gt=0)
-    """AdamW learning rate."""
+    """AdamW learning rate (the peak, under a schedule)."""
+    lr_schedule: LRSchedule = Field(default_factory=ConstantLR, discriminator="kind")
+    """How the rate moves with the optimizer steps taken (`Learner.optimizer_steps`, saved
+    with checkpoints): constant, or warmup then cosine decay. Scales every parameter group
+    alike (the value head's `lr` too); the step's rate is logged as `lr`."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -93,6 +215,18 @@ class LearnerConfig(BaseModel):
     """PPO ratio lower clip: ratios below 1 - clip_low stop pushing down."""
     clip_high: float = Field(0.2, ge=0)
     """PPO ratio upper clip: ratios above 1 + clip_high stop pushing up (DAPO uses 0.28)."""
+    off_policy: OffPolicyCorrection = Field(default_factory=RolloutRatio, discriminator="kind")
+    """The ratio's anchor and the importance weight for data the learner did not sample itself
+    (`turnrl.rl.offpolicy`): `rollout` (the stored logprobs; no correction), `decoupled`,
+    `tis` or `mis` (the proximal policy, with a plain, truncated or masked weight
+    `pi_prox / pi_behav`). The proximal logprobs cost one no-gradient pass over the batch
+    before the first update, except when the step takes a single update (they are then the
+    update's own, detached)."""
+    ratio_level: RatioLevel = "token"
+    """`token`: PPO's per-token ratio. `sequence`: GSPO's (Zheng et al. 2025, arXiv
+    2507.18071), one ratio per turn's completion, `exp(mean_t log(pi / pi_anchor))`, clipped
+    per sequence. The geometric mean moves far less than a token's ratio: GSPO clips at
+    `clip_low` 3e-4 and `clip_high` 4e-4, not 0.2."""
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the k3 KL(policy || reference) term; 0 builds no reference at all."""
     temperature: float = Field(1.0, gt=0)
@@ -134,11 +268,12 @@ class LearnerConfig(BaseModel):
     8 (`--rollout_batch_size 1024` over `--train_batch_size 128`); here 1 keeps one weight
     update per step of a small on-CPU batch."""
     target_kl: float | None = Field(None, gt=0)
-    """Early stop: after each optimizer step, the k3 approximate KL(rollout || current) on the
-    updated minibatch (`turnrl.rl.ppo_epochs`); above this, the step's remaining updates are
-    dropped. None never stops (verl and OpenRLHF have no such stop; Stable-Baselines3 and
-    Spinning Up stop at 1.5 x their `target_kl`). Costs one no-gradient forward pass over the
-    minibatch per optimizer step but the last."""
+    """Early stop: after each optimizer step, the k3 approximate KL(anchor || current) on the
+    updated minibatch, the anchor being the rollout policy, or the proximal one under an
+    `off_policy` correction (`turnrl.rl.ppo_epochs`); above this, the step's remaining
+    updates are dropped. None never stops (verl and OpenRLHF have no such stop;
+    Stable-Baselines3 and Spinning Up stop at 1.5 x their `target_kl`). Costs one no-gradient
+    forward pass over the minibatch per optimizer step but the last."""
     value_head: ValueHeadConfig | None = None
     """A linear value head on the final hidden state for turn-level critics (GAE); None
     builds none."""

@@ -62,11 +62,12 @@ def _denominator(mask: torch.Tensor, n_tokens: int | float | None) -> torch.Tens
     return mask.sum().clamp(min=1).to(torch.float32)
 
 
-def _reducer(
+def step_mean(
     mask: torch.Tensor, n_tokens: int | float | None, weights: torch.Tensor | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The step-mean of a per-sample tensor: weighted sum when `weights` are given, else the
-    sum over the mask divided by `n_tokens` (or the mask's own count)."""
+    sum over the mask divided by `n_tokens` (or the mask's own count). Every loss and metric
+    here is reduced with it, so micro-batch values add up to the step's."""
     if weights is None:
         denom = _denominator(mask, n_tokens)
         return lambda x_B_T: torch.where(mask, x_B_T, 0.0).sum() / denom
@@ -121,9 +122,12 @@ def ppo_clip_loss(
     clip_high: float = 0.2,
     n_tokens: int | float | None = None,
     weights_B_T: torch.Tensor | None = None,
+    is_weights_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate loss, a weighted mean over the step's trained tokens: the token
     mean over `n_tokens`, or the sum weighted by `weights_B_T` (`sample_weights`).
+    `is_weights_B_T` (no gradient) multiplies each token's term: an off-policy correction's
+    importance weight (`turnrl.rl.offpolicy`); None leaves the loss exactly as without it.
 
     Returns `(loss, metrics)`; metrics: `clip_frac` (share of tokens whose clipped branch is
     the active one, i.e. which get no gradient), `approx_kl` (k3 estimate of
@@ -140,7 +144,9 @@ def ppo_clip_loss(
     # wholly through the active branch and `is_clipped` names exactly the zero-gradient tokens.
     is_clipped_B_T = (clipped_B_T > unclipped_B_T) & mask
     per_token_B_T = torch.where(is_clipped_B_T, clipped_B_T, unclipped_B_T)
-    mean = _reducer(mask, n_tokens, weights_B_T)
+    if is_weights_B_T is not None:
+        per_token_B_T = per_token_B_T * is_weights_B_T.detach()
+    mean = step_mean(mask, n_tokens, weights_B_T)
     loss = mean(per_token_B_T)
     with torch.no_grad():
         approx_kl_B_T = ratio_B_T - 1.0 - log_ratio_B_T
@@ -170,8 +176,8 @@ def sft_loss(
     mask's own count.
     """
     mask = mask_B_T.bool()
-    nll_mean = _reducer(mask, n_tokens, None)
-    loss_mean = nll_mean if weights_B_T is None else _reducer(mask, None, weights_B_T)
+    nll_mean = step_mean(mask, n_tokens, None)
+    loss_mean = nll_mean if weights_B_T is None else step_mean(mask, None, weights_B_T)
     loss = loss_mean(-weights_per_turn_B_T * logprobs_B_T)
     with torch.no_grad():
         metrics = {"nll": nll_mean(-logprobs_B_T.detach())}
@@ -220,7 +226,7 @@ def kl_penalty(
     lp_B_T = torch.where(mask, logprobs_B_T, zero)
     ref_B_T = torch.where(mask, ref_logprobs_B_T, zero)
     kl_B_T = KL_ESTIMATORS[kind](lp_B_T, ref_B_T)
-    kl = _reducer(mask, n_tokens, weights_B_T)(kl_B_T)
+    kl = step_mean(mask, n_tokens, weights_B_T)(kl_B_T)
     return kl, {"kl_ref": kl.detach()}
 
 
@@ -239,7 +245,7 @@ def value_loss(
     `value_target_mean` (the same mean of the values and of the targets).
     """
     mask = mask_B_J.bool()
-    mean = _reducer(mask, n_targets, weights_B_J)
+    mean = step_mean(mask, n_targets, weights_B_J)
     # Masked positions may hold anything; `where` keeps them out of the value and the gradient.
     error_B_J = torch.where(mask, values_B_J.float() - targets_B_J.float(), 0.0)
     loss = mean(error_B_J.square())

@@ -1,13 +1,16 @@
 """No-gradient passes over stored episodes under the current weights: each completion token's
-logprob (teacher forcing), the value head's V(s_j), and the approximate KL to the rollout
-policy that `LearnerConfig.target_kl` stops on. They read the stored ids in the learner's
-micro-batches (`turnrl.rl.batch`), never re-tokenized; `share_prefix` runs each
-micro-batch's common prefix once (`turnrl.rl.logprobs`)."""
+logprob (teacher forcing), the value head's V(s_j), the approximate KL to the rollout
+policy that `LearnerConfig.target_kl` stops on, and a micro-batch's logprobs under the KL
+reference. They read the stored ids in the learner's micro-batches (`turnrl.rl.batch`), never
+re-tokenized; `share_prefix` runs each micro-batch's common prefix once
+(`turnrl.rl.logprobs`)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
+import peft
 import torch
 from transformers import PreTrainedModel
 
@@ -153,3 +156,20 @@ def rollout_kl(
             )
             total = total + metrics["approx_kl"]
     return float(total)
+
+
+def reference_logprobs(
+    model: PreTrainedModel,
+    batch: TokenBatch,
+    *,
+    temperature: float,
+    share_prefix: bool,
+    adapters: peft.PeftModel | None = None,
+) -> torch.Tensor:
+    """`logprobs_B_T` of `batch` under the KL reference, without gradient: `model` (a frozen
+    copy of the policy), or, with `adapters`, `model` with that peft wrapper's adapters
+    disabled (the base the adapters were put on)."""
+    off = contextlib.nullcontext() if adapters is None else adapters.disable_adapter()
+    with torch.no_grad(), off:
+        lp, _ = token_logprobs(model, batch, temperature, share_prefix=share_prefix)
+    return lp

@@ -37,6 +37,7 @@ from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode
 from turnrl.rl.batch import (
+    ProximalLogprobs,
     TokenBatch,
     build_token_batch,
     check_rows,
@@ -73,10 +74,11 @@ def pack_micro_batches(
     *,
     pad_id: int = 0,
     value_targets: Sequence[Sequence[float | None]] | None = None,
+    proximal: ProximalLogprobs | None = None,
 ) -> list[TokenBatch]:
     """`turnrl.rl.batch.micro_batches` with several episodes per row (module docstring):
     rows as wide as the longest episode, `token_budget // width` rows per micro-batch."""
-    check_rows(episodes, advantages, value_targets)
+    check_rows(episodes, advantages, value_targets, proximal)
     lengths = [sequence_length(e) for e in episodes]
     width = max([*lengths, 1])
     rows = plan_packs(lengths, width)
@@ -91,6 +93,7 @@ def pack_micro_batches(
                 pad_id=pad_id,
                 episode_indices=row,
                 value_targets=None if value_targets is None else [value_targets[i] for i in row],
+                proximal=None if proximal is None else [proximal[i] for i in row],
             )
             for row in group
         ]
@@ -118,7 +121,11 @@ def _pack_row(batch: TokenBatch, n_turns: list[int]) -> _Row:
         for b, (n, o) in enumerate(zip(n_turns, offsets, strict=True))
     ]
     index = batch.episode_index_B.tolist()
+    proximal: _Row = {}
+    if batch.proximal_logprobs_B_T is not None:
+        proximal["proximal"] = cat(batch.proximal_logprobs_B_T, lengths)
     return {
+        **proximal,
         "input_ids": cat(batch.input_ids_B_T, lengths),
         "loss_mask": cat(batch.loss_mask_B_T, lengths),
         "old_logprobs": cat(batch.old_logprobs_B_T, lengths),
@@ -163,6 +170,7 @@ def _stack(rows: list[_Row], pad_id: int) -> TokenBatch:
         position_ids_B_T=positions,
         segments_B_T=pad("segments", -1, width),
         value_segments_B_J=pad("value_segments", -1, n_turns),
+        proximal_logprobs_B_T=pad("proximal", 0.0, width) if "proximal" in rows[0] else None,
     )
 
 
@@ -212,7 +220,15 @@ def training_batches(
     packing: bool,
     pad_id: int = 0,
     value_targets: Sequence[Sequence[float | None]] | None = None,
+    proximal: ProximalLogprobs | None = None,
 ) -> list[TokenBatch]:
     """The learner's micro-batches: packed rows with `packing`, else padded rows."""
     make = pack_micro_batches if packing else micro_batches
-    return make(episodes, advantages, token_budget, pad_id=pad_id, value_targets=value_targets)
+    return make(
+        episodes,
+        advantages,
+        token_budget,
+        pad_id=pad_id,
+        value_targets=value_targets,
+        proximal=proximal,
+    )

@@ -75,6 +75,18 @@ class Schedule:
     """The last post-update KL measured (`target_kl` set), None when none was."""
 
 
+def plan_updates(
+    n_episodes: int, epochs: int, minibatches: int, seed: int
+) -> list[tuple[int, list[int]]]:
+    """Every update of a step in order, `(epoch, episode indices)`: each epoch's episodes
+    shuffled by `seed` and the epoch, cut into `minibatches` parts (`split_episodes`)."""
+    return [
+        (epoch, part)
+        for epoch in range(epochs)
+        for part in split_episodes(n_episodes, minibatches, seed * epochs + epoch)
+    ]
+
+
 def run_epochs(
     n_episodes: int,
     epochs: int,
@@ -85,14 +97,10 @@ def run_epochs(
     target_kl: float | None = None,
     kl_after: Callable[[list[int]], float] | None = None,
 ) -> Schedule:
-    """Run `update` on each minibatch (a list of episode indices) of each epoch; with
-    `target_kl`, measure `kl_after` on the minibatch after every update that moved the
-    policy, except the last, and stop when it exceeds `target_kl`."""
-    plan = [
-        (epoch, part)
-        for epoch in range(epochs)
-        for part in split_episodes(n_episodes, minibatches, seed * epochs + epoch)
-    ]
+    """Run `update` on each minibatch (a list of episode indices) of each epoch, in the order
+    of `plan_updates`; with `target_kl`, measure `kl_after` on the minibatch after every
+    update that moved the policy, except the last, and stop when it exceeds `target_kl`."""
+    plan = plan_updates(n_episodes, epochs, minibatches, seed)
     schedule = Schedule()
     for k, (epoch, part) in enumerate(plan):
         done = dataclasses.replace(update(part), epoch=epoch)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_learner import tiny_model
+from test_learner_offpolicy import behind
 from test_learner_packing import SHAPES, varied_episodes
 from torch.multiprocessing.spawn import spawn
 
@@ -24,6 +25,8 @@ from turnrl.rl.learner_config import (
     LearnerConfig,
     LoraConfig,
     LossWeighting,
+    MaskedIS,
+    RolloutRatio,
     ValueHeadConfig,
 )
 
@@ -31,11 +34,17 @@ WORLD = 2
 
 
 def config(weighting: LossWeighting, variant: str) -> LearnerConfig:
-    """`variant`: padded rows, packed rows, LoRA adapters (broadcast from rank 0), or two PPO
-    epochs of four minibatches (six episodes: parts of one episode leave a rank none)."""
+    """`variant`: padded rows, packed rows, LoRA adapters (broadcast from rank 0), two PPO
+    epochs of four minibatches (six episodes: parts of one episode leave a rank none), or
+    those epochs with sequence-level masked IS and GSPO's ratio (each rank scores its own
+    episodes' proximal logprobs; the masked-turn fraction is over every rank's turns)."""
+    epochs = variant in ("minibatches", "offpolicy")
+    off = variant == "offpolicy"
     return LearnerConfig(
-        ppo_epochs=2 if variant == "minibatches" else 1,
-        minibatches=4 if variant == "minibatches" else 1,
+        ppo_epochs=2 if epochs else 1,
+        minibatches=4 if epochs else 1,
+        off_policy=MaskedIS(level="sequence", low=0.5, high=1.5) if off else RolloutRatio(),
+        ratio_level="sequence" if off else "token",
         lr=1e-3,
         loss_weighting=weighting,
         kl_coef=0.05,
@@ -44,6 +53,15 @@ def config(weighting: LossWeighting, variant: str) -> LearnerConfig:
         adaptation=LoraConfig(r=4, alpha=8) if variant == "lora" else FullConfig(),
         value_head=ValueHeadConfig(init_std=0.1, backprop_to_policy=True),
     )
+
+
+def episodes_of(variant: str) -> list[Episode]:
+    """`varied_episodes`; for "offpolicy", behind the model by -0.15, -0.05 or 0.05 nats a
+    token, so that some turns' weights fall outside [0.5, 1.5] (none near its edges)."""
+    episodes = varied_episodes(tiny_model())
+    if variant != "offpolicy":
+        return episodes
+    return behind(episodes, [0.1 * (i % 3) - 0.15 for i in range(len(episodes))])
 
 
 def targets_of(n: int) -> list[list[float | None]]:
@@ -73,6 +91,7 @@ def run_step(
         "params": [p.detach().clone() for p in params],
         "loss": result.scalars["loss"],
         "n_tokens": result.scalars["n_tokens"],
+        "scalars": dict(result.scalars),
         "version": result.version,
     }
 
@@ -89,7 +108,7 @@ def _rank(rank: int, port: int, weighting: LossWeighting, variant: str, out: str
                 next(model.parameters()).add_(1.0)
         group = DataParallelGroup(rank, WORLD)
         learner = Learner(model, config(weighting, variant), data_parallel=group)
-        episodes = varied_episodes(tiny_model())
+        episodes = episodes_of(variant)
         targets = targets_of(len(episodes))
         torch.save(
             run_step(learner, episodes, targets),
@@ -108,7 +127,13 @@ def free_port() -> int:
 
 @pytest.mark.parametrize(
     ("weighting", "variant"),
-    [("token", "padded"), ("episode", "packed"), ("episode", "lora"), ("token", "minibatches")],
+    [
+        ("token", "padded"),
+        ("episode", "packed"),
+        ("episode", "lora"),
+        ("token", "minibatches"),
+        ("token", "offpolicy"),
+    ],
 )
 def test_two_ranks_step_like_one_process(
     tmp_path: Path, weighting: LossWeighting, variant: str
@@ -130,7 +155,7 @@ def test_two_ranks_step_like_one_process(
         head = Learner(tiny_model(), config(weighting, variant)).value_head
     assert head is not None
     single.value_head.load_state_dict(head.state_dict())
-    episodes = varied_episodes(tiny_model())
+    episodes = episodes_of(variant)
     one = run_step(single, episodes, targets_of(len(episodes)))
 
     # Both ranks end identical: same summed gradient, same AdamW step.
@@ -140,6 +165,10 @@ def test_two_ranks_step_like_one_process(
     # The ranks' losses are normalised by the global counts: their sum is the whole loss.
     assert ranks[0]["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-6)
     assert ranks[0]["n_tokens"] == ranks[1]["n_tokens"] == one["n_tokens"]
+    if variant == "offpolicy":
+        assert one["scalars"]["is_seq_frac"] > 0
+        for key in ("is_seq_frac", "is_token_frac", "is_weight_mean", "clip_frac"):
+            assert ranks[0]["scalars"][key] == pytest.approx(one["scalars"][key], abs=1e-6)
     for g_rank, g_one in zip(ranks[0]["grads"], one["grads"], strict=True):
         torch.testing.assert_close(g_rank, g_one, atol=1e-6, rtol=1e-4)
     # Adam's first step is ~lr * sign(grad): rounding near 0 moves a weight by <= 1% of lr.

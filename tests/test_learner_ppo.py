@@ -13,6 +13,7 @@ from test_learner import make_episode, tiny_model, with_model_logprobs
 from transformers import PreTrainedModel
 
 from turnrl.agent.records import Episode
+from turnrl.rl.batch import ProximalLogprobs
 from turnrl.rl.learner import Learner, StepResult
 from turnrl.rl.learner_config import LearnerConfig, ValueHeadConfig
 from turnrl.rl.ppo_epochs import split_episodes
@@ -29,10 +30,11 @@ class Recording(Learner):
         self,
         episodes: Sequence[Episode],
         value_targets: Sequence[Sequence[float | None]] | None = None,
+        proximal: ProximalLogprobs | None = None,
     ) -> StepResult:
         targets = None if value_targets is None else [list(t) for t in value_targets]
         self.seen.append(([e.episode_id for e in episodes], targets))
-        return super().accumulate_gradients(episodes, value_targets)
+        return super().accumulate_gradients(episodes, value_targets, proximal)
 
 
 def batch(n: int = 6) -> list[Episode]:

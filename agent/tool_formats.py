@@ -2,9 +2,10 @@
 
 A format reads a completion into a `ParsedTurn` (calls, final answer, format error, and the
 call attempts it left unrun: graders of calls read these, never the format's text), writes
-calls as the text a model of that family would sample (the oracle plays gold calls through it),
-and tells the model its syntax when the chat template does not render tools itself. The final
-answer is `<answer>...</answer>` in every format: graders read it, whatever the call syntax.
+calls as the text a model of that family would sample (the oracle plays gold calls through it;
+task prompts write their example calls with it), and tells the model its syntax when the chat
+template does not render tools itself. The final answer is `<answer>...</answer>` in every
+format: graders read it, whatever the call syntax.
 
 - `hermes` (default): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, several per
   message (Hermes, Qwen2.5/3, SmolLM2 under turnrl's prompt). `agent.parse` reads it.
@@ -21,9 +22,9 @@ Parsing never raises and is linear time: one JSON decode of bounded size per mes
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from turnrl.agent.parse import (
     MAX_CALL_CHARS,
@@ -79,6 +80,12 @@ class ToolFormat(Protocol):
         """The config name (`ChatConfig.tool_format`)."""
         ...
 
+    @property
+    def call_unit(self) -> str:
+        """What prose names one written call, as in "one <tool_call> per call" (task prompts
+        that say how to make several calls in one reply)."""
+        ...
+
     def syntax(self) -> str:
         """How to call tools and answer, for the system message when the template does not
         render tools itself."""
@@ -99,6 +106,7 @@ class Hermes:
     """`<tool_call>{json}</tool_call>`: `agent.parse` (JSON-aware, linear time)."""
 
     name: ToolFormatName = "hermes"
+    call_unit: ClassVar[str] = "<tool_call>"
 
     def syntax(self) -> str:
         return HERMES_SYNTAX
@@ -120,6 +128,7 @@ class Llama3Json:
     end_texts: tuple[str, ...] = ()
     """End-of-message markers the sampled text may end with (`<|eot_id|>`, `<|eom_id|>`)."""
     name: ToolFormatName = "llama3_json"
+    call_unit: ClassVar[str] = "JSON object"
 
     def syntax(self) -> str:
         return LLAMA3_SYNTAX
@@ -144,6 +153,7 @@ class Mistral:
     end_texts: tuple[str, ...] = ()
     """End-of-message markers the sampled text may end with (`</s>`)."""
     name: ToolFormatName = "mistral"
+    call_unit: ClassVar[str] = "object in the [TOOL_CALLS] list"
 
     def syntax(self) -> str:
         return MISTRAL_SYNTAX
@@ -168,6 +178,12 @@ def make_tool_format(name: ToolFormatName, end_texts: Sequence[str] = ()) -> Too
     if name == "llama3_json":
         return Llama3Json(tuple(end_texts))
     return Mistral(tuple(end_texts))
+
+
+def write_call(fmt: ToolFormat, name: str, arguments: Mapping[str, Any]) -> str:
+    """One call to `name` as `fmt` writes it: a task prompt's example call, which must show the
+    syntax the policy's replies are parsed in."""
+    return fmt.write_calls([ToolCall(id="example", name=name, raw="", arguments=dict(arguments))])
 
 
 def rewrite_hermes(text: str, fmt: ToolFormat) -> str:

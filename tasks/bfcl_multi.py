@@ -53,6 +53,7 @@ from typing import Any, ClassVar, Literal, get_args
 from pydantic import Field
 
 from turnrl.agent.records import Episode, UserTurn
+from turnrl.agent.tool_formats import Hermes, ToolFormat, write_call
 from turnrl.tasks.base import BaseSuite, Split, TaskItem
 from turnrl.tasks.suite_config import BuildContext, SuiteConfig
 from turnrl.tools.base import AnyTool, CostModel
@@ -79,11 +80,17 @@ FUNCTION_FC`)."""
 SYSTEM_PROMPT = """\
 You are an assistant that acts on a user's requests by calling the functions you are given; \
 they operate on the user's devices and accounts, and each returns its result. Make the calls \
-a request needs, one or more per message, e.g. \
-<tool_call>{"name": "cd", "arguments": {"folder": "documents"}}</tool_call>, and read their \
+a request needs, one or more per message, e.g. {example}, and read their \
 results. When the request is done, or cannot be done with the functions and information you \
 have (say what is missing), reply to the user inside answer tags, e.g. <answer>Done: the file \
 is in archive.</answer>. The user may then ask for more."""
+"""The system prompt, to `format` with an `example` call (`prompt_for`)."""
+
+
+def prompt_for(fmt: ToolFormat) -> str:
+    """The suite's system prompt with its example call written in `fmt`."""
+    return SYSTEM_PROMPT.format(example=write_call(fmt, "cd", {"folder": "documents"}))
+
 
 Call = tuple[str, dict[str, Any]]
 
@@ -286,10 +293,13 @@ class BfclMultiTurn(BaseSuite):
         seed: int = 0,
         n_test: int | None = None,
         cost: CostModel | None = None,
+        tool_format: ToolFormat | None = None,
     ) -> None:
         """`n_test`: scenarios held out for test (each with its entry of every category);
-        None for 50, a quarter of all. `cost` prices one simulator call (default one call)."""
+        None for 50, a quarter of all. `cost` prices one simulator call (default one call).
+        `tool_format` writes the prompt's example call (default hermes)."""
         self.cost = cost
+        self._prompt = prompt_for(tool_format or Hermes())
         unknown = [c for c in categories if c not in CATEGORIES]
         if unknown or not categories:
             raise ValueError(f"bfcl_multi_turn: categories must be among {CATEGORIES}")
@@ -314,7 +324,7 @@ class BfclMultiTurn(BaseSuite):
 
     @property
     def system_prompt(self) -> str:
-        return SYSTEM_PROMPT
+        return self._prompt
 
     def items(self, split: Split) -> Sequence[TaskItem]:
         return self._splits[split]
@@ -383,5 +393,9 @@ class BfclMultiTurnConfig(SuiteConfig):
 
     def build(self, ctx: BuildContext) -> BfclMultiTurn:
         return BfclMultiTurn(
-            categories=tuple(self.categories), seed=self.seed, n_test=self.n_test, cost=self.cost
+            categories=tuple(self.categories),
+            seed=self.seed,
+            n_test=self.n_test,
+            cost=self.cost,
+            tool_format=ctx.tool_format,
         )

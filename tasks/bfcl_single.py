@@ -45,6 +45,7 @@ from typing import Any, ClassVar, Literal, get_args
 from pydantic import Field
 
 from turnrl.agent.records import Episode, Turn
+from turnrl.agent.tool_formats import Hermes, ToolFormat, write_call
 from turnrl.tasks.base import BaseSuite, Split, TaskItem
 from turnrl.tasks.bfcl_ast import check_calls
 from turnrl.tasks.suite_config import BuildContext, SuiteConfig
@@ -101,14 +102,21 @@ DONE_ANSWER = "done"
 
 SYSTEM_PROMPT = f"""\
 You are given functions you can call. Read the request, then in ONE reply call the function or \
-functions that carry it out, with the right arguments: one <tool_call> per call, several when \
-the request needs several, e.g. \
-<tool_call>{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}</tool_call>. \
+functions that carry it out, with the right arguments: one {{unit}} per call, several when \
+the request needs several, e.g. {{example}}. \
 The calls are checked, not executed: each only returns an acknowledgement. Write only the \
 calls in that reply (an answer in the same reply cancels them); once the acknowledgements come \
 back, reply <answer>{DONE_ANSWER}</answer>. If none of the functions fits the request, or the \
 request lacks values a function requires, call nothing and answer at once, e.g. \
 <answer>{NO_CALL_ANSWER}</answer>."""
+"""The system prompt, to `format` with the tool format's `unit` (`ToolFormat.call_unit`) and
+`example` call (`prompt_for`)."""
+
+
+def prompt_for(fmt: ToolFormat) -> str:
+    """The suite's system prompt with its example call written in `fmt`."""
+    example = write_call(fmt, "get_weather", {"city": "Paris"})
+    return SYSTEM_PROMPT.format(unit=fmt.call_unit, example=example)
 
 
 def _load(stem: str, answers: bool) -> list[dict[str, Any]]:
@@ -296,13 +304,16 @@ class BfclSingle(BaseSuite):
         test_fraction: float = 0.5,
         n_train: int | None = None,
         n_test: int | None = None,
+        tool_format: ToolFormat | None = None,
     ) -> None:
-        """`n_train` / `n_test` cap a split (None keeps all of it)."""
+        """`n_train` / `n_test` cap a split (None keeps all of it); `tool_format` writes the
+        prompt's example call (default hermes)."""
         unknown = sorted(set(categories) - set(FILES))
         if unknown:
             raise ValueError(f"bfcl: unknown categories {unknown}; known: {list(FILES)}")
         if not 0.0 <= test_fraction <= 1.0:
             raise ValueError("bfcl: test_fraction must be in [0, 1]")
+        self._prompt = prompt_for(tool_format or Hermes())
         chosen = set(categories)
         splits: dict[Split, list[TaskItem]] = {"train": [], "test": []}
         for item in load_items():
@@ -322,7 +333,7 @@ class BfclSingle(BaseSuite):
 
     @property
     def system_prompt(self) -> str:
-        return SYSTEM_PROMPT
+        return self._prompt
 
     def items(self, split: Split) -> Sequence[TaskItem]:
         return self._splits[split]
@@ -407,5 +418,8 @@ class BfclSingleConfig(SuiteConfig):
 
     def build(self, ctx: BuildContext) -> BfclSingle:
         return BfclSingle(
-            categories=tuple(self.categories), seed=self.seed, test_fraction=self.test_fraction
+            categories=tuple(self.categories),
+            seed=self.seed,
+            test_fraction=self.test_fraction,
+            tool_format=ctx.tool_format,
         )

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from turnrl.agent.model_config import EmbeddedModel, ExpertConfig, WeightsConfig
 from turnrl.agent.records import Episode
+from turnrl.agent.tool_formats import Hermes, ToolFormat, write_call
 from turnrl.tasks.base import BaseSuite, Split, TaskItem
 from turnrl.tasks.embodied_tools import DEFAULT_COSTS, Costs, EmbodiedToolkit, Generate
 from turnrl.tasks.embodied_world import Knobs, Thing, World, generate
@@ -59,9 +60,9 @@ You are a household robot. The user asks you to fetch an object. Walk between ro
 `get_memory`, and take the object with `pick`, by the id `look` shows (e.g. mug-2). The house \
 may hold several objects that fit the request: find out which one the user means by looking \
 around, or ask them with `ask`, which costs their attention. Walking to a room takes \
-{move_s:g} s and looking {look_s:g} s. Call one tool at a time, e.g. <tool_call>{{"name": \
-"navigate", "arguments": {{"room": "kitchen"}}}}</tool_call>. Once you hold the object, answer \
-with its id, e.g. <answer>mug-2</answer>."""
+{move_s:g} s and looking {look_s:g} s. Call one tool at a time, e.g. {example}. Once you hold \
+the object, answer with its id, e.g. <answer>mug-2</answer>."""
+"""The system prompt, to `format` with the costs and an `example` call (`EmbodiedSearch`)."""
 
 _ID = re.compile(r"\b[a-z]+-[0-9]+\b")
 
@@ -194,9 +195,11 @@ class EmbodiedSearch(BaseSuite):
         hint_rate: float = 1.0,
         costs: Costs = DEFAULT_COSTS,
         expert: Generate | None = None,
+        tool_format: ToolFormat | None = None,
     ) -> None:
         """A knob given as a tuple is drawn per item. `hint_rate` below 1 adds ambiguous
-        items that exploring cannot resolve (only asking can)."""
+        items that exploring cannot resolve (only asking can). `tool_format` writes the
+        prompt's example call (default hermes)."""
         if seed < 0 or n_train < 0 or n_test < 0:
             raise ValueError("embodied_search: seed, n_train and n_test must be >= 0")
         if max(n_train, n_test) > 2 ** (SPLIT_SHIFT - 1):
@@ -211,6 +214,7 @@ class EmbodiedSearch(BaseSuite):
             "hint_rate": hint_rate,
         }
         self.costs = costs
+        self._example = write_call(tool_format or Hermes(), "navigate", {"room": "kitchen"})
         self.expert = expert
         """Another model answering `ask` (shown the target's facts) instead of the oracle."""
         self._splits: dict[Split, list[TaskItem]] = {
@@ -220,7 +224,9 @@ class EmbodiedSearch(BaseSuite):
 
     @property
     def system_prompt(self) -> str:
-        return SYSTEM_PROMPT.format(move_s=self.costs.move_s, look_s=self.costs.look_s)
+        return SYSTEM_PROMPT.format(
+            move_s=self.costs.move_s, look_s=self.costs.look_s, example=self._example
+        )
 
     def items(self, split: Split) -> Sequence[TaskItem]:
         return self._splits[split]
@@ -346,4 +352,5 @@ class EmbodiedConfig(SuiteConfig):
             hint_rate=self.hint_rate,
             costs=Costs(**self.costs.model_dump()),
             expert=ctx.expert if self.ask.answered_by == "model" else None,
+            tool_format=ctx.tool_format,
         )

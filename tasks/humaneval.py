@@ -53,6 +53,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from turnrl.agent.tool_formats import Hermes, ToolFormat, write_call
 from turnrl.sandboxes.base import ExecResult, Limits, Sandbox
 from turnrl.tasks.base import BaseSuite, GraderError, Split, TaskItem
 from turnrl.tasks.suite_config import BuildContext, SuiteConfig
@@ -89,9 +90,17 @@ The imports and helper functions shown with the function are available to your c
 TOOL_PROMPT = """
 Before answering you may run code with the `python` tool, e.g. to try your function on the \
 docstring's examples:
-<tool_call>{"name": "python", "arguments": {"code": "def double(n):\\n    return 2 * n\\n\
-print(double(21))"}}</tool_call>
+{example}
 Its output comes back to you."""
+"""Appended to `SYSTEM_PROMPT` when the python tool is offered, to `format` with an `example`
+call (`tool_prompt`)."""
+
+
+def tool_prompt(fmt: ToolFormat) -> str:
+    """`TOOL_PROMPT` with its example call written in `fmt`."""
+    code = "def double(n):\n    return 2 * n\nprint(double(21))"
+    return TOOL_PROMPT.format(example=write_call(fmt, "python", {"code": code}))
+
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:\n[ \t]*```|\Z)", re.DOTALL)
 
@@ -293,10 +302,12 @@ class HumanEval(BaseSuite):
         n_test: int | None = None,
         seed: int = 0,
         timeout_s: float = 3.0,
+        tool_format: ToolFormat | None = None,
     ) -> None:
         """`sandbox` is needed only by `grade`; `python_tool` (a tool named `python` taking
         `code`) is offered to the agent when given; `n_test` (default 40) problems are held out
-        for the test split, chosen by `seed`; `timeout_s` is the official per-problem timer."""
+        for the test split, chosen by `seed`; `timeout_s` is the official per-problem timer;
+        `tool_format` writes the prompt's example call (default hermes)."""
         n_test = DEFAULT_N_TEST if n_test is None else n_test
         if not 0 <= n_test < N_PROBLEMS:
             raise ValueError(f"humaneval: n_test must be in [0, {N_PROBLEMS - 1}], got {n_test}")
@@ -304,6 +315,9 @@ class HumanEval(BaseSuite):
             raise ValueError(f"humaneval: timeout_s must be > 0, got {timeout_s}")
         self.sandbox = sandbox
         self.python_tool = python_tool
+        self._prompt = SYSTEM_PROMPT
+        if python_tool is not None:
+            self._prompt += tool_prompt(tool_format or Hermes())
         self.timeout_s = timeout_s
         problems = load_problems()
         ids = sorted(problems, key=_task_number)
@@ -321,7 +335,7 @@ class HumanEval(BaseSuite):
 
     @property
     def system_prompt(self) -> str:
-        return SYSTEM_PROMPT + (TOOL_PROMPT if self.python_tool is not None else "")
+        return self._prompt
 
     def items(self, split: Split) -> Sequence[TaskItem]:
         return self._splits[split]
@@ -401,5 +415,9 @@ class HumanEvalConfig(SuiteConfig):
     def build(self, ctx: BuildContext) -> HumanEval:
         tool = ctx.python_tool(self.kind, self.python)
         return HumanEval(
-            sandbox=ctx.sandbox, python_tool=tool, seed=self.seed, timeout_s=self.timeout_s
+            sandbox=ctx.sandbox,
+            python_tool=tool,
+            seed=self.seed,
+            timeout_s=self.timeout_s,
+            tool_format=ctx.tool_format,
         )

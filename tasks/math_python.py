@@ -43,6 +43,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from turnrl.agent.tool_formats import Hermes, ToolFormat, write_call
 from turnrl.sandboxes.base import ExecResult, Limits
 from turnrl.tasks.base import BaseSuite, GraderError, Split, TaskItem
 from turnrl.tasks.suite_config import BuildContext, SuiteConfig
@@ -65,9 +66,9 @@ gold is that large, and `Fraction` would spend seconds on `1e999999999`."""
 
 SYSTEM_PROMPT_TOOL = """\
 Solve the math word problem. You can run Python with the `{tool}` tool: write code that \
-prints the result, e.g. <tool_call>{{"name": "{tool}", "arguments": {{"code": "print(2 + 3)"}}}}\
-</tool_call>, and read what it printed. Give the final answer as a number only, inside answer \
-tags, e.g. <answer>42</answer>."""
+prints the result, e.g. {example}, and read what it printed. Give the final answer as a number \
+only, inside answer tags, e.g. <answer>42</answer>."""
+"""The system prompt with a tool, to `format` with its name and an `example` call."""
 SYSTEM_PROMPT_PLAIN = """\
 Solve the math word problem. Give the final answer as a number only, inside answer tags, \
 e.g. <answer>42</answer>."""
@@ -255,14 +256,17 @@ class MathPython(BaseSuite):
         n_train: int = 400,
         n_test: int = 100,
         python_tool: EpisodeTool | Tool | None = None,
+        tool_format: ToolFormat | None = None,
     ) -> None:
         """`python_tool` runs a snippet given as its `code` argument and returns what it
-        printed; without it the agent answers unaided."""
+        printed; without it the agent answers unaided. `tool_format` writes the prompt's
+        example call (default hermes)."""
         if python_tool is not None and "code" not in python_tool.spec.args_model.model_fields:
             raise ValueError(
                 f"gsm_symbolic: tool {python_tool.spec.name!r} takes no `code` argument"
             )
         self._tool = python_tool
+        self._format = tool_format or Hermes()
         self._splits = generate_splits(seed, n_train, n_test)
         self._few_shot: list[tuple[str, str]] | None = None
 
@@ -274,7 +278,9 @@ class MathPython(BaseSuite):
     def system_prompt(self) -> str:
         if self._tool is None:
             return SYSTEM_PROMPT_PLAIN
-        return SYSTEM_PROMPT_TOOL.format(tool=self._tool.spec.name)
+        tool = self._tool.spec.name
+        example = write_call(self._format, tool, {"code": "print(2 + 3)"})
+        return SYSTEM_PROMPT_TOOL.format(tool=tool, example=example)
 
     def items(self, split: Split) -> Sequence[TaskItem]:
         return self._splits[split]
@@ -351,5 +357,9 @@ class MathPythonConfig(SuiteConfig):
     def build(self, ctx: BuildContext) -> MathPython:
         tool = ctx.python_tool(self.kind, self.python)
         return MathPython(
-            seed=self.seed, n_train=self.n_train, n_test=self.n_test, python_tool=tool
+            seed=self.seed,
+            n_train=self.n_train,
+            n_test=self.n_test,
+            python_tool=tool,
+            tool_format=ctx.tool_format,
         )

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 from turnrl.agent.model_config import ExpertConfig
+from turnrl.agent.tool_formats import Hermes, ToolFormat
 from turnrl.sandboxes.base import Sandbox
 from turnrl.tools.python_config import PythonToolConfig
 
@@ -40,6 +41,10 @@ class BuildContext:
     """Where model-written code runs; the run opens one when the config `runs_code`."""
     expert: Generate | None = None
     """The model that answers `ask`, when the config's `expert()` names one."""
+    tool_format: ToolFormat = field(default_factory=Hermes)
+    """How the policy writes tool calls (the run's `chat.tool_format`): a suite writes the
+    example calls of its prompt with it, so the prompt agrees with the syntax the renderer
+    explains."""
 
     def python_tool(self, kind: str, config: PythonToolConfig | None) -> PythonTool | None:
         """The python tool a code suite offers (None for `python: null`, or with no episode

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel
 
 from turnrl.agent.records import Episode
+from turnrl.sandboxes.base import ExecResult, Limits, SandboxSession
 from turnrl.tools.base import CostModel, ToolOutput, ToolSpec
 
 SPECIALS = ("<|im_start|>", "<|im_end|>")
@@ -63,6 +64,29 @@ class EchoTool:
         if self.fail:
             raise RuntimeError("echo broke")
         return ToolOutput(text=args.text * args.times)
+
+
+class UnusedSandbox:
+    """A `Sandbox` to build a code suite with (its python tool, its grader) where the test runs
+    no code: every use raises."""
+
+    @property
+    def name(self) -> str:
+        return "unused"
+
+    async def session(self) -> SandboxSession:
+        raise AssertionError("the test ran code")
+
+    async def run(
+        self, argv: list[str], stdin: bytes = b"", limits: Limits | None = None
+    ) -> ExecResult:
+        raise AssertionError("the test ran code")
+
+    async def python(self, code: str, limits: Limits | None = None) -> ExecResult:
+        raise AssertionError("the test ran code")
+
+    async def close(self) -> None:
+        return None
 
 
 def with_advantages(

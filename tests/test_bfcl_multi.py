@@ -16,11 +16,14 @@ from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import multi_turn
 from fakes import CharTokenizer
 
 from turnrl.agent.chat import ChatML
+from turnrl.agent.chat_config import ChatConfig
 from turnrl.agent.policy import SamplingParams
 from turnrl.agent.records import Episode, StopReason, ToolCall, ToolResult, Turn, UserTurn
 from turnrl.agent.runner import Budget, EpisodeRunner
 from turnrl.agent.scripted import ScriptedPolicy
+from turnrl.agent.tool_formats import ToolFormatName, make_tool_format
 from turnrl.rollout import episode_specs
+from turnrl.suites import build_suite
 from turnrl.tasks.base import TaskItem
 from turnrl.tasks.bfcl_multi import (
     ADDED_FUNCTIONS_TEXT,
@@ -28,6 +31,7 @@ from turnrl.tasks.bfcl_multi import (
     EXCLUDED_ENTRIES,
     EXCLUDED_SCENARIOS,
     BfclMultiTurn,
+    BfclMultiTurnConfig,
     Call,
     Entry,
     check_calls,
@@ -439,3 +443,36 @@ def test_unfinished_episode_is_not_correct(suite: BfclMultiTurn) -> None:
     complete = episode_of(entry(item.id), gold_calls(entry(item.id)))
     cut = complete.model_copy(update={"turns": complete.turns[:-1]})
     assert asyncio.run(suite.grade_episode(item, cut))["correct"] == 0.0
+
+
+# --- the prompt in each tool-call format ---------------------------------------------------
+
+HERMES_PROMPT = (
+    "You are an assistant that acts on a user's requests by calling the functions you are "
+    "given; they operate on the user's devices and accounts, and each returns its result. Make "
+    "the calls a request needs, one or more per message, e.g. "
+    '<tool_call>{"name": "cd", "arguments": {"folder": "documents"}}</tool_call>, and read '
+    "their results. When the request is done, or cannot be done with the functions and "
+    "information you have (say what is missing), reply to the user inside answer tags, e.g. "
+    "<answer>Done: the file is in archive.</answer>. The user may then ask for more."
+)
+"""The prompt as runs were stored and the demo was trained with (before tool formats)."""
+PROMPT_CALLS: dict[ToolFormatName, str] = {
+    "hermes": '<tool_call>{"name": "cd", "arguments": {"folder": "documents"}}</tool_call>',
+    "llama3_json": '{"name": "cd", "parameters": {"folder": "documents"}}',
+    "mistral": '[TOOL_CALLS] [{"name": "cd", "arguments": {"folder": "documents"}}]',
+}
+"""The prompt's example call in each format."""
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral"])
+def test_the_prompt_shows_calls_in_the_run_format(fmt: ToolFormatName) -> None:
+    """Regression lock, not to be changed without a decision: under hermes the prompt is byte
+    for byte `HERMES_PROMPT` (stored runs and the trained demo hold its token ids); under
+    another format it is the same text with that format's call, and no `<tool_call>`."""
+    cfg = BfclMultiTurnConfig(categories=("base",))
+    s = build_suite(cfg, None, None, chat=ChatConfig(tool_format=fmt))
+    assert s.system_prompt == HERMES_PROMPT.replace(PROMPT_CALLS["hermes"], PROMPT_CALLS[fmt])
+    assert ("<tool_call>" in s.system_prompt) == (fmt == "hermes")
+    (call,) = make_tool_format(fmt).parse(PROMPT_CALLS[fmt], 0).tool_calls
+    assert (call.name, call.arguments) == ("cd", {"folder": "documents"})

@@ -30,12 +30,14 @@ import pytest
 from fakes import CharTokenizer
 
 from turnrl.agent.chat import ChatML
+from turnrl.agent.chat_config import ChatConfig
 from turnrl.agent.parse import parse_completion
 from turnrl.agent.policy import SamplingParams
 from turnrl.agent.records import Episode, StopReason, Turn
 from turnrl.agent.runner import Budget, EpisodeRunner, EpisodeSpec
 from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.agent.tool_formats import ToolFormatName, make_tool_format, rewrite_hermes
+from turnrl.suites import build_suite
 from turnrl.tasks.base import BaseSuite, TaskItem, TaskSuite
 from turnrl.tasks.bfcl_ast import check_calls, standardize
 from turnrl.tasks.bfcl_single import (
@@ -44,11 +46,12 @@ from turnrl.tasks.bfcl_single import (
     FILES,
     NO_CALL_ANSWER,
     RECORDED,
-    SYSTEM_PROMPT,
     UNSATISFIABLE,
     BfclSingle,
+    BfclSingleConfig,
     _load,
     oracle_arguments,
+    prompt_for,
     question_text,
     split_groups,
 )
@@ -398,7 +401,7 @@ def test_suite_protocols_and_metadata() -> None:
     assert s.tools_for(s.items("test")[0])
     assert BfclSingle.grade_episode is not BaseSuite.grade_episode
     assert BfclSingle.oracle_turns is not BaseSuite.oracle_turns
-    assert s.name == "bfcl_single" and s.system_prompt == SYSTEM_PROMPT
+    assert s.name == "bfcl_single" and s.system_prompt == HERMES_PROMPT
     # The package says "Apache 2.0"; the suite gives the SPDX id, as every suite does.
     assert importlib.metadata.metadata("bfcl-eval")["License"] == "Apache 2.0"
     assert BfclSingle.license == "Apache-2.0"
@@ -622,7 +625,7 @@ def play_first(
         episode_id=item.id,
         group_id="g",
         task_id=item.id,
-        instructions=suite().system_prompt,
+        instructions=prompt_for(renderer.tool_format),
         question=item.question,
         tools=tuple(suite().tools_for(item)),
     )
@@ -637,6 +640,54 @@ def gold_reply(item: TaskItem, fmt: ToolFormatName) -> str:
 
 def irrelevance_item() -> TaskItem:
     return next(it for it in all_items() if it.meta["category"] == "irrelevance")
+
+
+HERMES_PROMPT = (
+    "You are given functions you can call. Read the request, then in ONE reply call the "
+    "function or functions that carry it out, with the right arguments: one <tool_call> per "
+    "call, several when the request needs several, e.g. "
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>. '
+    "The calls are checked, not executed: each only returns an acknowledgement. Write only the "
+    "calls in that reply (an answer in the same reply cancels them); once the acknowledgements "
+    "come back, reply <answer>done</answer>. If none of the functions fits the request, or the "
+    "request lacks values a function requires, call nothing and answer at once, e.g. "
+    "<answer>none of the functions applies</answer>."
+)
+"""The prompt as runs were stored and the demo was trained with (before tool formats)."""
+PROMPT_CALLS: dict[ToolFormatName, tuple[str, str]] = {
+    "hermes": (
+        "one <tool_call> per call",
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+    ),
+    "llama3_json": (
+        "one JSON object per call",
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+    ),
+    "mistral": (
+        "one object in the [TOOL_CALLS] list per call",
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+    ),
+}
+"""How the prompt names one call, and its example call, in each format."""
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_prompt_shows_calls_in_the_run_format(fmt: ToolFormatName) -> None:
+    """Regression lock, not to be changed without a decision: under hermes the prompt is byte
+    for byte `HERMES_PROMPT` (stored runs and the trained demo hold its token ids); under
+    another format it is the same text with that format's call, and the system message the
+    model sees holds no `<tool_call>`."""
+    cfg = BfclSingleConfig(categories=("simple",))
+    s = build_suite(cfg, None, None, chat=ChatConfig(tool_format=fmt))
+    unit, example = PROMPT_CALLS[fmt]
+    hermes_unit, hermes_example = PROMPT_CALLS["hermes"]
+    expected = HERMES_PROMPT.replace(hermes_unit, unit).replace(hermes_example, example)
+    assert s.system_prompt == expected
+    (call,) = make_tool_format(fmt).parse(example, 0).tool_calls
+    assert (call.name, call.arguments) == ("get_weather", {"city": "Paris"})
+    renderer = ChatML(CharTokenizer(), make_tool_format(fmt))
+    system = renderer.system_text(s.system_prompt, s.items("test")[0].meta["functions"])
+    assert ("<tool_call>" in system) == (fmt == "hermes")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

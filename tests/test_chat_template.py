@@ -407,7 +407,8 @@ def test_oracle_scores_under_a_model_template(
     name: str, kind: str, config: dict[str, Any], request: pytest.FixtureRequest
 ) -> None:
     """The oracle plays each item's gold calls in the renderer's tool format through the
-    template (few-shot examples rewritten too), and every episode is graded correct."""
+    template (few-shot examples rewritten too, the suite's prompt built in that format), and
+    every episode is graded correct."""
     from pydantic import TypeAdapter
 
     from turnrl.rollout import collect
@@ -417,7 +418,8 @@ def test_oracle_scores_under_a_model_template(
 
     renderer, _ = _style(name, request)
     cfg: TaskConfig = TypeAdapter(TaskConfig).validate_python({"kind": kind, **config})
-    suite = cfg.build(BuildContext(encode=renderer.tokenizer.encode, sandbox=None))
+    fmt = renderer.tool_format
+    suite = cfg.build(BuildContext(encode=renderer.tokenizer.encode, tool_format=fmt))
     items = list(suite.items("train"))[:2]
     eot = renderer.eot_text
     wrong = ScriptedPolicy(lambda _: f"<answer>wrong</answer>{eot}", renderer.tokenizer)
@@ -430,3 +432,5 @@ def test_oracle_scores_under_a_model_template(
     assert calls and all(c.parse_error is None for c in calls)
     if renderer.tool_format.name != "hermes":
         assert all("<tool_call>" not in t.text for e in episodes for t in e.turns)
+        seen = renderer.tokenizer.decode(episodes[0].turns[0].prompt_ids)
+        assert suite.system_prompt in seen and "<tool_call>" not in seen

@@ -14,14 +14,18 @@ import pytest
 from fakes import CharTokenizer
 
 from turnrl.agent.chat import ChatML
+from turnrl.agent.chat_config import ChatConfig
 from turnrl.agent.parse import parse_completion
 from turnrl.agent.policy import SamplingParams
 from turnrl.agent.records import Episode, StopReason
 from turnrl.agent.runner import Budget, EpisodeRunner
 from turnrl.agent.scripted import ScriptedPolicy
+from turnrl.agent.tool_formats import ToolFormatName, make_tool_format
 from turnrl.rollout import episode_specs
+from turnrl.suites import build_suite
 from turnrl.tasks.base import BaseSuite, TaskItem, TaskSuite
 from turnrl.tasks.embodied import (
+    EmbodiedConfig,
     EmbodiedSearch,
     ask_turns,
     explore_turns,
@@ -201,6 +205,38 @@ def test_suite_protocols() -> None:
         "Apache-2.0",
     )
     assert "10 s" in suite.system_prompt and "<answer>mug-2</answer>" in suite.system_prompt
+
+
+HERMES_PROMPT = (
+    "You are a household robot. The user asks you to fetch an object. Walk between rooms with "
+    "`navigate`, see what is in the room you are in with `look`, recall what you saw earlier "
+    "with `get_memory`, and take the object with `pick`, by the id `look` shows (e.g. mug-2). "
+    "The house may hold several objects that fit the request: find out which one the user "
+    "means by looking around, or ask them with `ask`, which costs their attention. Walking to "
+    "a room takes 10 s and looking 4 s. Call one tool at a time, e.g. "
+    '<tool_call>{"name": "navigate", "arguments": {"room": "kitchen"}}</tool_call>. Once you '
+    "hold the object, answer with its id, e.g. <answer>mug-2</answer>."
+)
+"""The prompt as runs were stored and the demo was trained with (before tool formats)."""
+PROMPT_CALLS: dict[ToolFormatName, str] = {
+    "hermes": '<tool_call>{"name": "navigate", "arguments": {"room": "kitchen"}}</tool_call>',
+    "llama3_json": '{"name": "navigate", "parameters": {"room": "kitchen"}}',
+    "mistral": '[TOOL_CALLS] [{"name": "navigate", "arguments": {"room": "kitchen"}}]',
+}
+"""The prompt's example call in each format."""
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral"])
+def test_the_prompt_shows_calls_in_the_run_format(fmt: ToolFormatName) -> None:
+    """Regression lock, not to be changed without a decision: under hermes the prompt is byte
+    for byte `HERMES_PROMPT` (stored runs and the trained demo hold its token ids); under
+    another format it is the same text with that format's call, and no `<tool_call>`."""
+    cfg = EmbodiedConfig(n_train=1, n_test=1)
+    s = build_suite(cfg, None, None, chat=ChatConfig(tool_format=fmt))
+    assert s.system_prompt == HERMES_PROMPT.replace(PROMPT_CALLS["hermes"], PROMPT_CALLS[fmt])
+    assert ("<tool_call>" in s.system_prompt) == (fmt == "hermes")
+    (call,) = make_tool_format(fmt).parse(PROMPT_CALLS[fmt], 0).tool_calls
+    assert (call.name, call.arguments) == ("navigate", {"room": "kitchen"})
 
 
 # --- the toolkit ---------------------------------------------------------------------------

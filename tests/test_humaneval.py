@@ -14,18 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import CharTokenizer, UnusedSandbox
 from pydantic import BaseModel
 
+from turnrl.agent.chat_config import ChatConfig
 from turnrl.agent.parse import parse_completion
+from turnrl.agent.tool_formats import Hermes, ToolFormatName, make_tool_format
 from turnrl.sandboxes.base import Sandbox, SandboxError
+from turnrl.suites import build_suite
 from turnrl.tasks.base import GraderError, TaskItem
 from turnrl.tasks.humaneval import (
     OUTCOMES,
-    TOOL_PROMPT,
     HumanEval,
+    HumanEvalConfig,
     check_program,
     load_problems,
     strip_fences,
+    tool_prompt,
 )
 from turnrl.tools.base import ToolOutput, ToolSpec
 
@@ -128,12 +133,52 @@ def test_tools_and_system_prompt_follow_the_python_tool() -> None:
     tool = PythonTool()
     suite = HumanEval(python_tool=tool)
     assert suite.tools() == [tool]
-    assert suite.system_prompt.endswith(TOOL_PROMPT)
-    (call,) = parse_completion(TOOL_PROMPT, 0).tool_calls
+    assert suite.system_prompt.endswith(tool_prompt(Hermes()))
+    (call,) = parse_completion(tool_prompt(Hermes()), 0).tool_calls
     assert call.name == "python" and call.parse_error is None
     assert "def double" in str(call.arguments["code"])
     example = parse_completion(SUITE.system_prompt, 0).answer
     assert example is not None and example.startswith("def double(")
+
+
+HERMES_PROMPT = (
+    "Complete the Python function the user gives you so that it does what its docstring says; "
+    "hidden tests will call it. Answer with the whole function, its `def` line and its body, "
+    "inside answer tags and with nothing else in them, e.g.\n"
+    "<answer>\ndef double(n: int) -> int:\n    return 2 * n\n</answer>\n"
+    "The imports and helper functions shown with the function are available to your code.\n"
+    "Before answering you may run code with the `python` tool, e.g. to try your function on the "
+    "docstring's examples:\n"
+    '<tool_call>{"name": "python", "arguments": {"code": "def double(n):\\n    return 2 * n'
+    '\\nprint(double(21))"}}</tool_call>\n'
+    "Its output comes back to you."
+)
+"""The prompt with the python tool as runs were stored and the demo was trained with (before
+tool formats)."""
+CODE = '"code": "def double(n):\\n    return 2 * n\\nprint(double(21))"'
+PROMPT_CALLS: dict[ToolFormatName, str] = {
+    "hermes": f'<tool_call>{{"name": "python", "arguments": {{{CODE}}}}}</tool_call>',
+    "llama3_json": f'{{"name": "python", "parameters": {{{CODE}}}}}',
+    "mistral": f'[TOOL_CALLS] [{{"name": "python", "arguments": {{{CODE}}}}}]',
+}
+"""The prompt's example call in each format."""
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral"])
+def test_the_prompt_shows_calls_in_the_run_format(fmt: ToolFormatName) -> None:
+    """Regression lock, not to be changed without a decision: under hermes the prompt is byte
+    for byte `HERMES_PROMPT` (stored runs and the trained demo hold its token ids); under
+    another format it is the same text with that format's call, and no `<tool_call>`. Without
+    the tool the prompt shows no call in any format."""
+    chat = ChatConfig(tool_format=fmt)
+    s = build_suite(HumanEvalConfig(), CharTokenizer().encode, UnusedSandbox(), chat=chat)
+    assert s.system_prompt == HERMES_PROMPT.replace(PROMPT_CALLS["hermes"], PROMPT_CALLS[fmt])
+    assert ("<tool_call>" in s.system_prompt) == (fmt == "hermes")
+    (call,) = make_tool_format(fmt).parse(PROMPT_CALLS[fmt], 0).tool_calls
+    assert call.name == "python"
+    assert call.arguments == {"code": "def double(n):\n    return 2 * n\nprint(double(21))"}
+    plain = build_suite(HumanEvalConfig(python=None), None, UnusedSandbox(), chat=chat)
+    assert plain.system_prompt == SUITE.system_prompt
 
 
 def test_few_shot_is_a_train_problem_answered_as_a_full_definition() -> None:

@@ -11,17 +11,22 @@ import re
 from fractions import Fraction
 
 import pytest
+from fakes import CharTokenizer, UnusedSandbox
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from turnrl.agent.chat_config import ChatConfig
 from turnrl.agent.parse import parse_completion
+from turnrl.agent.tool_formats import ToolFormatName, make_tool_format
 from turnrl.sandboxes.base import ExecResult, Limits
+from turnrl.suites import build_suite
 from turnrl.tasks.base import TaskItem, TaskSuite
 from turnrl.tasks.math_python import (
     CODE_TEMPLATES,
     TRAIN_HORIZON,
     MathPython,
+    MathPythonConfig,
     parse_number,
     score_numeric,
 )
@@ -224,6 +229,42 @@ def test_few_shot_uses_the_tool_name() -> None:
     call = json.loads(s.few_shot()[3][1].removeprefix("<tool_call>").removesuffix("</tool_call>"))
     assert call["name"] == "py"
     assert "`py`" in s.system_prompt
+
+
+HERMES_PROMPT = (
+    "Solve the math word problem. You can run Python with the `python` tool: write code that "
+    'prints the result, e.g. <tool_call>{"name": "python", "arguments": {"code": '
+    '"print(2 + 3)"}}</tool_call>, and read what it printed. Give the final answer as a number '
+    "only, inside answer tags, e.g. <answer>42</answer>."
+)
+"""The prompt with the python tool as runs were stored and the demo was trained with (before
+tool formats)."""
+PROMPT_CALLS: dict[ToolFormatName, str] = {
+    "hermes": '<tool_call>{"name": "python", "arguments": {"code": "print(2 + 3)"}}</tool_call>',
+    "llama3_json": '{"name": "python", "parameters": {"code": "print(2 + 3)"}}',
+    "mistral": '[TOOL_CALLS] [{"name": "python", "arguments": {"code": "print(2 + 3)"}}]',
+}
+"""The prompt's example call in each format."""
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral"])
+def test_the_prompt_shows_calls_in_the_run_format(fmt: ToolFormatName) -> None:
+    """Regression lock, not to be changed without a decision: under hermes the prompt is byte
+    for byte `HERMES_PROMPT` (stored runs and the trained demo hold its token ids); under
+    another format it is the same text with that format's call (to the tool's own name), and
+    no `<tool_call>`. Without a tool the prompt shows no call in any format."""
+    chat = ChatConfig(tool_format=fmt)
+    cfg = MathPythonConfig(n_train=5, n_test=2)
+    s = build_suite(cfg, CharTokenizer().encode, UnusedSandbox(), chat=chat)
+    assert s.system_prompt == HERMES_PROMPT.replace(PROMPT_CALLS["hermes"], PROMPT_CALLS[fmt])
+    assert ("<tool_call>" in s.system_prompt) == (fmt == "hermes")
+    (call,) = make_tool_format(fmt).parse(PROMPT_CALLS[fmt], 0).tool_calls
+    assert (call.name, call.arguments) == ("python", {"code": "print(2 + 3)"})
+    fake = FakePython("py")
+    py = MathPython(n_train=5, n_test=2, python_tool=fake, tool_format=make_tool_format(fmt))
+    assert PROMPT_CALLS[fmt].replace('"python"', '"py"') in py.system_prompt
+    plain = build_suite(cfg.model_copy(update={"python": None}), None, None, chat=chat)
+    assert plain.system_prompt == MathPython(n_train=5, n_test=2).system_prompt
 
 
 def test_few_shot_without_tool_is_direct_only() -> None:

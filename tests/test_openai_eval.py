@@ -60,7 +60,8 @@ def config(run_dir: Path, base_url: str) -> RunConfig:
 @pytest.fixture(scope="module")
 def suite() -> TaskSuite:
     cfg = config(Path("unused"), "http://127.0.0.1:1/v1")
-    return build_suite(cfg.task, HFTokenizer(load_tokenizer(tokenizer_dir())).encode, None)
+    encode = HFTokenizer(load_tokenizer(tokenizer_dir())).encode
+    return build_suite(cfg.task, encode, None, chat=cfg.chat)
 
 
 @pytest.fixture(scope="module")

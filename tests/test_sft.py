@@ -172,7 +172,7 @@ def test_turnrl_sft_clones_oracle_traces_on_train_items(tmp_path: Path) -> None:
 def _suite_items(cfg: object, split: str) -> list[object]:
     from turnrl.suites import build_suite
 
-    suite = build_suite(cfg.task, None, None)  # type: ignore[attr-defined]
+    suite = build_suite(cfg.task, None, None, chat=cfg.chat)  # type: ignore[attr-defined]
     return list(suite.items(split))
 
 

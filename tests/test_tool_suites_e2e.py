@@ -83,7 +83,7 @@ def split_items(example: str, sets: list[str]) -> list[TaskItem]:
     """The test split of `example`'s suite with the `--set` overrides `sets`."""
     overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in sets)}
     cfg = load_config(EXAMPLES / example, overrides)
-    return list(build_suite(cfg.task, None, None).items("test"))
+    return list(build_suite(cfg.task, None, None, chat=cfg.chat).items("test"))
 
 
 def oracle_eval(example: str, n_items: int, sets: list[str], run_dir: Path) -> list[str]:

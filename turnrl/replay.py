@@ -95,7 +95,7 @@ async def _regrade(
     """Grade every stored answer again (in a sandbox, for suites whose grader runs code)."""
     sandbox = open_sandbox(config.sandbox) if config.task.runs_code else None
     try:
-        suite = build_suite(config.task, None, sandbox)
+        suite = build_suite(config.task, None, sandbox, chat=config.chat)
         items = {it.id: it for split in ("train", "test") for it in suite.items(split)}
         pairs = [(items[e.task_id], e) for e in episodes]
         return await grade_all(suite, pairs, 8, config.task.metrics), items

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from turnrl.agent.chat import ChatML, HFTokenizer, Renderer
+from turnrl.agent.chat_config import ChatConfig
 from turnrl.agent.model_config import ExpertConfig
 from turnrl.agent.policy import Policy, SamplingParams
 from turnrl.agent.records import UserTurn
 from turnrl.agent.scripted import ScriptedPolicy
-from turnrl.agent.tool_formats import rewrite_hermes
+from turnrl.agent.tool_formats import make_tool_format, rewrite_hermes
 from turnrl.sandboxes.base import Sandbox
 from turnrl.tasks.base import TaskItem, TaskSuite
 from turnrl.tasks.registry import SUITE_CONFIGS, SUITE_KINDS, TaskConfig
@@ -48,12 +49,16 @@ def build_suite(
     encode: Encode | None,
     sandbox: Sandbox | None,
     expert: Generate | None = None,
+    *,
+    chat: ChatConfig,
 ) -> TaskSuite:
     """The configured suite; `sandbox` is required when the config `runs_code` and the suite
     will run or grade code. Without `encode` (re-grading a stored run, listing) the suite's
     tools that need a tokenizer are not built. `expert` answers `ask` when the config names an
-    expert model (`cfg.expert()`)."""
-    return cfg.build(BuildContext(encode=encode, sandbox=sandbox, expert=expert))
+    expert model (`cfg.expert()`). `chat` is the run's: its tool format writes the example
+    calls in the suite's prompt."""
+    fmt = make_tool_format(chat.tool_format)
+    return cfg.build(BuildContext(encode=encode, sandbox=sandbox, expert=expert, tool_format=fmt))
 
 
 def model_expert(policy: Policy, renderer: Renderer, max_tokens: int) -> Generate:

@@ -38,7 +38,7 @@ def policy_loss(
     config: LearnerConfig,
     n_tokens: int,
     n_rows: int,
-    n_turns: int = 1,
+    n_turns: int,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO-clip (+ `kl_coef` x k3 KL when `ref_logprobs_B_T` is given) of one micro-batch.
     Under an off-policy correction the anchor is `batch.proximal_logprobs_B_T`, or, when the

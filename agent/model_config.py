@@ -75,6 +75,13 @@ class VLLMModel(_Config):
     must be 1 for turnrl's convention)."""
     request_timeout_s: float = Field(600.0, gt=0)
     """Bound on one completion request; past it the episode ends with a policy error."""
+    sync_timeout_s: float = Field(600.0, gt=0)
+    """Bound on each server call of a weight sync (`/pause`, the reload, `/reset_prefix_cache`,
+    `/resume`; or a LoRA load or unload). A call that fails, or gets no answer within it,
+    stops the run with an error naming the version and the call: a sync never hangs. The
+    default leaves a large checkpoint minutes to load from disk (a 135M model reloads in
+    ~1-2 s on a CPU); lower it when the server reloads quickly. A call that hangs is given up
+    after this; a failed full reload is followed by one more bounded call (`/resume`)."""
     server: VLLMServerConfig = Field(default_factory=VLLMServerConfig)
     """How turnrl starts the server when `url` is not given. Its `logprobs_mode` follows the
     one above, and `enable_lora` is switched on for `weight_sync: lora` (set either there only

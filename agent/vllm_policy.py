@@ -28,12 +28,19 @@ stamped with the old version. `load_checkpoint(folder, version)` then pushes the
 - `reload` (full weights, an untied safetensors checkpoint): `POST /pause` →
   `POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": folder}}` →
   `POST /reset_prefix_cache` → `POST /resume` (the server needs `VLLM_SERVER_DEV_MODE=1`).
-  `/resume` is sent even when a step before it failed; after such a failure the server's
-  weights are unknown, and `generate` raises until a later load succeeds.
+  `/resume` is sent even when a step before it failed (a `/pause` that timed out included:
+  the server may have acted on it); after a failure past `/pause` the server's weights are
+  unknown, and `generate` raises until a later load succeeds.
 - `lora`: `POST /v1/load_lora_adapter {"lora_name": "turnrl-v<version>", "lora_path":
   folder}` (the server needs `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`);
   requests name that adapter as their `model` from `end_update(version)` on, and adapters no
   longer in use are unloaded at the next load.
+
+A sync never hangs silently: every call is bounded by `sync_timeout_s`, and a call that fails
+or times out raises `WeightSyncError` naming the version, the call and why (after a failed
+full reload, only the bounded `/resume` runs before it is raised). Nothing is retried: a sync
+that failed is a fault a person must look at (TRL #6797/#7103 and slime #1484 are runs that
+hung instead).
 
 `end_update(version)` stamps later completions with `version` and lets waiting requests go.
 `update_weights(folder, version)` does all three. Every completion therefore comes from
@@ -118,7 +125,9 @@ class VLLMPolicy:
         on return. `end_token_ids` end every request on top of its `stop_token_ids` (the
         server adds its end-of-sequence id itself). `seed` seeds the per-request seeds of
         requests that bring none. `timeout_s` bounds each completion request (pool wait
-        included), `sync_timeout_s` each weight-sync call."""
+        included), `sync_timeout_s` each weight-sync call (and `health`)."""
+        if timeout_s <= 0 or sync_timeout_s <= 0:
+            raise ValueError("timeout_s and sync_timeout_s must be positive")
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"url must be http://host:port, got {url!r}")
@@ -286,15 +295,21 @@ class VLLMPolicy:
 
     async def load_checkpoint(self, folder: str | os.PathLike[str], version: int) -> None:
         """Push the checkpoint in `folder` (a path the server can read) to the server, between
-        `begin_update` and `end_update(version)`. Raises `WeightSyncError` on failure."""
+        `begin_update` and `end_update(version)`. Raises `WeightSyncError` naming the version,
+        the call and the cause on failure, within `sync_timeout_s` per call made."""
         if self._held is None:
             raise RuntimeError("load_checkpoint must run between begin_update and end_update")
         path = os.fspath(folder)
-        if self.weight_sync == "lora":
-            await self._load_lora(path, version)
-        else:
-            await self._reload(path)
-            self._pending = (version, None)
+        try:
+            if self.weight_sync == "lora":
+                await self._load_lora(path, version)
+            else:
+                await self._reload(path)
+                self._pending = (version, None)
+        except WeightSyncError as e:
+            raise WeightSyncError(
+                f"weight sync ({self.weight_sync}) of version {version} from {path} failed: {e}"
+            ) from None
 
     async def update_weights(self, folder: str | os.PathLike[str], version: int) -> None:
         """`begin_update`, `load_checkpoint(folder, version)`, `end_update`: on failure the
@@ -308,17 +323,26 @@ class VLLMPolicy:
             await self.end_update(version if ok else self.policy_version)
 
     async def _reload(self, path: str) -> None:
-        await self._call("/pause")
-        self._unknown_weights = f"a full reload from {path!r} failed: the weights are unknown"
         try:
+            await self._call("/pause")
+            self._unknown_weights = f"a full reload from {path!r} failed: the weights are unknown"
             await self._call(
                 "/collective_rpc",
                 {"method": "reload_weights", "kwargs": {"weights_path": path}},
             )
             await self._call("/reset_prefix_cache")
-        finally:
-            # A paused server that is never resumed hangs every later request.
-            await self._call("/resume")
+        except BaseException as e:
+            # A paused server that is never resumed hangs every later request (a /pause that
+            # timed out may have reached it). The first failure is the one reported.
+            try:
+                await self._call("/resume")
+            except WeightSyncError as again:
+                if isinstance(e, WeightSyncError):
+                    raise WeightSyncError(
+                        f"{e}; then {again} (the server may still be paused)"
+                    ) from None
+            raise
+        await self._call("/resume")
         self._unknown_weights = None
 
     async def _load_lora(self, path: str, version: int) -> None:
@@ -342,8 +366,13 @@ class VLLMPolicy:
                 timeout_s=self.sync_timeout_s,
                 idempotent=True,  # pausing, reloading the same folder, resuming: safe twice
             )
+        except HTTPTimeoutError:
+            raise WeightSyncError(
+                f"POST {path}: no response within {self.sync_timeout_s:g} s (sync_timeout_s)"
+            ) from None
         except HTTPError as e:
-            raise WeightSyncError(f"POST {path}: {e}") from None
+            text = str(e).removeprefix(f"POST {path}: ")
+            raise WeightSyncError(f"POST {path}: {text}") from None
         if not 200 <= response.status < 300:
             text = response.body[:2000].decode("utf-8", "replace")
             raise WeightSyncError(f"POST {path}: HTTP {response.status}: {text}")

@@ -4,17 +4,23 @@ It speaks the subset `turnrl.agent.vllm_policy` uses: `POST /v1/completions` wit
 prompts (answering with `token_ids`, `prompt_token_ids` and per-token logprobs named
 `token_id:<id>`), the full-reload calls (`/pause`, `/collective_rpc` `reload_weights`,
 `/reset_prefix_cache`, `/resume`), runtime LoRA (`/v1/load_lora_adapter`,
-`/v1/unload_lora_adapter`) and `GET /health`.
+`/v1/unload_lora_adapter`), `GET /health` and `GET /v1/models`.
 
 Sampling is a deterministic rule of the prompt ids and the weights in place (the base label,
 the last `weights_path` reloaded, or the folder of the adapter a request names), so a test can
 tell which weights sampled a reply. Logprobs are a fixed function of (id, position), exact in
-binary. Faults are injected per completion request (`inject`): delays, error statuses,
-malformed or truncated bodies, dropped connections, and replies whose ids, logprobs or echo
-are wrong. Every request is counted and logged in arrival order.
+binary. Faults are injected per completion request (`inject`: the next one, the one with a
+given seed, or the n-th to arrive): delays, error statuses (with a `retry-after` header when
+asked), malformed or truncated bodies, dropped connections, a body that stalls after its
+headers, and replies whose ids, logprobs or echo are wrong. The other routes (the weight-sync
+calls) take faults per path (`inject_path`: fail, hang, drop). Every request is counted and
+logged in arrival order; the completions that met a fault are listed (`faulted`).
 
 Run as a script (`python tests/fake_vllm.py`) it serves on a free port in its own process and
-prints `port <n>` (the benchmark's zero-latency server).
+prints `port <n>` (the benchmark's zero-latency server). It also answers the command line
+turnrl gives a vLLM interpreter (`--port`, `--served-model-name`; other options ignored), and
+`--path-fault PATH=KIND[:STATUS][@N]` injects a fault into the N-th request to PATH (0-based;
+default the first): a stand-in for a server turnrl starts itself.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import asyncio
 import contextlib
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 VOCAB = 1000
 """Vocabulary size of the default rule."""
@@ -44,6 +51,7 @@ FaultKind = Literal[
     "truncated",
     "drop",
     "drop_mid",
+    "stall_mid",
     "short_logprobs",
     "nan_logprob",
     "positive_logprob",
@@ -64,9 +72,12 @@ class Fault:
 
     kind: FaultKind
     delay_s: float = 0.0
-    """`delay`: wait this long before answering. (`hold` waits for `FakeVLLM.release`.)"""
+    """`delay`: wait this long before answering. (`hold` waits for `FakeVLLM.release` before
+    sending anything; `stall_mid` sends the headers and half the body, then waits for it.)"""
     status: int = 500
     """`status`: the error status sent."""
+    retry_after: str | None = None
+    """`status`: the `retry-after` header sent with it (None: no header)."""
 
 
 def default_rule(prompt: list[int], weights: str) -> list[int]:
@@ -108,8 +119,16 @@ class FakeVLLM:
         """Completion requests that arrived while paused (they wait for `/resume`)."""
         self.fail_next: dict[str, int] = {}
         """Path -> status: the next request to that path fails with it (then it is cleared)."""
+        self.faulted: list[tuple[int, Fault, dict[str, Any]]] = []
+        """(arrival index, fault, payload) of each completion request a fault was applied to."""
+        self.path_counts: dict[str, int] = {}
+        """Requests received per path."""
+        self.arrived_at: dict[str, float] = {}
+        """`time.monotonic()` when the last request to each path arrived."""
         self._faults: list[Fault] = []
         self._seed_faults: dict[int, Fault] = {}
+        self._nth_faults: dict[int, Fault] = {}
+        self._path_faults: dict[tuple[str, int], Fault] = {}
         self._arrived = asyncio.Condition()
         self._resumed = asyncio.Event()
         self._resumed.set()
@@ -124,12 +143,25 @@ class FakeVLLM:
     def paused(self) -> bool:
         return not self._resumed.is_set()
 
-    def inject(self, fault: Fault, seed: int | None = None) -> None:
-        """Apply `fault` to the next completion request, or to the one with this `seed`."""
-        if seed is None:
+    def inject(self, fault: Fault, seed: int | None = None, *, nth: int | None = None) -> None:
+        """Apply `fault` to the next completion request, to the one with this `seed`, or to
+        the `nth` (0-based) in arrival order."""
+        if nth is not None:
+            self._nth_faults[nth] = fault
+        elif seed is None:
             self._faults.append(fault)
         else:
             self._seed_faults[seed] = fault
+
+    def inject_path(self, path: str, fault: Fault, nth: int | None = None) -> None:
+        """Apply `fault` to the `nth` (0-based, counted from the start) request to `path`, a
+        route other than completions; None: the next one. Kinds: `status` answers with its
+        status, `hold` never answers (until `release`), `delay` answers late, `drop` closes
+        the connection unanswered."""
+        if fault.kind not in ("status", "hold", "delay", "drop"):
+            raise ValueError(f"fault {fault.kind!r} applies to completions only")
+        index = self.path_counts.get(path, 0) if nth is None else nth
+        self._path_faults[(path, index)] = fault
 
     async def received(self, n: int) -> None:
         """Wait until `n` completion requests have arrived."""
@@ -181,6 +213,7 @@ class FakeVLLM:
                         length = int(value)
                 body = await reader.readexactly(length) if length else b""
                 self.log.append(f"{method} {path}")
+                self.arrived_at[path] = time.monotonic()
                 if not await self._route(method, path, body, writer):
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -193,6 +226,20 @@ class FakeVLLM:
         self, method: str, path: str, body: bytes, writer: asyncio.StreamWriter
     ) -> bool:
         """Answer one request; False closes the connection."""
+        if path != "/v1/completions":
+            index = self.path_counts.get(path, 0)
+            self.path_counts[path] = index + 1
+            fault = self._path_faults.pop((path, index), None)
+            if fault is not None:
+                if fault.kind == "drop":
+                    return False
+                if fault.kind == "hold":
+                    await self.release.wait()
+                elif fault.kind == "delay":
+                    await asyncio.sleep(fault.delay_s)
+                else:
+                    _send_status(writer, fault)
+                    return True
         status = self.fail_next.pop(path, None)
         if status is not None:
             _send(writer, status, {"error": {"message": "injected", "code": status}})
@@ -200,6 +247,8 @@ class FakeVLLM:
         payload: Any = json.loads(body) if body else {}
         if method == "GET" and path == "/health":
             _send(writer, 200, None)
+        elif method == "GET" and path == "/v1/models":
+            _send(writer, 200, {"object": "list", "data": [{"id": self.model}]})
         elif method == "POST" and path == "/v1/completions":
             return await self._complete(payload, writer)
         elif method == "POST" and path == "/pause":
@@ -229,13 +278,18 @@ class FakeVLLM:
         return True
 
     async def _complete(self, payload: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
+        index = len(self.completions)
         self.completions.append(payload)
         async with self._arrived:
             self._arrived.notify_all()
         seed = payload.get("seed")
-        fault = self._seed_faults.pop(seed, None) if isinstance(seed, int) else None
+        fault = self._nth_faults.pop(index, None)
+        if fault is None and isinstance(seed, int):
+            fault = self._seed_faults.pop(seed, None)
         if fault is None and self._faults:
             fault = self._faults.pop(0)
+        if fault is not None:
+            self.faulted.append((index, fault, payload))
         if self.paused:
             self.served_while_paused += 1
             await self._resumed.wait()
@@ -245,7 +299,7 @@ class FakeVLLM:
         if kind == "hold":
             await self.release.wait()
         if fault is not None and kind == "status":
-            _send(writer, fault.status, {"error": {"message": "injected", "code": fault.status}})
+            _send_status(writer, fault)
             return True
         if kind == "drop":
             return False
@@ -292,6 +346,13 @@ class FakeVLLM:
             writer.write(head + data[: len(data) // 2])
             await writer.drain()
             return False
+        elif kind == "stall_mid":
+            # Headers and half the body out, then nothing: a server wedged mid-stream.
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            writer.write(head + data[: len(data) // 2])
+            await writer.drain()
+            await self.release.wait()
+            writer.write(data[len(data) // 2 :])
         elif kind == "chunked":
             chunks = [data[i : i + 37] for i in range(0, len(data), 37)]
             framed = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in chunks)
@@ -357,15 +418,38 @@ def _send(writer: asyncio.StreamWriter, status: int, obj: Any, text: str | None 
         _write(writer, status, b"" if obj is None else json.dumps(obj).encode())
 
 
+def _send_status(writer: asyncio.StreamWriter, fault: Fault) -> None:
+    body = json.dumps({"error": {"message": "injected", "code": fault.status}}).encode()
+    extra = "" if fault.retry_after is None else f"Retry-After: {fault.retry_after}\r\n"
+    _write(writer, fault.status, body, extra=extra)
+
+
 def _write(
-    writer: asyncio.StreamWriter, status: int, data: bytes, kind: str = "application/json"
+    writer: asyncio.StreamWriter,
+    status: int,
+    data: bytes,
+    kind: str = "application/json",
+    extra: str = "",
 ) -> None:
-    head = f"HTTP/1.1 {status} X\r\nContent-Type: {kind}\r\nContent-Length: {len(data)}\r\n\r\n"
-    writer.write(head.encode() + data)
+    head = f"HTTP/1.1 {status} X\r\nContent-Type: {kind}\r\nContent-Length: {len(data)}\r\n"
+    writer.write(head.encode() + extra.encode() + b"\r\n" + data)
 
 
-async def _main(port: int) -> None:
-    server = await FakeVLLM(port=port).start()
+def parse_path_fault(text: str) -> tuple[str, Fault, int]:
+    """`PATH=KIND[:STATUS][@N]` -> (path, fault, n): `/collective_rpc=hold@1`."""
+    path, _, rest = text.partition("=")
+    rest, _, nth = rest.partition("@")
+    kind, _, status = rest.partition(":")
+    fault = Fault(cast(FaultKind, kind), status=int(status) if status else 500)
+    return path, fault, int(nth or 0)
+
+
+async def _main(port: int, model: str, path_faults: list[str]) -> None:
+    server = FakeVLLM(port=port, model=model)
+    for text in path_faults:
+        path, fault, nth = parse_path_fault(text)
+        server.inject_path(path, fault, nth)
+    await server.start()
     print(f"port {server.port}", flush=True)
     await asyncio.Event().wait()
 
@@ -373,5 +457,8 @@ async def _main(port: int) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--served-model-name", "--model-name", dest="model", default="fake-model")
+    ap.add_argument("--path-fault", action="append", default=[])
+    args, _ = ap.parse_known_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(ap.parse_args().port))
+        asyncio.run(_main(args.port, args.model, args.path_fault))

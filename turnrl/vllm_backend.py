@@ -62,6 +62,7 @@ class VLLMBackend:
             vocab_size=vocab_size,
             seed=seed,
             timeout_s=cfg.request_timeout_s,
+            sync_timeout_s=cfg.sync_timeout_s,
         )
         self.server: VLLMServer | None = None
         self._lock: RunLock | None = None

@@ -269,10 +269,14 @@ class RecordFile:
 
 class RunStore:
     """A run directory: `episodes.rec` (one `Episode` JSON per record), `metrics.rec` (one
-    JSON object per record) and `config.yaml` (replaced atomically)."""
+    JSON object per record), `rollouts.rec` (the rollout journal: each episode as its rollout
+    ended, before grading and scoring, so that a run killed mid-step resumes without losing
+    or repeating a finished rollout: `turnrl.resume`) and `config.yaml` (replaced
+    atomically)."""
 
     EPISODES = "episodes.rec"
     METRICS = "metrics.rec"
+    ROLLOUTS = "rollouts.rec"
     CONFIG = "config.yaml"
 
     def __init__(
@@ -294,7 +298,7 @@ class RunStore:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            for name in (self.EPISODES, self.METRICS):
+            for name in (self.EPISODES, self.METRICS, self.ROLLOUTS):
                 self._files[name] = RecordFile(
                     self.run_dir / name,
                     fsync_every=fsync_every,
@@ -333,8 +337,19 @@ class RunStore:
     def append_metrics(self, metrics: Mapping[str, Any]) -> None:
         self._writer(self.METRICS).append(json.dumps(metrics).encode())
 
+    def append_rollout(self, episode: Episode) -> None:
+        """Journal an episode whose rollout ended (ungraded); `episodes.rec` gets it scored."""
+        self._writer(self.ROLLOUTS).append(episode.model_dump_json().encode())
+
     def episodes(self) -> Iterator[Episode]:
-        for payload in self._read(self.EPISODES):
+        yield from self._episodes(self.EPISODES)
+
+    def rollouts(self) -> Iterator[Episode]:
+        """The rollout journal, in the order rollouts ended."""
+        yield from self._episodes(self.ROLLOUTS)
+
+    def _episodes(self, name: str) -> Iterator[Episode]:
+        for payload in self._read(name):
             if payload.endswith(_CURRENT_TAIL):
                 yield Episode.model_validate_json(payload)
             else:
@@ -376,7 +391,7 @@ class RunStore:
             f.flush()
 
     def close(self) -> None:
-        """Fsync and close both record files. Idempotent."""
+        """Fsync and close the record files. Idempotent."""
         files, self._files = self._files, {}
         errors: list[BaseException] = []
         for f in files.values():

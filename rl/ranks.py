@@ -5,9 +5,9 @@ other ranks hold a replica of the model and take part in learner calls only. Eve
 that changes the weights is an *order* rank 0 broadcasts before it takes part in the call
 itself: a new learner (its config and the version it continues from), an RL step or an SFT
 step (the whole batch: `Learner.step` gives each rank its share of every minibatch), folding
-LoRA adapters into the weights, and the end of the run. Each rank then makes the same
-`Learner` call, so the calls' collectives (global counts, gradient sums) line up, and every
-rank takes the same optimizer steps (`turnrl.rl.distributed`).
+LoRA adapters into the weights, loading a resume state, and the end of the run. Each rank
+then makes the same `Learner` call, so the calls' collectives (global counts, gradient sums)
+line up, and every rank takes the same optimizer steps (`turnrl.rl.distributed`).
 
 Why one rollout rank: a run has one policy and one store (one writer: nothing is duplicated or
 torn), rank 0's in-process policy samples with the module its learner trains, and a vLLM
@@ -29,6 +29,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -74,13 +75,20 @@ class MergeAdapters:
 
 
 @dataclass(frozen=True)
+class Load:
+    """`Learner.load_checkpoint` from a folder every rank can read (a resumed run)."""
+
+    directory: str
+
+
+@dataclass(frozen=True)
 class Finish:
     """The run is over; rank 0's weights, fingerprinted, for the followers to check theirs."""
 
     fingerprint: list[float]
 
 
-Order = NewLearner | Step | SftStep | MergeAdapters | Finish
+Order = NewLearner | Step | SftStep | MergeAdapters | Load | Finish
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,7 @@ class Ranks:
         box: list[object] = [None]
         dist.broadcast_object_list(box, src=0, group=self.channel)
         order = box[0]
-        if not isinstance(order, NewLearner | Step | SftStep | MergeAdapters | Finish):
+        if not isinstance(order, NewLearner | Step | SftStep | MergeAdapters | Load | Finish):
             raise TypeError(f"rank {self.group.rank}: not an order: {order!r}")
         return order
 
@@ -144,6 +152,10 @@ class LeadLearner(Learner):
     def merge_adapters(self) -> None:
         self.ranks.send(MergeAdapters())
         super().merge_adapters()
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        self.ranks.send(Load(str(directory)))
+        super().load_checkpoint(directory)
 
 
 def new_learner(
@@ -202,6 +214,8 @@ def follow(ranks: Ranks, model: PreTrainedModel) -> FollowReport:
         elif isinstance(order, SftStep):
             learner.sft_step(order.episodes)
             sft_steps += 1
+        elif isinstance(order, Load):
+            learner.load_checkpoint(order.directory)
         else:
             learner.merge_adapters()
 

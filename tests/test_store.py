@@ -81,6 +81,7 @@ def test_episode_and_metrics_round_trip(tmp_path: Path) -> None:
         "config.yaml",
         "episodes.rec",
         "metrics.rec",
+        "rollouts.rec",
     ]
     with pytest.raises(ValueError, match="read-only"):
         reader.append_metrics({"step": 2})
@@ -333,5 +334,16 @@ def test_run_store_reports_what_it_cut(tmp_path: Path) -> None:
     with (tmp_path / "metrics.rec").open("ab") as f:
         f.write(b"TRR1\x05")
     with RunStore(tmp_path) as store:
-        assert store.dropped_bytes == {"episodes.rec": 0, "metrics.rec": 5}
+        assert store.dropped_bytes == {"episodes.rec": 0, "metrics.rec": 5, "rollouts.rec": 0}
         assert store.metrics() == [{"step": 0}]
+
+
+def test_rollout_journal_is_its_own_record_file(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "run") as store:
+        store.append_rollout(make_episode(1))
+        store.append_episode(make_episode(2))
+        store.append_rollout(make_episode(3))
+    reader = RunStore.open_readonly(tmp_path / "run")
+    assert list(reader.rollouts()) == [make_episode(1), make_episode(3)]
+    assert list(reader.episodes()) == [make_episode(2)]
+    assert list(RunStore.open_readonly(tmp_path / "run").rollouts()) == list(reader.rollouts())

@@ -75,6 +75,9 @@ def train(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier run in the same run_dir")
     ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue a stopped run in the same run_dir")
+    ] = False,
 ) -> None:
     """Evaluate, train with RL, evaluate again; store everything in the run folder."""
     from turnrl.train import run_train
@@ -82,7 +85,7 @@ def train(
     _quiet_libraries()
     try:
         cfg = _trainable(_load(config, sets or []))
-        run_train(cfg, console, with_eval=not no_eval, overwrite=overwrite)
+        run_train(cfg, console, with_eval=not no_eval, overwrite=overwrite, resume=resume)
     except FileExistsError as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None

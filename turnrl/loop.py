@@ -8,7 +8,9 @@ synchronous: rollouts and learning alternate, never overlap. The learner changes
 between the policy's `WeightSync.begin_update` and `end_update`, so every rollout turn is
 stamped with the version that sampled it.
 
-- rollout: G episodes per task item through the episode runner (`turnrl.rollout`).
+- rollout: G episodes per task item through the episode runner (`turnrl.rollout`); each is
+  journaled in the store as it ends (`RunStore.append_rollout`), and a resumed step runs only
+  the rollouts its journal lacks (`Resumed`).
 - grade: the suite grades each stored episode (a pure function of it: replay re-grades).
 - measure: the model measurements credit needs, taken with the weights that sampled the
   episodes, before the learner changes them (`turnrl.rl.credit`: gold-answer probabilities,
@@ -16,7 +18,7 @@ stamped with the version that sampled it.
 - score: turn reward components, per-turn scalars, advantages (`turnrl.rl.scoring`: the same
   path `turnrl replay` runs).
 - store: the scored episodes are appended to the run store and flushed before the learner
-  runs, so a crash during learning loses no rollout.
+  runs (a resumed step skips those stored before the crash).
 - learn: one learner step over the episodes (`Learner.step` reads `Turn.advantage`).
 - sync: the new version reaches the policy.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from turnrl.agent.policy import Policy, WeightSync
@@ -74,6 +76,19 @@ class Rollouts:
     metrics: Sequence[str] = ()
     """The metrics the suite's grader emits: an episode whose grader raised scores 0 on each
     (with `grader_error`), so rewards that read them still find them."""
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a killed run left of a step it resumes (`turnrl.resume`): the journaled rollouts,
+    which are not run again, and the ids already in `episodes.rec`, which are not stored
+    again. Grading, measuring and scoring are functions of the episodes and the weights, so
+    redoing them gives what the killed run computed."""
+
+    rollouts: Mapping[str, Episode] = field(default_factory=dict)
+    """Finished, ungraded episodes by episode id."""
+    stored: Collection[str] = frozenset()
+    """Episode ids already stored, scored."""
 
 
 @dataclass(frozen=True)
@@ -129,10 +144,16 @@ async def rollout(
     seed: int,
     tag: str | None = None,
     on_episode: Callable[[Episode], None] | None = None,
+    done: Mapping[str, Episode] | None = None,
 ) -> list[Episode]:
-    """`group_size` episodes per item, ungraded, in item order."""
+    """`group_size` episodes per item, ungraded, in item order; the specs whose episode id is
+    in `done` (a resumed step's journal) are taken from it instead of run again."""
     specs = episode_specs(r.suite, items, group_size, step, seed, tag, r.extra_tools, r.policy_for)
-    return await r.runner.run_many(specs, r.concurrency, on_episode)
+    done = done or {}
+    todo = [spec for spec in specs if spec.episode_id not in done]
+    ran = await r.runner.run_many(todo, r.concurrency, on_episode)
+    by_id = {**done, **{e.episode_id: e for e in ran}}
+    return [by_id[spec.episode_id] for spec in specs]
 
 
 async def grade(
@@ -181,20 +202,39 @@ def score_episodes(episodes: Sequence[Episode], config: RunConfig) -> Scored:
     return Scored(scored, returns)
 
 
-def store_episodes(store: RunStore, episodes: Sequence[Episode]) -> None:
-    """Append and flush: what is stored survives a crash in the stages after."""
+def store_episodes(
+    store: RunStore, episodes: Sequence[Episode], stored: Collection[str] = ()
+) -> None:
+    """Append (all but the ids in `stored`) and flush: what is stored survives a crash in the
+    stages after."""
     for e in episodes:
-        store.append_episode(e)
+        if e.episode_id not in stored:
+            store.append_episode(e)
     store.flush()
 
 
-def learn(learner: Learner, scored: Scored, config: RunConfig) -> StepResult:
-    """One learner step; value targets when the learner has a value head."""
+def learn(learner: Learner, episodes: Sequence[Episode], config: RunConfig) -> StepResult:
+    """One learner step over scored episodes; value targets when the learner has a value
+    head."""
     targets = None
     if config.learner.value_head is not None:
-        rewards_NT = turn_scalar_rewards(scored.episodes, config.rewards)
-        targets = value_targets(scored.episodes, rewards_NT, config.train.estimator)
-    return learner.step(scored.episodes, targets)
+        rewards_NT = turn_scalar_rewards(episodes, config.rewards)
+        targets = value_targets(episodes, rewards_NT, config.train.estimator)
+    return learner.step(episodes, targets)
+
+
+async def relearn(
+    episodes: Sequence[Episode], config: RunConfig, learner: Learner, sync: WeightSync
+) -> StepResult:
+    """A stored step learned again (`turnrl.resume`): its scored episodes, in stored order,
+    through the learn and sync stages."""
+    await sync.begin_update()
+    result: StepResult | None = None
+    try:
+        result = await asyncio.to_thread(learn, learner, episodes, config)
+    finally:
+        await sync.end_update(result.version if result is not None else sync.version)
+    return result
 
 
 async def train_step(
@@ -207,10 +247,19 @@ async def train_step(
     store: RunStore,
     encode: Callable[[str], Sequence[int]],
     hooks: StepHooks | None = None,
+    resumed: Resumed | None = None,
 ) -> StepReport:
     """Roll out `items` (`train.group_size` each), grade, measure, score, store, take one
-    learner step and sync the new weights to the policy."""
+    learner step and sync the new weights to the policy. `resumed`: what a killed run left
+    of this step."""
     hooks = hooks or StepHooks()
+    resumed = resumed or Resumed()
+
+    def ended(e: Episode) -> None:
+        store.append_rollout(e)  # one write(): it survives a kill of this process
+        if hooks.on_episode is not None:
+            hooks.on_episode(e)
+
     seconds: dict[str, float] = {}
     clock = time.monotonic()
 
@@ -229,7 +278,8 @@ async def train_step(
         # Each step's rollouts draw their own seeds, far from evaluation's.
         seed=config.seed + 1_000_000 * (step + 1),
         tag=f"s{step}",
-        on_episode=hooks.on_episode,
+        on_episode=ended,
+        done=resumed.rollouts,
     )
     lap("rollout")
     hooks.stage("grade")
@@ -242,13 +292,13 @@ async def train_step(
     scored = score_episodes(episodes, config)
     lap("score")
     hooks.stage("store")
-    store_episodes(store, scored.episodes)
+    store_episodes(store, scored.episodes, resumed.stored)
     lap("store")
     hooks.stage("learn")
     await sync.begin_update()
     result: StepResult | None = None
     try:
-        result = await asyncio.to_thread(learn, learner, scored, config)
+        result = await asyncio.to_thread(learn, learner, scored.episodes, config)
     finally:
         lap("learn")
         hooks.stage("sync")

@@ -43,6 +43,7 @@ from turnrl.agent.vllm_policy import VLLMPolicy
 from turnrl.config import ModelConfig, RunConfig
 from turnrl.loop import Rollouts
 from turnrl.openai_backend import OpenAIBackend
+from turnrl.resume import RunProgress, StoredRun
 from turnrl.rl.learner import Learner
 from turnrl.rl.learner_config import LearnerConfig
 from turnrl.rl.placement import compute_dtype, place_model, resolve_device
@@ -113,6 +114,10 @@ class Session:
     """The API model and its cost ledger (`model.kind: openai`, evaluation only)."""
     ranks: Ranks | None = None
     """The data-parallel ranks this session's learners lead (rank 0 under torchrun)."""
+    progress: RunProgress = field(default_factory=RunProgress)
+    """How far the run got (`progress.json`): stages done, the last resume state."""
+    stored: StoredRun = field(default_factory=StoredRun)
+    """What a killed run left in the store, when this session resumes it (else empty)."""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def open_tools(self) -> None:

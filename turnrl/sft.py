@@ -35,7 +35,7 @@ from turnrl.agent.records import Episode
 from turnrl.agent.store import RunStore
 from turnrl.loop import Rollouts, grade, rollout
 from turnrl.rl.learner import Learner
-from turnrl.rl.learner_config import LearnerConfig
+from turnrl.rl.learner_config import ConstantLR, LearnerConfig
 from turnrl.rl.rewards import metric
 from turnrl.sft_config import OracleSource, RunSource, WarmStartConfig
 from turnrl.tasks.base import TaskItem, TaskSuite
@@ -243,7 +243,8 @@ def store_warm_start(run_dir: Path, report: WarmStartReport, config_yaml: str) -
 
 def sft_learner_config(learner: LearnerConfig, cfg: WarmStartConfig) -> LearnerConfig:
     """The run's learner settings for the warm start: its own learning rate and weighting,
-    logprobs at temperature 1 (plain NLL), no KL reference, no value head, no PPO epochs."""
+    logprobs at temperature 1 (plain NLL), no KL reference, no value head, no PPO epochs, a
+    constant learning rate (the RL schedule counts RL's optimizer steps)."""
     return learner.model_copy(
         update={
             "lr": cfg.lr,
@@ -251,5 +252,6 @@ def sft_learner_config(learner: LearnerConfig, cfg: WarmStartConfig) -> LearnerC
             "temperature": 1.0,
             "kl_coef": 0.0,
             "value_head": None,
+            "lr_schedule": ConstantLR(),
         }
     )

@@ -33,8 +33,9 @@ from rich.progress import (
 
 from turnrl.agent.model import load_model
 from turnrl.agent.records import Episode
+from turnrl.agent.store import RunStore
 from turnrl.config import RunConfig
-from turnrl.loop import StepHooks, StepReport, grade, rollout, train_step
+from turnrl.loop import StepHooks, StepReport, grade, relearn, rollout, store_episodes, train_step
 from turnrl.openai_backend import cost_line
 from turnrl.plots import plot_curves
 from turnrl.report import (
@@ -46,10 +47,20 @@ from turnrl.report import (
     with_intervals,
     write_eval,
 )
+from turnrl.resume import (
+    RunProgress,
+    check_config,
+    load_state,
+    mark,
+    read_progress,
+    read_run,
+    save_state,
+)
 from turnrl.rl.distributed import torch_world_size
 from turnrl.rl.ranks import FollowReport, Ranks, finish, follow, join
 from turnrl.session import Session, model_dir, open_session
 from turnrl.sft import (
+    WARM_START_DIR,
     WarmStartReport,
     collect,
     sft_learner_config,
@@ -86,13 +97,23 @@ def _progress(console: Console) -> Progress:
 
 
 async def evaluate(s: Session, tag: str) -> dict[str, float]:
-    """Evaluate on the first `eval.n_items` test items; episodes are stored with step -1."""
+    """Evaluate on the first `eval.n_items` test items; episodes are stored with step -1 and
+    journaled as they end. A resumed run keeps the journaled ones, and reads a finished
+    evaluation (a stage in `progress.json`) back from the store."""
+    if tag in s.progress.stages:
+        return _evaluated(s, tag, s.stored.evaluations.get(tag, []), "stored")
     cfg = s.config.eval
     items = list(s.suite.items("test"))[: cfg.n_items]
     t0 = time.monotonic()
     r = s.rollouts(cfg.temperature)
+    resumed = s.stored.resumed(tag)
     with _progress(s.console) as progress:
         bar = progress.add_task(f"{tag}: rollouts", total=len(items) * cfg.group_size)
+
+        def ended(e: Episode) -> None:
+            s.store.append_rollout(e)
+            progress.advance(bar)
+
         episodes = await rollout(
             r,
             items,
@@ -100,14 +121,18 @@ async def evaluate(s: Session, tag: str) -> dict[str, float]:
             -1,
             s.config.seed,
             tag,
-            on_episode=lambda _: progress.advance(bar),
+            on_episode=ended,
+            done=resumed.rollouts,
         )
         if s.api is not None:
             episodes = s.api.charge(episodes)
         episodes = await grade(s.suite, items, episodes, r.concurrency, r.metrics)
-    for e in episodes:
-        s.store.append_episode(e)
-    s.store.flush()
+    store_episodes(s.store, episodes, resumed.stored)
+    return _evaluated(s, tag, episodes, f"{time.monotonic() - t0:.0f} s")
+
+
+def _evaluated(s: Session, tag: str, episodes: list[Episode], took: str) -> dict[str, float]:
+    """An evaluation's summary, written beside the run and printed."""
     summary = with_intervals(summarize(episodes), episodes)
     write_eval(s.config.run_dir, tag, episodes, summary)
     s.evaluations[tag] = episodes
@@ -115,7 +140,7 @@ async def evaluate(s: Session, tag: str) -> dict[str, float]:
         f"[bold]{tag}[/]: success {rate_cell(summary)}  "
         + (f"f1 {summary['f1']:.3f}  " if "f1" in summary else "")
         + f"tool calls/ep {summary['tool_calls_per_episode']:.2f}  "
-        f"({time.monotonic() - t0:.0f} s, {len(episodes)} episodes)"
+        f"({took}, {len(episodes)} episodes)"
     )
     if s.api is not None:
         s.console.print(f"[bold]{tag}[/]: {cost_line(summary, episodes)}")
@@ -123,15 +148,25 @@ async def evaluate(s: Session, tag: str) -> dict[str, float]:
 
 
 async def train_steps(s: Session) -> list[dict[str, float]]:
-    """The RL loop; returns the per-step metrics rows (also appended to the store)."""
+    """The RL loop; returns the per-step metrics rows (also appended to the store). A resumed
+    run (`turnrl.resume`) first learns again the stored steps its last resume state lacks,
+    then continues from the first step without a metrics row."""
     assert s.learner is not None
     cfg = s.config
     train_items = list(s.suite.items("train"))
     rng = random.Random(cfg.seed)
+    plan = [
+        rng.sample(train_items, min(cfg.train.tasks_per_step, len(train_items)))
+        for _ in range(cfg.train.steps)
+    ]
     rollouts = s.rollouts(cfg.sampling.temperature)
-    rows = []
-    for step in range(cfg.train.steps):
-        items = rng.sample(train_items, min(cfg.train.tasks_per_step, len(train_items)))
+    rows: list[dict[str, float]] = list(s.stored.rows)
+    for step in range(s.progress.rl_steps, len(rows)):
+        result = await relearn(s.stored.steps[step], cfg, s.learner, s.sync)
+        s.console.print(f"step {step}: learned again from its stored episodes (v{result.version})")
+        _save_state(s, step)
+    for step in range(len(rows), cfg.train.steps):
+        items = plan[step]
         with _progress(s.console) as progress:
             bar = progress.add_task(f"s{step}: rollouts", total=len(items) * cfg.train.group_size)
 
@@ -153,6 +188,7 @@ async def train_steps(s: Session) -> list[dict[str, float]]:
                 s.store,
                 s.renderer.tokenizer.encode,
                 hooks,
+                s.stored.resumed(f"s{step}"),
             )
         row = report.row()
         s.store.append_metrics(row)
@@ -161,7 +197,15 @@ async def train_steps(s: Session) -> list[dict[str, float]]:
         s.console.print(_step_line(report, row))
         if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
             s.save_checkpoint(cfg.run_dir / "checkpoints" / f"step-{step + 1}")
+        _save_state(s, step)
     return rows
+
+
+def _save_state(s: Session, step: int) -> None:
+    """The resume state after `step`, every `train.resume_every` steps and after the last."""
+    every, last = s.config.train.resume_every, step + 1 == s.config.train.steps
+    if s.learner is not None and every and ((step + 1) % every == 0 or last):
+        s.progress = save_state(s.config.run_dir, s.learner, step + 1, s.progress)
 
 
 def _step_line(report: StepReport, row: dict[str, float]) -> str:
@@ -182,8 +226,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     if held:
         if not overwrite:
             raise FileExistsError(
-                f"{run_dir} already holds a run ({', '.join(held)}): pass --overwrite to "
-                "replace it, or choose another run_dir (resuming a run is not supported yet)"
+                f"{run_dir} already holds a run ({', '.join(held)}): pass --resume to "
+                "continue it, --overwrite to replace it, or choose another run_dir"
             )
         shutil.rmtree(run_dir)
 
@@ -240,36 +284,65 @@ async def run_warm_start(s: Session) -> WarmStartReport:
 
 
 def run_train(
-    config: RunConfig, console: Console, with_eval: bool = True, overwrite: bool = False
+    config: RunConfig,
+    console: Console,
+    with_eval: bool = True,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """`turnrl train`: evaluate, warm-start (when configured), evaluate, train with RL,
-    evaluate again; print curves and the evaluations side by side with their intervals. Under
-    torchrun, rank 0 does this and the other ranks follow (`follow_run`)."""
+    evaluate again; print curves and the evaluations side by side with their intervals.
+    `resume` continues a killed run in `config.run_dir` (`turnrl.resume`). Under torchrun,
+    rank 0 does this and the other ranks follow (`follow_run`)."""
     ranks = join()
     if ranks is not None and not ranks.leads:
         return {"follower": follow_run(config, ranks, console)}
     t0 = time.monotonic()
-    prepare_run_dir(config.run_dir, overwrite)
+    progress = RunProgress()
+    if resume:
+        if overwrite:
+            raise ValueError("--resume continues a run and --overwrite replaces it: pick one")
+        held = config.run_dir.is_dir()
+        stored = RunStore.open_readonly(config.run_dir).config_text() if held else None
+        check_config(stored, config, config.run_dir)
+        progress = read_progress(config.run_dir)
+    else:
+        prepare_run_dir(config.run_dir, overwrite)
+    warm = "warm-start" in progress.stages
     stages: dict[str, float] = {}
-    with open_session(config, console, train=True, ranks=ranks) as s:
+    start = config.run_dir / "checkpoints" / "warm_start" if warm else None
+    with open_session(config, console, train=True, checkpoint=start, ranks=ranks) as s:
+        s.progress = progress
+        if resume:
+            s.stored = read_run(s.store)
+            console.print(_resuming(s))
 
         async def main() -> dict[str, Any]:
             out: dict[str, Any] = {}
             try:
                 await s.open_tools()
                 lap = _laps(stages)
-                out["before"] = await evaluate(s, "eval-before") if with_eval else {}
+                out["before"] = await _stage_eval(s, "eval-before") if with_eval else {}
                 lap("eval-before")
                 version = 0
                 if config.warm_start is not None:
-                    version = (await run_warm_start(s)).version
+                    version = await _warm_start_stage(s)
                     lap("warm-start")
                     if with_eval:
-                        out["warm"] = await evaluate(s, "eval-warm")
+                        out["warm"] = await _stage_eval(s, "eval-warm")
                         lap("eval-warm")
                 if s.learner is None:
                     s.start_learner(version)
-                out["rows"] = await train_steps(s)
+                assert s.learner is not None
+                if load_state(config.run_dir, s.learner, s.progress):
+                    await s.sync.begin_update()  # the policy samples with the loaded weights
+                    await s.sync.end_update(s.learner.version)
+                if config.train.mode == "async":
+                    from turnrl.async_loop import train_async
+
+                    out["rows"] = await train_async(s)
+                else:
+                    out["rows"] = await train_steps(s)
                 lap("rl")
                 out["after"] = await evaluate(s, "eval-after") if with_eval else {}
                 lap("eval-after")
@@ -300,6 +373,37 @@ def run_train(
         f"{config.run_dir}; checkpoint in {ckpt}"
     )
     return out
+
+
+async def _stage_eval(s: Session, tag: str) -> dict[str, float]:
+    """An evaluation before RL, marked done in `progress.json` once stored."""
+    summary = await evaluate(s, tag)
+    if tag not in s.progress.stages:
+        s.progress = mark(s.config.run_dir, s.progress, tag)
+    return summary
+
+
+async def _warm_start_stage(s: Session) -> int:
+    """The warm start, or, when a resumed run finished it, its version (the session's model
+    was loaded from its checkpoint). One that did not finish is run again from the start."""
+    if "warm-start" in s.progress.stages:
+        assert s.progress.warm_start_version is not None
+        return s.progress.warm_start_version
+    run_dir = s.config.run_dir
+    for partial in (run_dir / WARM_START_DIR, run_dir / "checkpoints" / "warm_start"):
+        shutil.rmtree(partial, ignore_errors=True)
+    version = (await run_warm_start(s)).version
+    s.progress = mark(run_dir, s.progress, "warm-start", warm_start_version=version)
+    return version
+
+
+def _resuming(s: Session) -> str:
+    run, p = s.stored, s.progress
+    return (
+        f"[bold]resume[/]: stages done {', '.join(p.stages) or 'none'}; {len(run.rows)} RL "
+        f"step(s) learned, {p.rl_steps} in the last saved state; {len(run.journal)} "
+        f"rollouts journaled, {len(run.stored)} episodes stored"
+    )
 
 
 def run_sft(

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -217,6 +218,10 @@ class FakeVLLM:
                 if not await self._route(method, path, body, writer):
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        except asyncio.CancelledError:
+            # Only `close` cancels a connection (one held by a fault); ending quietly keeps
+            # asyncio's server callback from logging the cancellation as an error.
             return
         finally:
             self._tasks.discard(task)
@@ -435,6 +440,32 @@ def _write(
     writer.write(head.encode() + extra.encode() + b"\r\n" + data)
 
 
+class ServerThread:
+    """A `FakeVLLM` on its own event loop in a daemon thread (for code under test that runs
+    its own loop, such as `turnrl train`); `stop` closes the server in that loop."""
+
+    def __init__(self, server: FakeVLLM) -> None:
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(server.start())
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        if not started.wait(30):
+            raise RuntimeError("the fake server did not start")
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
 def parse_path_fault(text: str) -> tuple[str, Fault, int]:
     """`PATH=KIND[:STATUS][@N]` -> (path, fault, n): `/collective_rpc=hold@1`."""
     path, _, rest = text.partition("=")
@@ -455,9 +486,9 @@ async def _main(port: int, model: str, path_faults: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--served-model-name", "--model-name", dest="model", default="fake-model")
+    ap.add_argument("--served-model-name", dest="model", default="fake-model")
     ap.add_argument("--path-fault", action="append", default=[])
     args, _ = ap.parse_known_args()
     with contextlib.suppress(KeyboardInterrupt):

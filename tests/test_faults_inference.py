@@ -19,17 +19,15 @@ whose logprobs, token names or prompt echo are wrong. Read back from the run sto
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fake_vllm import FakeVLLM, Fault, Rule
+from fake_vllm import FakeVLLM, Fault, Rule, ServerThread
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
@@ -63,30 +61,6 @@ FAULTS: dict[int, tuple[Fault, str]] = {
 """Arrival index of the completion request -> its fault and the error the episode must end
 with. The run makes ~90 requests (3 steps x 16 episodes x 2 turns, less the turns after a
 first-turn fault), so every index is reached."""
-
-
-class ServerThread:
-    """A `FakeVLLM` on its own event loop in a daemon thread; `stop` closes it there."""
-
-    def __init__(self, server: FakeVLLM) -> None:
-        self.server = server
-        self.loop = asyncio.new_event_loop()
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(server.start())
-            started.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert started.wait(30)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @functools.cache

@@ -189,10 +189,13 @@ def test_twenty_kills_lose_nothing_and_leave_nothing(tmp_path: Path) -> None:
     seen: set[str] = set()
     while kills < 20:
         deadline = time.monotonic() + rng.uniform(0.5, 8.0)
-        if not run_until(config, kills > 0, lambda d=deadline: time.monotonic() > d):
+        # A kill before the run wrote its config leaves nothing to resume: start it again.
+        resume = (run_dir / "config.yaml").exists()
+        if not run_until(config, resume, lambda d=deadline: time.monotonic() > d):
             break  # finished before this kill: the run is shorter than 20 random kills
         kills += 1
-        seen |= {e.episode_id for e in RunStore.open_readonly(run_dir).rollouts()}
+        if run_dir.is_dir():
+            seen |= {e.episode_id for e in RunStore.open_readonly(run_dir).rollouts()}
     else:
         assert not run_until(config, True, None)
     assert kills >= 10, f"only {kills} kills landed before the run finished"
@@ -211,3 +214,4 @@ def test_twenty_kills_lose_nothing_and_leave_nothing(tmp_path: Path) -> None:
     with RunStore(run_dir) as writer:  # a writer's open would cut a torn tail: there is none
         assert set(writer.dropped_bytes.values()) == {0}
     assert _leftovers(run_dir) == []
+    print(f"{kills} kills; {len(journal)} rollouts journaled, {len(episodes)} episodes stored")

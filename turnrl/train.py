@@ -219,10 +219,15 @@ def _step_line(report: StepReport, row: dict[str, float]) -> str:
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """A run folder holds one run: refuse to mix a new run into an old one's records (or its
-    evaluations, or a run that crashed before its first episode)."""
+    evaluations, or a run that crashed before its first episode: it wrote its config). Empty
+    record files alone are not a run (one killed between opening its store and writing its
+    config): a new run may start there."""
+    records = (RunStore.EPISODES, RunStore.METRICS, RunStore.ROLLOUTS)
     held = [
-        name for name in ("config.yaml", "episodes.rec", "metrics.rec") if (run_dir / name).exists()
+        name for name in records if (run_dir / name).exists() and (run_dir / name).stat().st_size
     ]
+    if (run_dir / RunStore.CONFIG).exists():
+        held.insert(0, RunStore.CONFIG)
     if held:
         if not overwrite:
             raise FileExistsError(

@@ -20,7 +20,8 @@ Run as a script (`python tests/fake_vllm.py`) it serves on a free port in its ow
 prints `port <n>` (the benchmark's zero-latency server). It also answers the command line
 turnrl gives a vLLM interpreter (`--port`, `--served-model-name`; other options ignored), and
 `--path-fault PATH=KIND[:STATUS][@N]` injects a fault into the N-th request to PATH (0-based;
-default the first): a stand-in for a server turnrl starts itself.
+default the first): a stand-in for a server turnrl starts itself. `--replies` plays scripted
+turns instead of the default rule (`turn_rule`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,18 @@ def default_rule(prompt: list[int], weights: str) -> list[int]:
     h = (sum(prompt) * 31 + len(prompt) * 7 + sum(weights.encode()) * 101) % 1_000_003
     n = 1 + h % 8
     return [1 + (h + 37 * k) % (VOCAB - 1) for k in range(n - 1)] + [EOS]
+
+
+def turn_rule(replies: list[list[int]], end_id: int) -> Rule:
+    """Reply `k` at an episode's turn `k` (the last one from there on), for ChatML contexts
+    that open with a system and a user message: turn k's prompt holds 2 + 2k `end_id`s (each
+    turn adds the reply's and its observation's)."""
+
+    def rule(prompt: list[int], weights: str) -> list[int]:
+        k = max(0, prompt.count(end_id) - 2) // 2
+        return replies[min(k, len(replies) - 1)]
+
+    return rule
 
 
 def logprob_of(token: int, position: int) -> float:
@@ -475,8 +488,8 @@ def parse_path_fault(text: str) -> tuple[str, Fault, int]:
     return path, fault, int(nth or 0)
 
 
-async def _main(port: int, model: str, path_faults: list[str]) -> None:
-    server = FakeVLLM(port=port, model=model)
+async def _main(port: int, model: str, path_faults: list[str], rule: Rule) -> None:
+    server = FakeVLLM(rule, port=port, model=model)
     for text in path_faults:
         path, fault, nth = parse_path_fault(text)
         server.inject_path(path, fault, nth)
@@ -490,6 +503,11 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--served-model-name", dest="model", default="fake-model")
     ap.add_argument("--path-fault", action="append", default=[])
+    ap.add_argument("--replies", help="JSON list of id lists: `turn_rule`'s replies")
+    ap.add_argument("--end-id", type=int, default=2, help="`turn_rule`'s end-of-message id")
     args, _ = ap.parse_known_args()
+    rule: Rule = default_rule
+    if args.replies is not None:
+        rule = turn_rule(json.loads(args.replies), args.end_id)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(args.port, args.model, args.path_fault))
+        asyncio.run(_main(args.port, args.model, args.path_fault, rule))

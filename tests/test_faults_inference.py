@@ -65,12 +65,14 @@ first-turn fault), so every index is reached."""
 
 @functools.cache
 def tokenizer() -> PreTrainedTokenizerBase:
-    return load_tokenizer(tiny_model_dir())
+    tok: PreTrainedTokenizerBase = load_tokenizer(tiny_model_dir())
+    return tok
 
 
 def last_user_message(prompt: list[int]) -> str:
     """The text of a prompt's last user message (where tool responses are)."""
-    return tokenizer().decode(prompt).rsplit("<|im_start|>user", 1)[-1]
+    text = str(tokenizer().decode(prompt))
+    return text.rsplit("<|im_start|>user", 1)[-1]
 
 
 def agent_rule() -> Rule:

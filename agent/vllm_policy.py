@@ -28,9 +28,10 @@ stamped with the old version. `load_checkpoint(folder, version)` then pushes the
 - `reload` (full weights, an untied safetensors checkpoint): `POST /pause` →
   `POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": folder}}` →
   `POST /reset_prefix_cache` → `POST /resume` (the server needs `VLLM_SERVER_DEV_MODE=1`).
-  `/resume` is sent even when a step before it failed (a `/pause` that timed out included:
-  the server may have acted on it); after a failure past `/pause` the server's weights are
-  unknown, and `generate` raises until a later load succeeds.
+  `/resume` is sent even when a step before it failed (a `/pause` that timed out or lost its
+  connection included: the server may have acted on it; not one it refused); after a failure
+  past `/pause` the server's weights are unknown, and `generate` raises until a later load
+  succeeds.
 - `lora`: `POST /v1/load_lora_adapter {"lora_name": "turnrl-v<version>", "lora_path":
   folder}` (the server needs `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`);
   requests name that adapter as their `model` from `end_update(version)` on, and adapters no
@@ -99,6 +100,10 @@ class PolicyResponseError(PolicyError):
 
 class WeightSyncError(PolicyError):
     """A weight-sync call failed."""
+
+
+class _SyncRefused(WeightSyncError):
+    """A weight-sync call the server answered with an error status (it did not act on it)."""
 
 
 class VLLMPolicy:
@@ -325,25 +330,35 @@ class VLLMPolicy:
     async def _reload(self, path: str) -> None:
         try:
             await self._call("/pause")
-            self._unknown_weights = f"a full reload from {path!r} failed: the weights are unknown"
+        except _SyncRefused:
+            raise  # the server said no: it is not paused
+        except BaseException as e:
+            await self._resume_after(e)  # timed out or lost: it may have paused all the same
+            raise
+        self._unknown_weights = f"a full reload from {path!r} failed: the weights are unknown"
+        try:
             await self._call(
                 "/collective_rpc",
                 {"method": "reload_weights", "kwargs": {"weights_path": path}},
             )
             await self._call("/reset_prefix_cache")
         except BaseException as e:
-            # A paused server that is never resumed hangs every later request (a /pause that
-            # timed out may have reached it). The first failure is the one reported.
-            try:
-                await self._call("/resume")
-            except WeightSyncError as again:
-                if isinstance(e, WeightSyncError):
-                    raise WeightSyncError(
-                        f"{e}; then {again} (the server may still be paused)"
-                    ) from None
+            await self._resume_after(e)
             raise
         await self._call("/resume")
         self._unknown_weights = None
+
+    async def _resume_after(self, error: BaseException) -> None:
+        """`/resume` after a failed step of a reload: a paused server that is never resumed
+        hangs every later request. The first failure is the one reported; when `/resume`
+        fails too, one error names both."""
+        try:
+            await self._call("/resume")
+        except WeightSyncError as again:
+            if isinstance(error, WeightSyncError):
+                raise WeightSyncError(
+                    f"{error}; then {again} (the server may still be paused)"
+                ) from None
 
     async def _load_lora(self, path: str, version: int) -> None:
         # Adapters that no request will name again: nothing is in flight during an update.
@@ -375,7 +390,7 @@ class VLLMPolicy:
             raise WeightSyncError(f"POST {path}: {text}") from None
         if not 200 <= response.status < 300:
             text = response.body[:2000].decode("utf-8", "replace")
-            raise WeightSyncError(f"POST {path}: HTTP {response.status}: {text}")
+            raise _SyncRefused(f"POST {path}: HTTP {response.status}: {text}")
 
     def _release(self) -> None:
         held, self._held = self._held, None

@@ -111,6 +111,21 @@ def test_a_hung_pause_is_followed_by_resume_and_sampling_goes_on() -> None:
     serve(test)
 
 
+def test_a_refused_pause_is_not_followed_by_resume() -> None:
+    """A server that answers `/pause` with an error did not pause: nothing else is sent and
+    the old weights stay live."""
+
+    async def test(server: FakeVLLM, policy: VLLMPolicy) -> None:
+        server.inject_path("/pause", FAIL)
+        message, _ = await timed_failure(policy, "/ckpt/1", 1)
+        assert "POST /pause: HTTP 500" in message and "then" not in message
+        assert [x for x in server.log if x != "POST /v1/completions"] == ["POST /pause"]
+        c = await policy.generate(PROMPT, SamplingParams())
+        assert c.policy_version == 0 and c.token_ids == tuple(default_rule(PROMPT, "base"))
+
+    serve(test)
+
+
 def test_a_failed_resume_after_a_failed_reload_reports_both() -> None:
     async def test(server: FakeVLLM, policy: VLLMPolicy) -> None:
         server.inject_path("/collective_rpc", FAIL)

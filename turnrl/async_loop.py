@@ -342,6 +342,13 @@ async def train_async(s: Session) -> list[dict[str, float]]:
     returns the metrics rows (also appended to the store)."""
     assert s.learner is not None
     cfg = s.config
+    rl = s.stored.rows or s.stored.steps or any(e.step >= 0 for e in s.stored.journal.values())
+    if rl:
+        raise ValueError(
+            f"{cfg.run_dir}: resuming a run past its first RL rollout is not supported with "
+            "train.mode async yet (the loop's buffered and in-flight episodes are not saved): "
+            "start the run again with --overwrite"
+        )
     train_items = list(s.suite.items("train"))
     rng = random.Random(cfg.seed)
     batches = [

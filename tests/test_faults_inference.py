@@ -1,11 +1,12 @@
 """Fault suite: the inference server fails during `turnrl train` (issue 15, item 4).
 
-One short run (`model.kind: vllm`, the tiny model's weights in the learner) samples every turn
-on the fake server (`fake_vllm.py`, its own thread), which breaks a known set of completion
-requests, chosen by arrival index: it answers too late or never (the request times out),
-answers 5xx or 429 (with and without `retry-after`), sends a body that is not JSON, drops the
-connection before, during or after the headers, stalls mid-body, or sends well-framed replies
-whose logprobs, token names or prompt echo are wrong. Read back from the run store:
+One short run per `train.mode` (`model.kind: vllm`, the tiny model's weights in the learner)
+samples every turn on the fake server (`fake_vllm.py`, its own thread), which breaks a known
+set of completion requests, chosen by arrival index: it answers too late or never (the
+request times out), answers 5xx or 429 (with and without `retry-after`), sends a body that is
+not JSON, drops the connection before, during or after the headers, stalls mid-body, or sends
+well-framed replies whose logprobs, token names or prompt echo are wrong. Read back from the
+run store:
 
 - every fault fired and ended exactly one episode, with `StopReason.POLICY_ERROR` and the
   `PolicyError` subclass of its kind in `Episode.error`; every other episode ended normally;
@@ -106,8 +107,11 @@ class FaultRun:
     rows: list[dict[str, float]]
 
 
-@pytest.fixture(scope="module")
-def fault_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRun]:
+@pytest.fixture(scope="module", params=["sync", "async"])
+def fault_run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FaultRun]:
+    """The run, in each `train.mode` (async: rollouts of the next step overlap learning)."""
     thread = ServerThread(FakeVLLM(agent_rule(), model="turnrl"))
     fake = thread.server
     for nth, (fault, _) in FAULTS.items():
@@ -124,7 +128,12 @@ def fault_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRun]:
                 "request_timeout_s": REQUEST_TIMEOUT_S,
             },
             "budget": {"max_turns": 2, "max_new_tokens": 48, "max_context_tokens": 4096},
-            "train": {"steps": STEPS, "tasks_per_step": 4, "group_size": 4},
+            "train": {
+                "steps": STEPS,
+                "tasks_per_step": 4,
+                "group_size": 4,
+                "mode": request.param,
+            },
             "sampling.temperature": 1.0,
         },
     )

@@ -198,11 +198,15 @@ def fake() -> Iterator[FakeVLLM]:
 
 
 def train_config(
-    run_dir: Path, model: dict[str, Any], steps: int, mode: str = "sync", **extra: Any
+    run_dir: Path,
+    model: dict[str, Any],
+    steps: int,
+    mode: str = "sync",
+    extra: dict[str, Any] | None = None,
 ) -> RunConfig:
     sync = model.get("weight_sync", "reload")
     overrides: dict[str, Any] = {
-        **extra,
+        **(extra or {}),
         "run_dir": str(run_dir),
         "model": {"kind": "vllm", "weights": {"kind": "tiny"}, **model},
         "train": {"steps": steps, "tasks_per_step": 2, "group_size": 4, "mode": mode},
@@ -299,7 +303,7 @@ def test_train_with_its_own_server_stops_and_leaves_no_process(tmp_path: Path) -
     run_dir = tmp_path / "run"
     model = {"sync_timeout_s": SYNC_TIMEOUT_S, "server": {"python": str(python)}}
     # The fake's default replies give a group equal rewards: a KL term makes the step real.
-    cfg = train_config(run_dir, model, steps=2, **{"learner.kl_coef": 0.01})
+    cfg = train_config(run_dir, model, steps=2, extra={"learner.kl_coef": 0.01})
     t0 = time.monotonic()
     with pytest.raises(WeightSyncError, match=r"version 1 .*POST /collective_rpc: no response"):
         run_train(cfg, Console(width=120, record=True), with_eval=False)

@@ -9,16 +9,27 @@ before scoring; everything else is a pure function of the stored records.
 Components are combined per turn by their weights (`weighted`), or, with
 `RewardConfig.decoupled`, GDPO-style: each normalised within its group before the weighted sum.
 Replayed prefix turns (a branch's restored history) keep their rewards but get no advantage:
-they were not sampled by this episode's policy.
+they were not sampled by this episode's policy. An episode that a failure outside the policy
+ended (`UNTRAINED`: the inference server failed, or the runner raised) keeps its rewards but
+gets no advantage either, and its group's baselines are taken without it: its return says
+what the server did, not what the policy did.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from turnrl.agent.records import Episode
+from turnrl.agent.records import Episode, StopReason
 from turnrl.rl.advantages import EstimatorConfig, compute_advantages, estimator_config
 from turnrl.rl.rewards import RewardConfig, decoupled_turn_rewards, group_rewards, weighted
+
+UNTRAINED = frozenset({StopReason.POLICY_ERROR, StopReason.ERROR})
+"""Stops that say nothing about the policy: such an episode is never trained on."""
+
+
+def trainable(episode: Episode) -> bool:
+    """Whether the episode's turns may get advantages (and value targets)."""
+    return episode.stop_reason not in UNTRAINED
 
 
 def turn_scalar_rewards(episodes: Sequence[Episode], rewards: RewardConfig) -> list[list[float]]:
@@ -36,7 +47,13 @@ def score(
     cfg = estimator_config(estimator)
     rewarded = group_rewards(episodes, rewards)
     rewards_NT = turn_scalar_rewards(rewarded, rewards)
-    advantages = compute_advantages(rewarded, rewards_NT, cfg)
+    kept = [i for i, e in enumerate(rewarded) if trainable(e)]
+    advantages: list[list[float | None]] = [[None] * len(e.turns) for e in rewarded]
+    if kept:
+        trained = [rewarded[i] for i in kept]
+        rows = rewards_NT if len(kept) == len(rewarded) else turn_scalar_rewards(trained, rewards)
+        for i, row in zip(kept, compute_advantages(trained, rows, cfg), strict=True):
+            advantages[i] = list(row)
     scored = [
         e.model_copy(
             update={

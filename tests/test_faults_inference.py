@@ -209,12 +209,6 @@ def test_the_learner_trains_exactly_the_turns_with_an_advantage(fault_run: Fault
         assert m["n_tokens"] == sum(trained_tokens(e) for e in step) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rl/scoring.py scores a POLICY_ERROR episode like any other: its turns before the "
-    "fault get an advantage from a reward the server's failure decided (fix: score without "
-    "such episodes, their turns' advantage None)",
-)
 def test_failed_episodes_are_not_trained(fault_run: FaultRun) -> None:
     """An episode a fault ended says nothing about the policy: none of its turns carries an
     advantage, so no learner step trains on it (nor counts it in its group's baseline)."""

@@ -39,7 +39,7 @@ from turnrl.report import summarize
 from turnrl.rl.advantages import value_targets
 from turnrl.rl.credit import add_gold_signals
 from turnrl.rl.learner import Learner, StepResult
-from turnrl.rl.scoring import score, turn_scalar_rewards
+from turnrl.rl.scoring import score, trainable, turn_scalar_rewards
 from turnrl.rl.value_head import with_values
 from turnrl.rollout import episode_specs, grade_all
 from turnrl.tasks.base import TaskItem, TaskSuite
@@ -216,10 +216,15 @@ def store_episodes(
 def learn(learner: Learner, episodes: Sequence[Episode], config: RunConfig) -> StepResult:
     """One learner step over scored episodes; value targets when the learner has a value
     head."""
-    targets = None
+    targets: list[list[float | None]] | None = None
     if config.learner.value_head is not None:
         rewards_NT = turn_scalar_rewards(episodes, config.rewards)
-        targets = value_targets(episodes, rewards_NT, config.train.estimator)
+        all_targets = value_targets(episodes, rewards_NT, config.train.estimator)
+        # An episode a failure ended says nothing about the policy's values either.
+        targets = [
+            list(row) if trainable(e) else [None] * len(row)
+            for e, row in zip(episodes, all_targets, strict=True)
+        ]
     return learner.step(episodes, targets)
 
 
@@ -304,6 +309,10 @@ async def train_step(
         hooks.stage("sync")
         # After a failed step the weights may be half-changed; the version stays the old one
         # and the caller sees the exception.
-        await sync.end_update(result.version if result is not None else sync.version)
+        try:
+            await sync.end_update(result.version if result is not None else sync.version)
+        except Exception as e:
+            e.add_note(f"in the weight sync after RL step {step}")
+            raise
         lap("sync")
     return StepReport(step, scored, result, seconds)

@@ -68,6 +68,7 @@ def tiny_config(tmp_path: Path, name: str, mode: str) -> RunConfig:
             "estimator": {"kind": "gae"},
             "mode": mode,
             "max_staleness": 0,
+            "checkpoint_every": 1,
         },
     }
     cfg["learner"] |= {"value_head": {}}
@@ -84,9 +85,9 @@ def stored(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         )
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+def final_weights(run_dir: Path, checkpoint: str = "final") -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for f in sorted((run_dir / "checkpoints" / "final" / "merged").glob("*.safetensors")):
+    for f in sorted((run_dir / "checkpoints" / checkpoint / "merged").glob("*.safetensors")):
         out |= load_file(str(f))
     assert out
     return out
@@ -99,10 +100,13 @@ def test_staleness_0_is_the_synchronous_loop(tmp_path: Path) -> None:
     episodes, journal = stored(tmp_path / "sync")
     assert len(episodes) == len(journal) == 8
     assert stored(tmp_path / "async") == (episodes, journal)
-    w_sync, w_async = final_weights(tmp_path / "sync"), final_weights(tmp_path / "async")
-    assert w_sync.keys() == w_async.keys()
-    assert all(torch.equal(w_sync[k], w_async[k]) for k in w_sync)
-    assert any(p.abs().sum() > 0 for k, p in w_sync.items() if "lora" not in k)
+    for checkpoint in ("step-1", "step-2", "final"):  # `train.checkpoint_every: 1`
+        w_sync = final_weights(tmp_path / "sync", checkpoint)
+        w_async = final_weights(tmp_path / "async", checkpoint)
+        assert w_sync.keys() == w_async.keys()
+        assert all(torch.equal(w_sync[k], w_async[k]) for k in w_sync), checkpoint
+    w_first = final_weights(tmp_path / "async", "step-1")
+    assert any(not torch.equal(w_first[k], w_async[k]) for k in w_async), "step 2 trained"
     # The same rows, timings aside, and the async figures besides.
     assert [r["skipped"] for r in run["rows"]] == [0.0, 0.0]
     for a, b in zip(sync["rows"], run["rows"], strict=True):

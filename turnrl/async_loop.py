@@ -301,7 +301,7 @@ class _Loop:
         lap("score")
         store_episodes(self.store, scored.episodes)
         lap("store")
-        result = await self.learn(scored.episodes, lap)
+        result = await self.learn(step, scored.episodes, lap)
         async with self.stepped:
             self.pending.learned += 1
             self.stepped.notify_all()
@@ -314,16 +314,19 @@ class _Loop:
             await self.after_step(report, row)
         return row
 
-    async def learn(self, episodes: list[Episode], lap: Callable[[str], None]) -> StepResult:
-        """The learn and sync stages (module docstring: when generation is held)."""
+    async def learn(
+        self, step: int, episodes: list[Episode], lap: Callable[[str], None]
+    ) -> StepResult:
+        """The learn and sync stages (module docstring: when generation is held); a failed
+        sync names `step`, as `train_step`'s does."""
         if not self.shared_weights:
             result = await asyncio.to_thread(learn, self.learner, episodes, self.config)
             lap("learn")
-            await self.sync.begin_update()
-            await self.sync.end_update(result.version)
+            await self.synced(step, self.sync.begin_update())
+            await self.synced(step, self.sync.end_update(result.version))
             lap("sync")
             return result
-        await self.sync.begin_update()
+        await self.synced(step, self.sync.begin_update())
         done: StepResult | None = None
         try:
             done = await asyncio.to_thread(learn, self.learner, episodes, self.config)
@@ -331,9 +334,18 @@ class _Loop:
             lap("learn")
             # After a failed step the weights may be half-changed; the version stays the old
             # one and the caller sees the exception (as in `train_step`).
-            await self.sync.end_update(done.version if done is not None else self.sync.version)
+            version = done.version if done is not None else self.sync.version
+            await self.synced(step, self.sync.end_update(version))
             lap("sync")
         return done
+
+    @staticmethod
+    async def synced(step: int, call: Awaitable[None]) -> None:
+        try:
+            await call
+        except Exception as e:
+            e.add_note(f"in the weight sync after RL step {step}")
+            raise
 
 
 async def train_async(s: Session) -> list[dict[str, float]]:

@@ -215,3 +215,50 @@ def test_twenty_kills_lose_nothing_and_leave_nothing(tmp_path: Path) -> None:
         assert set(writer.dropped_bytes.values()) == {0}
     assert _leftovers(run_dir) == []
     print(f"{kills} kills; {len(journal)} rollouts journaled, {len(episodes)} episodes stored")
+
+
+@pytest.mark.slow
+def test_async_run_killed_at_random_loses_nothing(tmp_path: Path) -> None:
+    """Asynchronous mode (staleness 1): the buffered rollouts of later steps are journaled
+    too, so a kill loses none of them; episodes in flight run again from their start."""
+    config = write_config(
+        tmp_path,
+        "async",
+        concurrency=4,
+        policy={"prefix_cache": True},
+        eval={"n_items": 2},
+        train={
+            "steps": 4,
+            "tasks_per_step": 2,
+            "group_size": 2,
+            "estimator": {"kind": "gae"},
+            "mode": "async",
+            "max_staleness": 1,
+        },
+    )
+    run_dir = tmp_path / "async"
+    rng = random.Random(1)
+    kills = 0
+    seen: set[str] = set()
+    for _ in range(6):
+        deadline = time.monotonic() + rng.uniform(3.0, 9.0)
+        resume = (run_dir / "config.yaml").exists()
+        if not run_until(config, resume, lambda d=deadline: time.monotonic() > d):
+            break
+        kills += 1
+        if run_dir.is_dir():
+            seen |= {e.episode_id for e in RunStore.open_readonly(run_dir).rollouts()}
+    else:
+        assert not run_until(config, True, None)
+    assert kills >= 3, f"only {kills} kills landed before the run finished"
+    with RunStore.open_readonly(run_dir) as store:
+        episodes = list(store.episodes())
+        journal = [e.episode_id for e in store.rollouts()]
+        metrics = store.metrics()
+    assert max(Counter(e.episode_id for e in episodes).values()) == 1
+    assert max(Counter(journal).values()) == 1
+    assert seen <= {e.episode_id for e in episodes}
+    assert sum(e.step >= 0 for e in episodes) == 4 * 2 * 2
+    assert [m["step"] for m in metrics] == [0.0, 1.0, 2.0, 3.0]
+    assert all(m["batch_lag_max"] <= 1 for m in metrics)
+    print(f"async: {kills} kills; {len(journal)} rollouts journaled, {len(episodes)} stored")

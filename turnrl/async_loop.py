@@ -58,6 +58,7 @@ from turnrl.agent.runner import EpisodeSpec
 from turnrl.agent.store import RunStore
 from turnrl.config import RunConfig
 from turnrl.loop import (
+    Resumed,
     Rollouts,
     StepReport,
     grade,
@@ -66,6 +67,7 @@ from turnrl.loop import (
     score_episodes,
     store_episodes,
 )
+from turnrl.resume import save_state
 from turnrl.rl.learner import Learner, StepResult
 from turnrl.rollout import episode_specs
 from turnrl.session import Session
@@ -142,16 +144,23 @@ async def run_async(
     hooks: AsyncHooks | None = None,
     after_step: AfterStep | None = None,
     pending: Pending | None = None,
+    first: int = 0,
+    resumed: Resumed | None = None,
 ) -> list[dict[str, float]]:
-    """Train one learner step per entry of `batches` (step b's task items), with rollouts
-    admitted up to `config.train.max_staleness` steps ahead (module docstring); returns the
-    metrics rows (also appended to `store`). `shared_weights`: the policy samples with the
-    learner's module (in-process), so generation is held while the learner changes it; else
-    only while the new weights are pushed. `pending` is the state to keep (a fresh one by
-    default). An error in the learner, a grader's suite or a chat template ends the loop:
-    the rollouts in flight are cancelled and the error is raised as it is."""
+    """Train one learner step per entry of `batches` (step b's task items) from step `first`
+    on, with rollouts admitted up to `config.train.max_staleness` steps ahead (module
+    docstring); returns the metrics rows of those steps (also appended to `store`).
+    `shared_weights`: the policy samples with the learner's module (in-process), so
+    generation is held while the learner changes it; else only while the new weights are
+    pushed. `pending` is the state to keep (a fresh one by default). `resumed`: what a killed
+    run left (`turnrl.resume`): journaled rollouts are graded, not run again (the buffered and
+    the finished-but-ungraded alike), episodes it stored are not stored again; the episodes
+    that were in flight run again from their start. An error in the learner, a grader's
+    suite or a chat template ends the loop: the rollouts in flight are cancelled and the
+    error is raised as it is."""
+    pending = pending or Pending(learned=first)
     loop = _Loop(
-        [_batch(r, config, step, items) for step, items in enumerate(batches)],
+        [_batch(r, config, step, items) for step, items in enumerate(batches) if step >= first],
         r,
         config,
         learner,
@@ -161,7 +170,8 @@ async def run_async(
         shared_weights,
         hooks or AsyncHooks(),
         after_step,
-        pending or Pending(),
+        pending,
+        resumed or Resumed(),
     )
     try:
         return await loop.run()
@@ -203,6 +213,7 @@ class _Loop:
         hooks: AsyncHooks,
         after_step: AfterStep | None,
         pending: Pending,
+        resumed: Resumed,
     ) -> None:
         self.batches = batches
         self.r = r
@@ -215,9 +226,10 @@ class _Loop:
         self.hooks = hooks
         self.after_step = after_step
         self.pending = pending
+        self.resumed = resumed
         self.slots = asyncio.Semaphore(r.concurrency)
         self.stepped = asyncio.Condition()
-        self.ready = [asyncio.Event() for _ in batches]
+        self.ready = {batch.step: asyncio.Event() for batch in batches}
         self.admitted_at: dict[int, float] = {}
         self.ready_at: dict[int, float] = {}
 
@@ -255,8 +267,10 @@ class _Loop:
         async with self.slots:
             self.pending.in_flight[spec.episode_id] = batch.step
             self.event("start", batch.step)
-            ended = await self.r.runner.run_episode(spec)
-            self.store.append_rollout(ended)  # one write(): it survives a kill of this process
+            ended = self.resumed.rollouts.get(spec.episode_id)
+            if ended is None:
+                ended = await self.r.runner.run_episode(spec)
+                self.store.append_rollout(ended)  # one write(): it survives a kill -9
             if self.hooks.on_episode is not None:
                 self.hooks.on_episode(ended)
             graded = await grade(self.r.suite, batch.items, [ended], 1, self.r.metrics)
@@ -299,7 +313,7 @@ class _Loop:
         lap("measure")
         scored = score_episodes(episodes, self.config)
         lap("score")
-        store_episodes(self.store, scored.episodes)
+        store_episodes(self.store, scored.episodes, self.resumed.stored)
         lap("store")
         result = await self.learn(step, scored.episodes, lap)
         async with self.stepped:
@@ -354,13 +368,9 @@ async def train_async(s: Session) -> list[dict[str, float]]:
     returns the metrics rows (also appended to the store)."""
     assert s.learner is not None
     cfg = s.config
-    rl = s.stored.rows or s.stored.steps or any(e.step >= 0 for e in s.stored.journal.values())
-    if rl:
-        raise ValueError(
-            f"{cfg.run_dir}: resuming a run past its first RL rollout is not supported with "
-            "train.mode async yet (the loop's buffered and in-flight episodes are not saved): "
-            "start the run again with --overwrite"
-        )
+    first = len(s.stored.rows)  # a resumed run's learned steps (`turnrl.train.relearn_unsaved`)
+    journal = {k: e for k, e in s.stored.journal.items() if e.step >= first}
+    resumed = Resumed(journal, s.stored.stored)
     train_items = list(s.suite.items("train"))
     rng = random.Random(cfg.seed)
     batches = [
@@ -375,7 +385,7 @@ async def train_async(s: Session) -> list[dict[str, float]]:
         console=s.console,
         transient=True,
     )
-    total = sum(len(b) for b in batches) * cfg.train.group_size
+    total = sum(len(b) for b in batches[first:]) * cfg.train.group_size
     bar = progress.add_task(f"async (staleness {cfg.train.max_staleness}): rollouts", total=total)
 
     async def after_step(report: StepReport, row: dict[str, float]) -> None:
@@ -385,6 +395,15 @@ async def train_async(s: Session) -> list[dict[str, float]]:
             folder = cfg.run_dir / "checkpoints" / f"step-{report.step + 1}"
             # Off the event loop: rollouts go on (the weights do not change meanwhile).
             await asyncio.to_thread(s.save_checkpoint, folder)
+        resume_every, last = cfg.train.resume_every, report.step + 1 == cfg.train.steps
+        if (
+            s.learner is not None
+            and resume_every
+            and ((report.step + 1) % resume_every == 0 or last)
+        ):
+            s.progress = await asyncio.to_thread(
+                save_state, cfg.run_dir, s.learner, report.step + 1, s.progress
+            )
 
     with progress:
         return await run_async(
@@ -398,6 +417,8 @@ async def train_async(s: Session) -> list[dict[str, float]]:
             shared_weights=s.backend is None,
             hooks=AsyncHooks(on_episode=lambda _: progress.advance(bar)),
             after_step=after_step,
+            first=first,
+            resumed=resumed,
         )
 
 

@@ -121,9 +121,10 @@ class TrainConfig(_Config):
     """`sync`: rollouts and learning alternate (`turnrl.loop`). `async`: rollouts go on while
     the learner steps, within `max_staleness` (`turnrl.async_loop`)."""
     max_staleness: int = Field(1, ge=0)
-    """`async` only: a rollout may start only while the policy it samples from is at most
-    this many versions behind the learner (admission control; nothing finished is ever
-    discarded). 0 is the synchronous schedule."""
+    """`async` only: step b's rollouts may start only once the learner has taken b -
+    max_staleness steps (admission control; nothing finished is ever discarded), so every
+    trained turn was sampled at most this many versions behind the learner (a step moves the
+    version by at most one). 0 is the synchronous schedule."""
 
 
 class EvalConfig(_Config):

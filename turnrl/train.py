@@ -147,10 +147,19 @@ def _evaluated(s: Session, tag: str, episodes: list[Episode], took: str) -> dict
     return summary
 
 
+async def relearn_unsaved(s: Session) -> None:
+    """A resumed run's steps that were learned after its last saved state: learned again from
+    their stored episodes (`turnrl.resume`), in either train mode."""
+    assert s.learner is not None
+    for step in range(s.progress.rl_steps, len(s.stored.rows)):
+        result = await relearn(s.stored.steps[step], s.config, s.learner, s.sync)
+        s.console.print(f"step {step}: learned again from its stored episodes (v{result.version})")
+        _save_state(s, step)
+
+
 async def train_steps(s: Session) -> list[dict[str, float]]:
-    """The RL loop; returns the per-step metrics rows (also appended to the store). A resumed
-    run (`turnrl.resume`) first learns again the stored steps its last resume state lacks,
-    then continues from the first step without a metrics row."""
+    """The synchronous RL loop; returns the metrics rows of the steps it takes (also appended
+    to the store). A resumed run continues from the first step without a metrics row."""
     assert s.learner is not None
     cfg = s.config
     train_items = list(s.suite.items("train"))
@@ -160,12 +169,8 @@ async def train_steps(s: Session) -> list[dict[str, float]]:
         for _ in range(cfg.train.steps)
     ]
     rollouts = s.rollouts(cfg.sampling.temperature)
-    rows: list[dict[str, float]] = list(s.stored.rows)
-    for step in range(s.progress.rl_steps, len(rows)):
-        result = await relearn(s.stored.steps[step], cfg, s.learner, s.sync)
-        s.console.print(f"step {step}: learned again from its stored episodes (v{result.version})")
-        _save_state(s, step)
-    for step in range(len(rows), cfg.train.steps):
+    rows: list[dict[str, float]] = []
+    for step in range(len(s.stored.rows), cfg.train.steps):
         items = plan[step]
         with _progress(s.console) as progress:
             bar = progress.add_task(f"s{step}: rollouts", total=len(items) * cfg.train.group_size)
@@ -342,12 +347,14 @@ def run_train(
                 if load_state(config.run_dir, s.learner, s.progress):
                     await s.sync.begin_update()  # the policy samples with the loaded weights
                     await s.sync.end_update(s.learner.version)
+                await relearn_unsaved(s)
                 if config.train.mode == "async":
                     from turnrl.async_loop import train_async
 
-                    out["rows"] = await train_async(s)
+                    rows = await train_async(s)
                 else:
-                    out["rows"] = await train_steps(s)
+                    rows = await train_steps(s)
+                out["rows"] = [*s.stored.rows, *rows]
                 lap("rl")
                 out["after"] = await evaluate(s, "eval-after") if with_eval else {}
                 lap("eval-after")

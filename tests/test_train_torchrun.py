@@ -41,6 +41,10 @@ def write_config(tmp_path: Path, name: str) -> Path:
         "budget": {"max_turns": 4, "max_new_tokens": 64, "max_context_tokens": 2048},
         "warm_start": {"sources": [{"kind": "oracle", "n_items": 4}], "batch_episodes": 2},
         "train": {"steps": 2, "tasks_per_step": 2, "group_size": 2, "estimator": {"kind": "gae"}},
+        # One episode at a time, no prefix cache: a rollout is then a function of its seed and
+        # the weights (batched rows round differently, and can flip a sampled token).
+        "concurrency": 1,
+        "policy": {"prefix_cache": False},
     }
     cfg["learner"] |= {"value_head": {}, "ppo_epochs": 2, "minibatches": 2}
     path = tmp_path / f"{name}.yaml"

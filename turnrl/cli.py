@@ -80,13 +80,14 @@ def train(
     ] = False,
 ) -> None:
     """Evaluate, train with RL, evaluate again; store everything in the run folder."""
+    from turnrl.resume import ResumeError
     from turnrl.train import run_train
 
     _quiet_libraries()
     try:
         cfg = _trainable(_load(config, sets or []))
         run_train(cfg, console, with_eval=not no_eval, overwrite=overwrite, resume=resume)
-    except FileExistsError as e:
+    except (FileExistsError, ResumeError) as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
 

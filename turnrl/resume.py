@@ -61,6 +61,11 @@ GROWABLE = {("train", "steps")}
 """Config fields a resumed run may change: more steps extend the run."""
 
 
+class ResumeError(ValueError):
+    """A run that cannot be resumed as asked (no run there, another config): a person's
+    input, reported in one line."""
+
+
 class RunProgress(BaseModel):
     """How far a run got, beyond what its records say (`progress.json`)."""
 
@@ -178,7 +183,7 @@ def check_config(stored_yaml: str | None, config: RunConfig, run_dir: Path) -> N
     """Refuse to resume a run under a different config (only `train.steps` may change), or
     a folder that holds no run."""
     if stored_yaml is None:
-        raise ValueError(f"{run_dir}: no run to resume (no config.yaml)")
+        raise ResumeError(f"{run_dir}: no run to resume (no config.yaml)")
     stored = _flat(RunConfig.model_validate(yaml.safe_load(stored_yaml)).model_dump(mode="json"))
     given = _flat(config.model_dump(mode="json"))
     differ = sorted(
@@ -187,7 +192,7 @@ def check_config(stored_yaml: str | None, config: RunConfig, run_dir: Path) -> N
         if k not in GROWABLE and stored.get(k) != given.get(k)
     )
     if differ:
-        raise ValueError(
+        raise ResumeError(
             f"{run_dir}: the config differs from the run's own in {', '.join(differ[:8])}: "
             "resume with the run's config (its config.yaml), or start a new run"
         )

@@ -48,6 +48,7 @@ from turnrl.report import (
     write_eval,
 )
 from turnrl.resume import (
+    ResumeError,
     RunProgress,
     check_config,
     load_state,
@@ -311,7 +312,7 @@ def run_train(
     progress = RunProgress()
     if resume:
         if overwrite:
-            raise ValueError("--resume continues a run and --overwrite replaces it: pick one")
+            raise ResumeError("--resume continues a run and --overwrite replaces it: pick one")
         held = config.run_dir.is_dir()
         stored = RunStore.open_readonly(config.run_dir).config_text() if held else None
         check_config(stored, config, config.run_dir)

@@ -18,6 +18,11 @@ SCHEMA_VERSION: Literal[2] = 2
 """Layout version of stored `Episode` records (`Episode.schema_version`)."""
 
 
+GRADER_ERROR = "grader_error"
+"""The outcome key marking an episode whose grader raised (a bug in the grader, not a wrong
+answer; `turnrl.rollout.grade_all`); only such episodes carry it."""
+
+
 class StopReason(StrEnum):
     """Why an episode ended. Every episode ends with exactly one."""
 

@@ -10,16 +10,16 @@ Components are combined per turn by their weights (`weighted`), or, with
 `RewardConfig.decoupled`, GDPO-style: each normalised within its group before the weighted sum.
 Replayed prefix turns (a branch's restored history) keep their rewards but get no advantage:
 they were not sampled by this episode's policy. An episode that a failure outside the policy
-ended (`UNTRAINED`: the inference server failed, or the runner raised) keeps its rewards but
-gets no advantage either, and its group's baselines are taken without it: its return says
-what the server did, not what the policy did.
+ended (`UNTRAINED`: the inference server failed, or the runner raised), or whose grader
+raised, keeps its rewards but gets no advantage either, and its group's baselines are taken
+without it: its return says what the server or the grader did, not what the policy did.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from turnrl.agent.records import Episode, StopReason
+from turnrl.agent.records import GRADER_ERROR, Episode, StopReason
 from turnrl.rl.advantages import EstimatorConfig, compute_advantages, estimator_config
 from turnrl.rl.rewards import RewardConfig, decoupled_turn_rewards, group_rewards, weighted
 
@@ -28,8 +28,10 @@ UNTRAINED = frozenset({StopReason.POLICY_ERROR, StopReason.ERROR})
 
 
 def trainable(episode: Episode) -> bool:
-    """Whether the episode's turns may get advantages (and value targets)."""
-    return episode.stop_reason not in UNTRAINED
+    """Whether the episode's turns may get advantages (and value targets): not when a failure
+    outside the policy ended it, nor when its grader raised (a grader bug scores 0, which says
+    nothing about the answer)."""
+    return episode.stop_reason not in UNTRAINED and not episode.outcome.get(GRADER_ERROR)
 
 
 def turn_scalar_rewards(episodes: Sequence[Episode], rewards: RewardConfig) -> list[list[float]]:

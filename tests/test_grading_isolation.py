@@ -314,3 +314,40 @@ def test_summaries_count_grader_errors_per_step() -> None:
     assert summary[GRADER_ERROR] == pytest.approx(2 / 6)
     assert summary["success"] == pytest.approx(4 / 6)
     assert summary["f1"] == pytest.approx(4 / 6)
+
+
+def test_an_episode_whose_grader_raised_is_not_trained() -> None:
+    """A grader bug scores 0, which says nothing about the answer: the episode gets no
+    advantage, and its group's baseline is taken from the others."""
+    from turnrl.agent.records import Episode, StopReason, Turn
+    from turnrl.rl.reward_config import RewardConfig
+    from turnrl.rl.scoring import score
+
+    def episode(i: int, outcome: dict[str, float]) -> Episode:
+        turn = Turn(
+            index=0,
+            prompt_ids=[1, 2],
+            completion_ids=[3],
+            completion_logprobs=[-0.5],
+            observation_ids=[],
+            text="x",
+            finish_reason="stop",
+        )
+        return Episode(
+            episode_id=f"g/{i}",
+            task_id="t",
+            group_id="g",
+            turns=[turn],
+            stop_reason=StopReason.ANSWERED,
+            outcome=outcome,
+        )
+
+    group = [
+        episode(0, {"correct": 1.0}),
+        episode(1, {"correct": 0.0}),
+        episode(2, grader_outcome()),
+    ]
+    scored, _ = score(group, RewardConfig(), "grpo")
+    assert scored[2].turns[0].advantage is None
+    a, b = scored[0].turns[0].advantage, scored[1].turns[0].advantage
+    assert a is not None and b is not None and a > 0 > b and a == pytest.approx(-b)

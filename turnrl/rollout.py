@@ -15,16 +15,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from turnrl.agent.policy import Policy
-from turnrl.agent.records import Episode
+from turnrl.agent.records import GRADER_ERROR, Episode
 from turnrl.agent.runner import EpisodeRunner, EpisodeSpec
 from turnrl.tasks.base import TaskItem, TaskSuite
 from turnrl.tools.base import AnyTool
 
 log = logging.getLogger(__name__)
 
-GRADER_ERROR = "grader_error"
-"""The outcome key marking an episode whose grader raised (a bug, not a wrong answer; see
-`tasks.base.GraderError`); only such episodes carry it."""
 MAX_LOGGED_CHARS = 1000
 """Characters of a grader's exception text logged at most."""
 

@@ -330,3 +330,30 @@ def live_processes(tag: str) -> list[int]:
         if tag.encode() in cmd.split(b"\0") and state != "Z":
             found.append(int(entry.name))
     return found
+
+
+def test_the_cli_says_how_to_go_on_after_a_failed_sync_and_resume_finishes(
+    fake: FakeVLLM, tmp_path: Path
+) -> None:
+    """`turnrl train` reports a failed weight sync in one block with the way on (`--resume`),
+    and the resumed run finishes once the server answers again."""
+    from typer.testing import CliRunner
+
+    from turnrl.cli import app
+
+    fake.inject_path(SYNC_PATH["reload"], FAIL, nth=1)
+    run_dir = tmp_path / "run"
+    model = {"url": fake.url, "weight_sync": "reload", "sync_timeout_s": SYNC_TIMEOUT_S}
+    config = tmp_path / "run.yaml"
+    config.write_text(train_config(run_dir, model, steps=3).to_yaml())
+    runner = CliRunner()
+    failed = runner.invoke(app, ["train", str(config), "--no-eval"])
+    assert failed.exit_code == 1, failed.output
+    assert "weight sync (reload) of version 2" in failed.output
+    assert "after RL step 1" in failed.output and "--resume" in failed.output
+    assert "Traceback" not in failed.output
+    resumed = runner.invoke(app, ["train", str(config), "--no-eval", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    episodes, metrics = stored_intact(run_dir)
+    assert [m["step"] for m in metrics] == [0.0, 1.0, 2.0]
+    assert len({e.episode_id for e in episodes}) == len(episodes) == 3 * 8

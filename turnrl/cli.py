@@ -80,6 +80,7 @@ def train(
     ] = False,
 ) -> None:
     """Evaluate, train with RL, evaluate again; store everything in the run folder."""
+    from turnrl.agent.vllm_policy import WeightSyncError
     from turnrl.resume import ResumeError
     from turnrl.train import run_train
 
@@ -90,6 +91,14 @@ def train(
     except (FileExistsError, ResumeError) as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
+    except WeightSyncError as e:
+        # The server failed, not the input: say so in one block, and how to go on.
+        notes = "".join(f"\n  {n}" for n in getattr(e, "__notes__", ()))
+        console.print(
+            f"[red]{e}{notes}[/]\nThe run stopped; what it stored is intact. Continue it with "
+            f"`turnrl train {config} --resume` once the server is healthy."
+        )
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -62,10 +62,13 @@ from turnrl.loop import (
     Rollouts,
     StepReport,
     grade,
+    laps,
     learn,
+    learn_and_sync,
     measure,
     score_episodes,
     store_episodes,
+    synced,
 )
 from turnrl.resume import save_state
 from turnrl.rl.learner import Learner, StepResult
@@ -298,13 +301,7 @@ class _Loop:
         episodes = [by_id[spec.episode_id] for spec in batch.specs]
         lag = version_lag(episodes, self.learner.version)
         seconds = {"rollout": self.ready_at[step] - self.admitted_at[step]}
-        clock = time.monotonic()
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            now = time.monotonic()
-            seconds[name] = now - clock
-            clock = now
+        lap = laps(seconds)
 
         items = list(batch.items)
         episodes = await asyncio.to_thread(
@@ -336,30 +333,11 @@ class _Loop:
         if not self.shared_weights:
             result = await asyncio.to_thread(learn, self.learner, episodes, self.config)
             lap("learn")
-            await self.synced(step, self.sync.begin_update())
-            await self.synced(step, self.sync.end_update(result.version))
+            await synced(step, self.sync.begin_update())
+            await synced(step, self.sync.end_update(result.version))
             lap("sync")
             return result
-        await self.synced(step, self.sync.begin_update())
-        done: StepResult | None = None
-        try:
-            done = await asyncio.to_thread(learn, self.learner, episodes, self.config)
-        finally:
-            lap("learn")
-            # After a failed step the weights may be half-changed; the version stays the old
-            # one and the caller sees the exception (as in `train_step`).
-            version = done.version if done is not None else self.sync.version
-            await self.synced(step, self.sync.end_update(version))
-            lap("sync")
-        return done
-
-    @staticmethod
-    async def synced(step: int, call: Awaitable[None]) -> None:
-        try:
-            await call
-        except Exception as e:
-            e.add_note(f"in the weight sync after RL step {step}")
-            raise
+        return await learn_and_sync(step, episodes, self.config, self.learner, self.sync, lap)
 
 
 async def train_async(s: Session) -> list[dict[str, float]]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from turnrl.agent.policy import Policy, WeightSync
@@ -228,17 +228,52 @@ def learn(learner: Learner, episodes: Sequence[Episode], config: RunConfig) -> S
     return learner.step(episodes, targets)
 
 
-async def relearn(
-    episodes: Sequence[Episode], config: RunConfig, learner: Learner, sync: WeightSync
+def laps(into: dict[str, float]) -> Callable[[str], None]:
+    """A stopwatch: each call `lap(name)` stores in `into[name]` the seconds since the last
+    call (or since `laps` was called)."""
+    last = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal last
+        now = time.monotonic()
+        into[name] = now - last
+        last = now
+
+    return lap
+
+
+async def synced(step: int, call: Awaitable[None]) -> None:
+    """Await a weight-sync call; a failure says which RL step's sync it was."""
+    try:
+        await call
+    except Exception as e:
+        e.add_note(f"in the weight sync after RL step {step}")
+        raise
+
+
+async def learn_and_sync(
+    step: int,
+    episodes: Sequence[Episode],
+    config: RunConfig,
+    learner: Learner,
+    sync: WeightSync,
+    lap: Callable[[str], None] | None = None,
 ) -> StepResult:
-    """A stored step learned again (`turnrl.resume`): its scored episodes, in stored order,
-    through the learn and sync stages."""
-    await sync.begin_update()
+    """The learn and sync stages with the policy held (`begin_update` .. `end_update`), as
+    an in-process policy that samples with the learner's module needs; `lap` sees `learn`
+    and `sync` end. After a failed step the weights may be half-changed: the version stays
+    the old one and the caller sees the exception. A resumed run learns a stored step again
+    through this too (`turnrl.resume`)."""
+    await synced(step, sync.begin_update())
     result: StepResult | None = None
     try:
         result = await asyncio.to_thread(learn, learner, episodes, config)
     finally:
-        await sync.end_update(result.version if result is not None else sync.version)
+        if lap is not None:
+            lap("learn")
+        await synced(step, sync.end_update(result.version if result is not None else sync.version))
+        if lap is not None:
+            lap("sync")
     return result
 
 
@@ -266,13 +301,12 @@ async def train_step(
             hooks.on_episode(e)
 
     seconds: dict[str, float] = {}
-    clock = time.monotonic()
+    timed = laps(seconds)
 
     def lap(name: str) -> None:
-        nonlocal clock
-        now = time.monotonic()
-        seconds[name] = now - clock
-        clock = now
+        timed(name)
+        if name == "learn":
+            hooks.stage("sync")
 
     hooks.stage("rollout")
     episodes = await rollout(
@@ -300,19 +334,5 @@ async def train_step(
     store_episodes(store, scored.episodes, resumed.stored)
     lap("store")
     hooks.stage("learn")
-    await sync.begin_update()
-    result: StepResult | None = None
-    try:
-        result = await asyncio.to_thread(learn, learner, scored.episodes, config)
-    finally:
-        lap("learn")
-        hooks.stage("sync")
-        # After a failed step the weights may be half-changed; the version stays the old one
-        # and the caller sees the exception.
-        try:
-            await sync.end_update(result.version if result is not None else sync.version)
-        except Exception as e:
-            e.add_note(f"in the weight sync after RL step {step}")
-            raise
-        lap("sync")
+    result = await learn_and_sync(step, scored.episodes, config, learner, sync, lap)
     return StepReport(step, scored, result, seconds)

@@ -35,7 +35,16 @@ from turnrl.agent.model import load_model
 from turnrl.agent.records import Episode
 from turnrl.agent.store import RunStore
 from turnrl.config import RunConfig
-from turnrl.loop import StepHooks, StepReport, grade, relearn, rollout, store_episodes, train_step
+from turnrl.loop import (
+    StepHooks,
+    StepReport,
+    grade,
+    laps,
+    learn_and_sync,
+    rollout,
+    store_episodes,
+    train_step,
+)
 from turnrl.openai_backend import cost_line
 from turnrl.plots import plot_curves
 from turnrl.report import (
@@ -153,7 +162,7 @@ async def relearn_unsaved(s: Session) -> None:
     their stored episodes (`turnrl.resume`), in either train mode."""
     assert s.learner is not None
     for step in range(s.progress.rl_steps, len(s.stored.rows)):
-        result = await relearn(s.stored.steps[step], s.config, s.learner, s.sync)
+        result = await learn_and_sync(step, s.stored.steps[step], s.config, s.learner, s.sync)
         s.console.print(f"step {step}: learned again from its stored episodes (v{result.version})")
         _save_state(s, step)
 
@@ -332,7 +341,7 @@ def run_train(
             out: dict[str, Any] = {}
             try:
                 await s.open_tools()
-                lap = _laps(stages)
+                lap = laps(stages)
                 out["before"] = await _stage_eval(s, "eval-before") if with_eval else {}
                 lap("eval-before")
                 version = 0
@@ -467,17 +476,6 @@ def _print_comparison(console: Console, columns: dict[str, list[Episode]]) -> No
 def _clock() -> Callable[[], float]:
     t0 = time.monotonic()
     return lambda: time.monotonic() - t0
-
-
-def _laps(into: dict[str, float]) -> Callable[[str], None]:
-    last = [time.monotonic()]
-
-    def lap(name: str) -> None:
-        now = time.monotonic()
-        into[name] = now - last[0]
-        last[0] = now
-
-    return lap
 
 
 def run_eval(config: RunConfig, console: Console, checkpoint: Path | None) -> dict[str, float]:

@@ -17,8 +17,8 @@ are answered normally: `status` (with an optional `retry-after`), `malformed_jso
 response, then the close), `hold` (no answer for `delay_s`: the client's timeout), and
 `echo_auth` (a 401 whose body quotes the key it was sent, as a careless proxy would).
 
-`ServerThread` runs it on an event loop of its own in a daemon thread, for code that runs its
-own loop (`turnrl eval`).
+`fake_vllm.ServerThread` runs it on an event loop of its own in a daemon thread, for code that
+runs its own loop (`turnrl eval`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import ssl
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -330,27 +329,3 @@ def _send(
 ) -> None:
     data = json.dumps(payload).encode()
     writer.write(_head(status, len(data), extra) + data)
-
-
-class ServerThread:
-    """A `FakeOpenAI` on its own event loop in a daemon thread."""
-
-    def __init__(self, server: FakeOpenAI) -> None:
-        self.server = server
-        self.loop = asyncio.new_event_loop()
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(server.start())
-            started.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert started.wait(30)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)

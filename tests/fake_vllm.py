@@ -29,13 +29,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Generic, Literal, Protocol, TypeVar, cast
 
 VOCAB = 1000
 """Vocabulary size of the default rule."""
@@ -453,11 +454,23 @@ def _write(
     writer.write(head.encode() + extra.encode() + b"\r\n" + data)
 
 
-class ServerThread:
-    """A `FakeVLLM` on its own event loop in a daemon thread (for code under test that runs
-    its own loop, such as `turnrl train`); `stop` closes the server in that loop."""
+class Serving(Protocol):
+    """A fake server: started and closed in the event loop it serves from."""
 
-    def __init__(self, server: FakeVLLM) -> None:
+    async def start(self) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=Serving)
+
+
+class ServerThread(Generic[S]):
+    """A fake server (`FakeVLLM`, `fake_openai.FakeOpenAI`) on its own event loop in a daemon
+    thread (for code under test that runs its own loop, such as `turnrl train`); `stop`
+    closes the server in that loop."""
+
+    def __init__(self, server: S) -> None:
         self.server = server
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -511,3 +524,26 @@ if __name__ == "__main__":
         rule = turn_rule(json.loads(args.replies), args.end_id)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(args.port, args.model, args.path_fault, rule))
+
+
+@contextlib.contextmanager
+def alternating_server() -> Iterator[FakeVLLM]:
+    """A fake on a thread of its own whose replies (in the tiny model's vocabulary) alternate
+    between a well-formed answer and text without one, so a group's format rewards differ,
+    every step trains and pushes a new version."""
+    from turnrl.agent.model import load_tokenizer, tiny_model_dir
+
+    tok = load_tokenizer(tiny_model_dir())
+    answer = tok.encode("<answer>Paris</answer>", add_special_tokens=False)
+    rambling = tok.encode("I am not sure", add_special_tokens=False)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    turn = itertools.count()
+
+    def rule(prompt: list[int], weights: str) -> list[int]:
+        return [*(answer if next(turn) % 2 == 0 else rambling), end]
+
+    thread = ServerThread(FakeVLLM(rule, model="turnrl"))
+    try:
+        yield thread.server
+    finally:
+        thread.stop()

@@ -19,7 +19,6 @@ never answers one sync call, and:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import sys
 import time
 from collections.abc import Iterator
@@ -27,10 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_vllm import FakeVLLM, Fault, ServerThread, default_rule, parse_path_fault
+from fake_vllm import (
+    FakeVLLM,
+    Fault,
+    alternating_server,
+    default_rule,
+    parse_path_fault,
+)
 from rich.console import Console
 
-from turnrl.agent.model import load_tokenizer, tiny_model_dir
 from turnrl.agent.policy import PolicyError, SamplingParams
 from turnrl.agent.records import StopReason
 from turnrl.agent.store import RecordFile, RunStore
@@ -181,20 +185,8 @@ SYNC_PATH = {"reload": "/collective_rpc", "lora": "/v1/load_lora_adapter"}
 def fake() -> Iterator[FakeVLLM]:
     """A fake whose replies alternate between an answer and text without one, so that every
     step trains and pushes a new version."""
-    tok = load_tokenizer(tiny_model_dir())
-    answer = tok.encode("<answer>Paris</answer>", add_special_tokens=False)
-    rambling = tok.encode("I am not sure", add_special_tokens=False)
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    turn = itertools.count()
-
-    def rule(prompt: list[int], weights: str) -> list[int]:
-        return [*(answer if next(turn) % 2 == 0 else rambling), end]
-
-    thread = ServerThread(FakeVLLM(rule, model="turnrl"))
-    try:
-        yield thread.server
-    finally:
-        thread.stop()
+    with alternating_server() as server:
+        yield server
 
 
 def train_config(

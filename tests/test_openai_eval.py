@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_openai import FakeOpenAI, Fault, ServerThread, oracle_script
+from fake_openai import FakeOpenAI, Fault, oracle_script
+from fake_vllm import ServerThread
 from rich.console import Console
 from typer.testing import CliRunner
 

@@ -6,18 +6,14 @@ adapter per version), and later turns carry the new version. The real server is 
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fake_vllm import FakeVLLM
+from fake_vllm import FakeVLLM, alternating_server
 from rich.console import Console
 
-from turnrl.agent.model import load_tokenizer, tiny_model_dir
 from turnrl.agent.store import RunStore
 from turnrl.config import RunConfig, load_config
 from turnrl.train import run_eval, run_train
@@ -25,47 +21,12 @@ from turnrl.train import run_eval, run_train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class ServerThread:
-    """A `FakeVLLM` on its own event loop in a daemon thread."""
-
-    def __init__(self, server: FakeVLLM) -> None:
-        self.server = server
-        self.loop = asyncio.new_event_loop()
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(server.start())
-            started.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert started.wait(30)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture
 def fake() -> Iterator[FakeVLLM]:
     """A fake server whose replies alternate between a well-formed answer and text without one
     (so a group's format rewards differ and the learner takes a real step)."""
-    tok = load_tokenizer(tiny_model_dir())
-    answer = tok.encode("<answer>Paris</answer>", add_special_tokens=False)
-    rambling = tok.encode("I am not sure", add_special_tokens=False)
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    turn = itertools.count()
-
-    def rule(prompt: list[int], weights: str) -> list[int]:
-        return [*(answer if next(turn) % 2 == 0 else rambling), end]
-
-    thread = ServerThread(FakeVLLM(rule, model="turnrl"))
-    try:
-        yield thread.server
-    finally:
-        thread.stop()
+    with alternating_server() as server:
+        yield server
 
 
 def config(run_dir: Path, url: str, sync: str) -> RunConfig:

@@ -25,34 +25,12 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
+from test_train_torchrun import weights, write_config
 
 from turnrl.agent.store import RunStore
 
-ROOT = Path(__file__).resolve().parents[1]
 TURNRL = str(Path(sys.executable).parent / "turnrl")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-
-
-def write_config(tmp_path: Path, name: str, **extra: Any) -> Path:
-    """The tiny model: an evaluation, a LoRA warm start on the oracle's traces, an evaluation,
-    three RL steps with GAE over a value head (so every step moves the weights), one more
-    evaluation; one episode at a time, no prefix cache."""
-    cfg: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
-    cfg |= {
-        "run_dir": str(tmp_path / name),
-        "budget": {"max_turns": 4, "max_new_tokens": 64, "max_context_tokens": 2048},
-        "warm_start": {"sources": [{"kind": "oracle", "n_items": 4}], "batch_episodes": 2},
-        "train": {"steps": 3, "tasks_per_step": 2, "group_size": 2, "estimator": {"kind": "gae"}},
-        "concurrency": 1,
-        "policy": {"prefix_cache": False},
-    }
-    cfg["learner"] |= {"value_head": {}, "ppo_epochs": 2, "minibatches": 2}
-    cfg |= extra
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def journaled(run_dir: Path) -> int:
@@ -84,14 +62,6 @@ def run_until(config: Path, resume: bool, kill_when: Callable[[], bool] | None) 
             proc.wait()
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted((run_dir / "checkpoints" / "final" / "merged").glob("*.safetensors")):
-        out |= load_file(str(f))
-    assert out
-    return out
-
-
 def stored(run_dir: Path) -> list[tuple[str, list[list[int]], list[list[float]]]]:
     with RunStore.open_readonly(run_dir) as store:
         return sorted(
@@ -106,8 +76,8 @@ def stored(run_dir: Path) -> list[tuple[str, list[list[int]], list[list[float]]]
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path: Path) -> None:
-    assert not run_until(write_config(tmp_path, "whole"), False, None)
-    config = write_config(tmp_path, "killed")
+    assert not run_until(write_config(tmp_path, "whole", 3), False, None)
+    config = write_config(tmp_path, "killed", 3)
     run_dir = tmp_path / "killed"
     # Journal: 2 eval-before episodes, then (after the warm start) 2 eval-warm, 4 per step.
     kills: list[Callable[[], bool]] = [
@@ -123,7 +93,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path
     assert not run_until(config, True, None)
 
     assert stored(run_dir) == stored(tmp_path / "whole")
-    whole, killed = final_weights(tmp_path / "whole"), final_weights(run_dir)
+    whole, killed = weights(tmp_path / "whole"), weights(run_dir)
     assert whole.keys() == killed.keys()
     for name, p in whole.items():
         assert torch.equal(killed[name], p), name
@@ -145,7 +115,7 @@ def test_resume_refuses_another_config_and_an_empty_folder(tmp_path: Path) -> No
     from turnrl.train import run_train
 
     console = Console(width=120, record=True)
-    cfg = load_config(write_config(tmp_path, "r"))
+    cfg = load_config(write_config(tmp_path, "r", 3))
     with pytest.raises(ValueError, match="no run to resume"):
         run_train(cfg, console, resume=True)
     (tmp_path / "r").mkdir()
@@ -177,6 +147,7 @@ def test_twenty_kills_lose_nothing_and_leave_nothing(tmp_path: Path) -> None:
     config = write_config(
         tmp_path,
         "faults",
+        3,
         task={"kind": "gsm_symbolic", "n_train": 40, "n_test": 4},
         sandbox={"kind": "subprocess", "pool_size": 2, "warm": 1},
         concurrency=4,

@@ -30,23 +30,30 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def write_config(tmp_path: Path, name: str) -> Path:
+def write_config(tmp_path: Path, name: str, steps: int = 2, **extra: Any) -> Path:
     """The tiny model with a LoRA warm start on the oracle's traces (SFT steps, then the
-    adapters merged), then two RL steps of two PPO epochs of two minibatches each, with GAE
-    over a value head: the tiny model's returns are all equal, so the value baseline is what
-    gives its turns nonzero advantages (and the steps value targets)."""
+    adapters merged), then `steps` RL steps of two PPO epochs of two minibatches each, with
+    GAE over a value head: the tiny model's returns are all equal, so the value baseline is
+    what gives its turns nonzero advantages (and the steps value targets). `extra` replaces
+    top-level fields. Also the config of `test_resume.py`."""
     cfg: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     cfg |= {
         "run_dir": str(tmp_path / name),
         "budget": {"max_turns": 4, "max_new_tokens": 64, "max_context_tokens": 2048},
         "warm_start": {"sources": [{"kind": "oracle", "n_items": 4}], "batch_episodes": 2},
-        "train": {"steps": 2, "tasks_per_step": 2, "group_size": 2, "estimator": {"kind": "gae"}},
+        "train": {
+            "steps": steps,
+            "tasks_per_step": 2,
+            "group_size": 2,
+            "estimator": {"kind": "gae"},
+        },
         # One episode at a time, no prefix cache: a rollout is then a function of its seed and
         # the weights (batched rows round differently, and can flip a sampled token).
         "concurrency": 1,
         "policy": {"prefix_cache": False},
     }
     cfg["learner"] |= {"value_head": {}, "ppo_epochs": 2, "minibatches": 2}
+    cfg |= extra
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

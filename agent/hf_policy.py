@@ -54,7 +54,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from turnrl.agent import kv_cache
 from turnrl.agent.model import end_of_turn_id
 from turnrl.agent.policy import Completion, PolicyError, SamplingParams
-from turnrl.agent.sampling import draw, draw_nucleus
+from turnrl.agent.sampling import sample_rows
 
 FinishReason = Literal["stop", "length"]
 
@@ -462,34 +462,11 @@ class HFPolicy:
 
     def _sample(self, logits_B_V: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """Pick one id per row, append it and its logprob to the row, and return the ids."""
-        logits_B_V = logits_B_V.float()
         temps = [r.request.params.temperature for r in rows]
-        tokens_B = logits_B_V.argmax(dim=-1)
-        if all(t == 0 for t in temps):
-            logp_B_V = torch.log_softmax(logits_B_V, dim=-1)
-        else:
-            scale_B = torch.tensor([t if t > 0 else 1.0 for t in temps], device=self._device)
-            logp_B_V = torch.log_softmax(logits_B_V / scale_B[:, None], dim=-1)
-            drawn = [i for i, t in enumerate(temps) if t > 0]
-            # Inverse-CDF sampling with one uniform per row from the row's own generator: a
-            # row's draws do not depend on its neighbours, and a draw costs one cumsum rather
-            # than a vocabulary's worth of random numbers.
-            u_S = torch.tensor([rows[i].rng.random() for i in drawn], device=self._device)
-            probs_S_V = (logp_B_V if len(drawn) == len(rows) else logp_B_V[drawn]).exp()
-            top_p = [rows[i].request.params.top_p for i in drawn]
-            whole = [j for j, p in enumerate(top_p) if p >= 1]
-            nucleus = [j for j, p in enumerate(top_p) if p < 1]
-            picked_S = torch.empty(len(drawn), dtype=torch.long, device=self._device)
-            if whole:
-                picked_S[whole] = draw(probs_S_V[whole], u_S[whole])
-            if nucleus:
-                picked_S[nucleus] = draw_nucleus(
-                    probs_S_V[nucleus],
-                    torch.tensor([top_p[j] for j in nucleus], device=self._device),
-                    u_S[nucleus],
-                )
-            tokens_B[drawn] = picked_S
-        chosen_B = logp_B_V.gather(1, tokens_B[:, None])[:, 0]
+        # One uniform per sampled row from the row's own generator (`sample_rows`).
+        uniforms = [r.rng.random() for r, t in zip(rows, temps, strict=True) if t > 0]
+        top_ps = [r.request.params.top_p for r in rows]
+        tokens_B, chosen_B = sample_rows(logits_B_V, temps, top_ps, uniforms)
         for row, token, logprob in zip(rows, tokens_B.tolist(), chosen_B.tolist(), strict=True):
             row.ids.append(token)
             row.logprobs.append(logprob)

@@ -4,6 +4,8 @@ draw does not depend on its batch neighbours)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -39,3 +41,42 @@ def draw_nucleus(probs_S_V: torch.Tensor, top_p_S: torch.Tensor, u_S: torch.Tens
         if len(todo_R) == 0:
             break
     return picked_S
+
+
+def sample_rows(
+    logits_B_V: torch.Tensor,
+    temperatures: Sequence[float],
+    top_ps: Sequence[float],
+    uniforms: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One id per row and its logprob, log_softmax(logits / temperature) before top-p
+    truncation (`turnrl.agent.policy`). A row at temperature 0 takes the argmax, scored under
+    the raw logits; the others draw by inverse CDF (`draw`, or `draw_nucleus` when their
+    top_p < 1) with their own uniform from `uniforms`, one per such row in order: a row's
+    draw does not depend on its neighbours, and costs one cumsum rather than a vocabulary's
+    worth of random numbers."""
+    logits_B_V = logits_B_V.float()
+    device = logits_B_V.device
+    tokens_B = logits_B_V.argmax(dim=-1)
+    if all(t == 0 for t in temperatures):
+        logp_B_V = torch.log_softmax(logits_B_V, dim=-1)
+    else:
+        scale_B = torch.tensor([t if t > 0 else 1.0 for t in temperatures], device=device)
+        logp_B_V = torch.log_softmax(logits_B_V / scale_B[:, None], dim=-1)
+        drawn = [i for i, t in enumerate(temperatures) if t > 0]
+        u_S = torch.tensor(list(uniforms), device=device)
+        probs_S_V = (logp_B_V if len(drawn) == len(temperatures) else logp_B_V[drawn]).exp()
+        top_p = [top_ps[i] for i in drawn]
+        whole = [j for j, p in enumerate(top_p) if p >= 1]
+        nucleus = [j for j, p in enumerate(top_p) if p < 1]
+        picked_S = torch.empty(len(drawn), dtype=torch.long, device=device)
+        if whole:
+            picked_S[whole] = draw(probs_S_V[whole], u_S[whole])
+        if nucleus:
+            picked_S[nucleus] = draw_nucleus(
+                probs_S_V[nucleus],
+                torch.tensor([top_p[j] for j in nucleus], device=device),
+                u_S[nucleus],
+            )
+        tokens_B[drawn] = picked_S
+    return tokens_B, logp_B_V.gather(1, tokens_B[:, None])[:, 0]

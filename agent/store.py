@@ -68,13 +68,32 @@ _CURRENT_TAIL = b'"schema_version":%d}' % SCHEMA_VERSION
 such records skip the upgrade path."""
 
 
-def _fsync_dir(path: Path) -> None:
-    # A new or renamed file's directory entry is only durable once its directory is synced.
+def fsync_dir(path: Path) -> None:
+    """Make a new or renamed entry of `path` durable: a directory entry is only durable once
+    its directory is synced."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically: written whole to a temporary file beside it,
+    fsynced, renamed over it, the directory synced. Readers see the old text or the new,
+    never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
 
 
 def _zeros_from(fd: int, offset: int, end: int) -> bool:
@@ -166,7 +185,7 @@ class RecordFile:
                 _sync(self._fd)
                 self.dropped_bytes = size - good_end
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         except BaseException:
             os.close(self._fd)
             self._fd = -1
@@ -363,18 +382,7 @@ class RunStore:
         the old text or the new, never half."""
         if self.readonly:
             raise ValueError(f"{self.run_dir}: run store is open read-only")
-        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".config.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.run_dir / name)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self.run_dir)
+        replace_file(self.run_dir / name, text)
 
     def config_text(self) -> str | None:
         """The stored `config.yaml`, or None when none was written."""

@@ -36,7 +36,7 @@ bits). Nothing is lost or duplicated either way (`tests/test_resume.py`).
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import shutil
 from collections.abc import Mapping
@@ -49,7 +49,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from turnrl.agent.records import Episode
-from turnrl.agent.store import RunStore
+from turnrl.agent.store import RunStore, fsync_dir, replace_file
 from turnrl.config import RunConfig
 from turnrl.loop import Resumed
 from turnrl.rl.learner import Learner
@@ -87,14 +87,8 @@ def read_progress(run_dir: Path) -> RunProgress:
 
 
 def write_progress(run_dir: Path, progress: RunProgress) -> None:
-    """Replace `progress.json` atomically (written whole, fsynced, renamed)."""
-    tmp = run_dir / f".{PROGRESS}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(progress.model_dump_json(indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / PROGRESS)
-    _fsync_dir(run_dir)
+    """Replace `progress.json` atomically (`agent.store.replace_file`)."""
+    replace_file(run_dir / PROGRESS, progress.model_dump_json(indent=2))
 
 
 def mark(run_dir: Path, progress: RunProgress, stage: str, **update: Any) -> RunProgress:
@@ -119,7 +113,7 @@ def save_state(run_dir: Path, learner: Learner, steps: int, progress: RunProgres
     final = checkpoints / f"{RESUME_PREFIX}{steps:06d}"
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
-    _fsync_dir(checkpoints)
+    fsync_dir(checkpoints)
     progress = progress.model_copy(update={"resume": final.name, "rl_steps": steps})
     write_progress(run_dir, progress)
     for old in checkpoints.glob(f"{RESUME_PREFIX}*"):
@@ -155,8 +149,9 @@ class StoredRun:
     rows: list[dict[str, Any]] = field(default_factory=list)
     """Metrics rows, one per learned step."""
 
-    @property
+    @functools.cached_property
     def stored(self) -> set[str]:
+        """Every stored episode's id (read once: the run is read before it resumes)."""
         every = [*self.steps.values(), *self.evaluations.values()]
         return {e.episode_id for part in every for e in part}
 
@@ -206,12 +201,3 @@ def _flat(tree: Mapping[str, Any], at: tuple[str, ...] = ()) -> dict[tuple[str, 
         else:
             out[(*at, key)] = value
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

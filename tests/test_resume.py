@@ -62,13 +62,14 @@ def run_until(config: Path, resume: bool, kill_when: Callable[[], bool] | None) 
             proc.wait()
 
 
-def stored(run_dir: Path) -> list[tuple[str, list[list[int]], list[list[float]]]]:
+def stored(run_dir: Path) -> list[tuple[str, list[list[int]], list[list[float]], list[int]]]:
     with RunStore.open_readonly(run_dir) as store:
         return sorted(
             (
                 e.episode_id,
                 [list(t.completion_ids) for t in e.turns],
                 [list(t.completion_logprobs) for t in e.turns],
+                [t.policy_version for t in e.turns],
             )
             for e in store.episodes()
         )
@@ -83,6 +84,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path
     kills: list[Callable[[], bool]] = [
         lambda: journaled(run_dir) >= 1,  # during eval-before
         lambda: (run_dir / "warm_start").exists(),  # the warm start storing its episodes
+        lambda: journaled(run_dir) >= 2 + 2 + 1,  # step 0's rollouts: no resume state yet
         lambda: journaled(run_dir) >= 2 + 2 + 4 + 1,  # during step 1's rollouts
         lambda: rows(run_dir) >= 2,  # after step 1's row: before or after its saved state
     ]

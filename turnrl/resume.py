@@ -17,6 +17,8 @@ Resuming replays what is known and redoes the rest:
 - a stage marked done is skipped (an evaluation's episodes are read back for the
   comparisons); a warm start that did not finish is run again from the base weights, its
   partial folder replaced;
+- RL starts from a seed of its own (`seed + RL_SEED_OFFSET`, in `turnrl.train`), so the
+  stages skipped on resume (and what they drew from torch's generator) change nothing after;
 - the learner is rebuilt on the starting weights (the warm start's, when there was one), then
   loads the last state; the policy is synced to it;
 - steps after that state that have a metrics row (learned, but not saved: `resume_every` > 1,

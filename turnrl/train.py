@@ -80,6 +80,10 @@ from turnrl.sft import (
 from turnrl.sft_config import WarmStartConfig
 from turnrl.suites import oracle_policies
 
+RL_SEED_OFFSET = 7919
+"""The RL phase reseeds torch's generator with `seed + RL_SEED_OFFSET` (a prime: no other stage
+seeds near it)."""
+
 CURVES = {
     "reward": "reward",
     "success": "success",
@@ -351,11 +355,18 @@ def run_train(
                     if with_eval:
                         out["warm"] = await _stage_eval(s, "eval-warm")
                         lap("eval-warm")
+                # RL starts from a seed of its own, not from whatever the stages before it
+                # drew: a resumed run skips its finished stages (and their draws), and must
+                # still build the learner (a value head's init) and step it as the whole run.
+                torch.manual_seed(config.seed + RL_SEED_OFFSET)
                 if s.learner is None:
                     s.start_learner(version)
                 assert s.learner is not None
-                if load_state(config.run_dir, s.learner, s.progress):
-                    await s.sync.begin_update()  # the policy samples with the loaded weights
+                loaded = load_state(config.run_dir, s.learner, s.progress)
+                # The policy samples with the loaded weights, stamped with their version (also
+                # when a resumed run skipped its finished warm start: the policy starts at 0).
+                if loaded or s.sync.version != s.learner.version:
+                    await s.sync.begin_update()
                     await s.sync.end_update(s.learner.version)
                 await relearn_unsaved(s)
                 if config.train.mode == "async":

@@ -159,6 +159,23 @@ class ApiUsage(Record):
     """Their price under the run's price table (`model.price`)."""
 
 
+class Route(Record):
+    """One routing decision (`turnrl.agent.routing`): which priced model wrote a turn (on
+    `Turn.route`), or ran a whole episode (a task-level router's pick, on `Episode.route`),
+    with the probability the router gave it, so that the logs support off-policy evaluation."""
+
+    model: str
+    """The chosen model's name (a key of the run's `models:`)."""
+    router: str
+    """The router's kind that chose it (`fixed`, `delegate`, `learned`, `bandit`)."""
+    propensity: float = Field(1.0, gt=0, le=1)
+    """The probability the router gave this choice (1 for a deterministic router)."""
+    probabilities: dict[str, float] = Field(default_factory=dict)
+    """The router's probability of every model (empty for a deterministic router)."""
+    features: list[float] = Field(default_factory=list)
+    """What the router saw (a learned router's feature vector; empty otherwise)."""
+
+
 class Turn(Record):
     """One policy step and what the environment appended after it."""
 
@@ -229,9 +246,22 @@ class Turn(Record):
     tokenizer's encoding of the reply, not ids a model of this run sampled, and its logprobs
     are placeholders (0.0): it is never trained on. None for every other turn."""
 
+    route: Route | None = None
+    """Which priced model wrote this turn, when the run routes among several (`models:`);
+    None in a run of one policy."""
+    foreign: bool = False
+    """True for a turn another model than the trained policy wrote (per-step routing): its
+    ids stay in the context exactly, and they are never trained on, like a `replayed` turn."""
+
     @property
     def n_tool_calls(self) -> int:
         return len(self.tool_calls)
+
+    @property
+    def context_only(self) -> bool:
+        """Whether this turn's completion is context the learner must not train on: copied
+        from a stored episode (`replayed`) or written by another model (`foreign`)."""
+        return self.replayed or self.foreign
 
 
 class Episode(Record):
@@ -268,6 +298,9 @@ class Episode(Record):
     value_after: float | None = None
     """A value head's estimate of the state after the last turn: T-PPO's bootstrap value of
     a truncated episode; None when not measured."""
+    route: Route | None = None
+    """A task-level router's pick of the model that ran this whole episode (with its
+    propensity); None when no task-level router chose."""
     schema_version: Literal[2] = SCHEMA_VERSION
     """Version of this record's layout. Records without one are version 1 (signals as a
     string-keyed dict on the turns); `upgrade_episode` reads them."""

@@ -28,8 +28,8 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from turnrl.agent.budget import Budget
 from turnrl.agent.chat import (
@@ -45,6 +45,7 @@ from turnrl.agent.dispatch import error as _error
 from turnrl.agent.policy import Policy, SamplingParams
 from turnrl.agent.records import (
     Episode,
+    Route,
     StopReason,
     ToolCall,
     ToolErrorKind,
@@ -52,6 +53,14 @@ from turnrl.agent.records import (
     Turn,
     TurnSignals,
     UserTurn,
+)
+from turnrl.agent.routing import (
+    RoutedModel,
+    RouteView,
+    Routing,
+    StepRouter,
+    merged_cost,
+    over_budget,
 )
 from turnrl.agent.state_key import ROOT, chain_key, step_key
 from turnrl.tools.base import AnyTool
@@ -90,7 +99,15 @@ class EpisodeSpec:
     """Tools neither shown nor callable until a followup's `reveal` names them."""
     policy: Policy | None = None
     """This episode's policy instead of the runner's (a scripted oracle that plays this item's
-    gold solution; a router's pick)."""
+    gold solution)."""
+    models: Mapping[str, Policy] = field(default_factory=dict)
+    """Under routing: this episode's own policy for a routed model, by name, instead of the
+    routing's (an oracle's script for this item)."""
+    router: StepRouter | None = None
+    """Under routing: this episode's router instead of the runner's (a task-level router's
+    pick, as a `FixedRouter`)."""
+    route: Route | None = None
+    """A task-level router's logged decision for this episode (kept in `Episode.route`)."""
 
 
 class EpisodeRunner:
@@ -104,8 +121,10 @@ class EpisodeRunner:
         budget: Budget,
         sampling: SamplingParams,
         clock: Callable[[], float] = time.monotonic,
+        routing: Routing | None = None,
     ) -> None:
         self.policy = policy
+        self.routing = routing
         self.renderer = renderer
         self.tools = ToolIndex(tools)
         self._indexes: dict[tuple[int, ...], ToolIndex] = {}
@@ -181,8 +200,12 @@ class EpisodeRunner:
             context, dialogue = restored
             pending_prompt: list[int] = []
         else:
+            instructions = s.spec.instructions
+            intro = None if self.routing is None else self.routing.budget_intro(b.max_cost)
+            if intro is not None:
+                instructions = f"{instructions}\n\n{intro}"
             dialogue = self.renderer.start(
-                s.spec.instructions, s.tools.schemas(s.hidden), s.spec.question, s.spec.examples
+                instructions, s.tools.schemas(s.hidden), s.spec.question, s.spec.examples
             )
             context = dialogue.initial_ids()
             pending_prompt = list(context)
@@ -204,9 +227,18 @@ class EpisodeRunner:
                 stop_token_ids=sp.stop_token_ids,
                 seed=None if s.spec.seed is None else s.spec.seed + index,
             )
+            policy = s.spec.policy or self.policy
+            routed: RoutedModel | None = None
+            route: Route | None = None
+            if self.routing is not None:
+                picked = self._route(s, index, len(context), params.max_tokens)
+                if picked is None:
+                    break
+                routed, route = picked
+                policy = s.spec.models.get(routed.name) or routed.policy or policy
             t0 = self._clock()
             try:
-                completion = await (s.spec.policy or self.policy).generate(context, params)
+                completion = await policy.generate(context, params)
             except Exception as e:
                 s.stop(StopReason.POLICY_ERROR, f"{type(e).__name__}: {e}")
                 break
@@ -215,13 +247,26 @@ class EpisodeRunner:
             if len(completion.logprobs) != len(ids):
                 s.stop(StopReason.POLICY_ERROR, "policy returned misaligned ids and logprobs")
                 break
+            if routed is not None:
+                billed = completion.metrics.get("cost_usd", 0.0)
+                merged_cost(
+                    s.cost, Routing.charge(routed, len(context), len(ids), generate_s, billed)
+                )
+                over = over_budget(s.cost, b.max_cost)
+                if over:  # a cost not bounded in advance (per second) crossed a limit
+                    s.stop(
+                        StopReason.BUDGET_EXHAUSTED,
+                        f"turn {index} of {routed.name} crossed the budget: {', '.join(over)}",
+                    )
             text = self.renderer.tokenizer.decode(ids)
             parsed = self._parse(text, index)
-            if parsed.answer is None and len(context) + len(ids) >= b.max_context_tokens:
-                # Cut off mid-thought: nothing after this would be seen by the policy.
+            full = len(context) + len(ids) >= b.max_context_tokens
+            if s.stop_reason is None and parsed.answer is None and full:
+                s.stop(StopReason.CONTEXT_FULL)
+            if s.stop_reason is not None:
+                # Cut off mid-thought, or over budget: nothing after this runs or is seen.
                 not_run = parsed.calls_not_run + len(parsed.tool_calls)
                 parsed = replace(parsed, tool_calls=[], calls_not_run=not_run)
-                s.stop(StopReason.CONTEXT_FULL)
 
             t1 = self._clock()
             results = await self._run_calls(s, parsed.tool_calls)
@@ -237,11 +282,14 @@ class EpisodeRunner:
                     if len(context) + len(ids) + len(observation) > b.max_context_tokens:
                         observation = []
                         s.stop(StopReason.CONTEXT_FULL)
-            elif parsed.answer is not None:
+            elif parsed.answer is not None and s.stop_reason is None:
                 s.stop(StopReason.ANSWERED)
                 s.answer = parsed.answer
             elif s.stop_reason is None:
                 note = None if parsed.tool_calls else f"Error: {parsed.format_error}"
+                if self.routing is not None:
+                    left = self.routing.budget_note(s.cost, b.max_cost)
+                    note = "\n".join(x for x in (note, left) if x) or None
                 responses = ToolResponses(parsed.tool_calls, [r.text for r in results], note)
                 observation = dialogue.append(ids, text, closed, responses)
                 if len(context) + len(ids) + len(observation) > b.max_context_tokens:
@@ -272,9 +320,33 @@ class EpisodeRunner:
                 generate_s=generate_s,
                 tools_s=tools_s,
                 state_key=key,
+                route=route,
+                foreign=routed is not None and not routed.trained,
             )
             s.turns.append(turn)
             pending_prompt = []
+
+    def _route(
+        self, s: _State, index: int, context_tokens: int, max_tokens: int
+    ) -> tuple[RoutedModel, Route] | None:
+        """The model that writes turn `index` and the logged choice; None when the turn is
+        refused (the episode stops: an unknown model, or a turn the budget cannot pay)."""
+        routing = self.routing
+        assert routing is not None
+        b = self.budget
+        view = RouteView(
+            s.spec.task_id, index, s.turns, s.cost, b.max_cost, context_tokens, b.max_turns
+        )
+        route = (s.spec.router or routing.router).choose(view)
+        model = routing.models.get(route.model)
+        if model is None:
+            s.stop(StopReason.ERROR, f"the router chose {route.model!r}, not a routed model")
+            return None
+        refusal = routing.refusal(model, s.cost, b.max_cost, context_tokens, max_tokens)
+        if refusal is not None:
+            s.stop(StopReason.BUDGET_EXHAUSTED, f"turn {index}: {refusal}")
+            return None
+        return model, route
 
     async def _restore(self, s: _State) -> tuple[list[int], Dialogue] | None:
         """Start from `spec.prefix`: its ids as the context, its costs and calls as spent, and
@@ -339,6 +411,8 @@ class EpisodeRunner:
                 )
             )
         last = prefix[-1]
+        for kind in set(last.cost_so_far) - set(s.cost):  # models' costs (routing): not tools'
+            s.cost[kind] = last.cost_so_far[kind]
         s.set_user_turn(last.user_turn + (last.answer is not None))
         return context, dialogue
 
@@ -453,4 +527,5 @@ class _State:
             cost=dict(self.cost),
             wall_s=now - self.start,
             step=self.spec.step,
+            route=self.spec.route,
         )

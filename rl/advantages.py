@@ -165,8 +165,9 @@ class TurnBatch:
     mask_N_T: Bools
     """True on turns that exist (they all count in group and state statistics)."""
     train_N_T: Bools
-    """True on turns the learner trains on: existing and not `replayed` (a branch's
-    restored prefix). Only these get an advantage and count in batch-wide statistics."""
+    """True on turns the learner trains on: existing and not context only (a branch's
+    restored prefix, another model's turn: `Turn.context_only`). Only these get an advantage
+    and count in batch-wide statistics."""
     group_N: Ints
     """Dense group index of each episode."""
     lengths: list[int]
@@ -185,9 +186,9 @@ def turn_batch(episodes: Sequence[Episode], rewards_NT: Sequence[Sequence[float]
         turns = e.turns
         lengths.append(len(turns))
         groups.append(e.group_id)
-        # Replayed turns are a prefix (a branch's restored history): an episode whose first
-        # turn was sampled has none.
-        if turns and turns[0].replayed:
+        # Context-only turns: a branch's restored prefix (`replayed`), or turns another model
+        # wrote under per-step routing (`foreign`, anywhere in the episode).
+        if any(t.context_only for t in turns):
             branched.append(n)
     if [len(row) for row in rewards_NT] != lengths:
         n = next(i for i, row in enumerate(rewards_NT) if len(row) != lengths[i])
@@ -202,7 +203,7 @@ def turn_batch(episodes: Sequence[Episode], rewards_NT: Sequence[Sequence[float]
     train_N_T = mask_N_T.copy() if branched else mask_N_T
     for n in branched:
         for t, turn in enumerate(episodes[n].turns):
-            train_N_T[n, t] = not turn.replayed
+            train_N_T[n, t] = not turn.context_only
     return TurnBatch(
         returns_N=np.array([sum(row) for row in rewards_NT], np.float64),
         rewards_N_T=rewards_N_T,

@@ -66,3 +66,40 @@ class BanditRouterConfig(_Config):
         if len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arm names must be distinct: {self.arms}")
         return self
+
+
+class LearnedRouterConfig(_Config):
+    """A run's per-step router over turn features (`turnrl.rl.step_router`): before each
+    turn, a ridge oracle per model predicts the reward of letting that model write it, from
+    the features of the episode so far; predictions become probabilities that never reach 0;
+    every choice is logged with its propensity (`Turn.route`)."""
+
+    kind: Literal["learned"] = "learned"
+    ridge: float = Field(1.0, gt=0)
+    """lambda of each model's ridge regression."""
+    exploration: ExplorationConfig = Field(default_factory=EpsilonGreedyConfig)
+    """How predictions become probabilities during training (never 0 for any model);
+    evaluation picks greedily."""
+    cost_weight: float = Field(1.0, ge=0)
+    """A decision's reward: its episode's success minus `cost_weight` times the episode's
+    `model_usd` cost over the budget's `model_usd` limit (over 1 dollar without one)."""
+
+
+class TaskBanditConfig(_Config):
+    """A run's task-level router (`turnrl.rl.bandit`): one model runs a whole episode,
+    picked from the task's features; the decision is logged with its propensity
+    (`Episode.route`)."""
+
+    kind: Literal["bandit"] = "bandit"
+    ridge: float = Field(1.0, gt=0)
+    """lambda of each model's ridge regression."""
+    exploration: ExplorationConfig = Field(default_factory=EpsilonGreedyConfig)
+    """How predictions become probabilities during training (never 0 for any model);
+    evaluation picks greedily."""
+    cost_weight: float = Field(1.0, ge=0)
+    """A decision's reward: success minus `cost_weight` times the episode's `model_usd` cost
+    over the budget's `model_usd` limit (over 1 dollar without one)."""
+
+    def router_config(self, arms: tuple[str, ...]) -> BanditRouterConfig:
+        """The bandit over `arms` (the run's model names)."""
+        return BanditRouterConfig(arms=arms, ridge=self.ridge, exploration=self.exploration)

@@ -183,7 +183,7 @@ def _check(
     if not all(a is None or math.isfinite(a) for a in advantages):
         raise ValueError(f"episode {episode.episode_id}: non-finite advantage in {advantages}")
     for turn in episode.turns:
-        if not turn.replayed and len(turn.completion_logprobs) != len(turn.completion_ids):
+        if not turn.context_only and len(turn.completion_logprobs) != len(turn.completion_ids):
             raise ValueError(
                 f"episode {episode.episode_id} turn {turn.index}: "
                 f"{len(turn.completion_logprobs)} logprobs for "
@@ -275,7 +275,7 @@ def build_token_batch(
             states.append(len(ids) - 1)
             ids += turn.completion_ids
             ids += turn.observation_ids
-            if turn.replayed or a is None:
+            if turn.context_only or a is None:
                 mask += [False] * (n_p + n_c + n_o)
                 old += [0.0] * (n_p + n_c + n_o)
                 prox += [0.0] * (n_p + n_c + n_o)

@@ -159,7 +159,7 @@ def batch_counts(
         len(t.completion_ids)
         for e in episodes
         for t in e.turns
-        if t.advantage is not None and not t.replayed
+        if t.advantage is not None and not t.context_only
     )
     counts = {"n_tokens": float(n_tokens), "n_sequences": float(len(episodes))}
     if value_targets is not None:
@@ -171,7 +171,9 @@ def trained_size(episodes: Sequence[Episode], weighting: LossWeighting) -> int:
     """What a step's loss is a mean over: trained tokens (`"token"`), or episodes with a
     trained token (`"episode"`)."""
     sizes = [
-        sum(len(t.completion_ids) for t in e.turns if t.advantage is not None and not t.replayed)
+        sum(
+            len(t.completion_ids) for t in e.turns if t.advantage is not None and not t.context_only
+        )
         for e in episodes
     ]
     return sum(sizes) if weighting == "token" else sum(n > 0 for n in sizes)

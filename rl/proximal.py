@@ -89,7 +89,7 @@ def version_lag(episodes: Sequence[Episode], version: int) -> dict[str, float]:
         version - t.policy_version
         for e in episodes
         for t in e.turns
-        if t.advantage is not None and not t.replayed
+        if t.advantage is not None and not t.context_only
     ]
     if not lags:
         return {}

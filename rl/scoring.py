@@ -60,7 +60,7 @@ def score(
         e.model_copy(
             update={
                 "turns": [
-                    t.model_copy(update={"advantage": None if t.replayed else a})
+                    t.model_copy(update={"advantage": None if t.context_only else a})
                     for t, a in zip(e.turns, adv, strict=True)
                 ]
             }

@@ -14,7 +14,7 @@ need a suite whose items have it; a run whose suite or tools run code opens a sa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
 import yaml
 from pydantic import (
@@ -35,6 +35,12 @@ from turnrl.agent.model_config import (
     PathModel,
     TinyModel,
 )
+from turnrl.agent.routing_config import (
+    DelegateRouterConfig,
+    FixedRouterConfig,
+    PricedModel,
+)
+from turnrl.rl.bandit_config import LearnedRouterConfig, TaskBanditConfig
 from turnrl.rl.estimator_config import EstimatorConfig, GrpoConfig, needs_values
 from turnrl.rl.learner_config import LearnerConfig
 from turnrl.rl.reward_config import RewardConfig
@@ -138,6 +144,13 @@ class EvalConfig(_Config):
     """Rollouts per item."""
 
 
+RouterConfig: TypeAlias = Annotated[
+    FixedRouterConfig | DelegateRouterConfig | LearnedRouterConfig | TaskBanditConfig,
+    Field(discriminator="kind"),
+]
+"""Which of a run's priced models writes each turn (`turnrl.agent.routing`)."""
+
+
 class RunConfig(_Config):
     """Everything a `turnrl train` or `turnrl eval` run needs."""
 
@@ -168,6 +181,43 @@ class RunConfig(_Config):
     first when set); None starts RL from the model as it is."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    models: dict[str, PricedModel] = Field(default_factory=dict)
+    """Priced models a router picks among, by name (empty: `model` alone writes every turn).
+    Exactly one is `{kind: trained}`: the run's `model`, the only one trained on."""
+    router: RouterConfig | None = None
+    """Which of `models` writes each turn; needed exactly when `models` is given."""
+
+    @model_validator(mode="after")
+    def _routing_is_whole(self) -> RunConfig:
+        if not self.models and self.router is None:
+            return self
+        if self.router is None:
+            raise ValueError("models: a router must pick among them: set router")
+        if len(self.models) < 2:
+            raise ValueError(f"router: needs two or more models, got {list(self.models)}")
+        trained = [n for n, m in self.models.items() if m.model.kind == "trained"]
+        if len(trained) != 1:
+            raise ValueError(
+                f"models: exactly one must be {{kind: trained}} (the run's model), got {trained}"
+            )
+        for name in self.models:
+            if not name or ":" in name:
+                raise ValueError(f"models: name {name!r} must be non-empty, without ':'")
+        router = self.router
+        where, target = None, None
+        if isinstance(router, FixedRouterConfig):
+            where, target = "router.model", router.model
+        elif isinstance(router, DelegateRouterConfig):
+            where, target = "router.to", router.to
+            if target == trained[0]:
+                raise ValueError("router.to: delegating to the trained model itself does nothing")
+        if target is not None and target not in self.models:
+            raise ValueError(f"{where}: {target!r} is not one of models ({', '.join(self.models)})")
+        return self
+
+    def trained_model_name(self) -> str | None:
+        """The name the run's own model has in `models` (None without routing)."""
+        return next((n for n, m in self.models.items() if m.model.kind == "trained"), None)
 
     @model_validator(mode="after")
     def _learner_scores_at_sampling_temperature(self) -> RunConfig:

@@ -105,7 +105,7 @@ def sft_targets(episode: Episode) -> Episode:
     policy (or oracle) produced, None for a malformed or replayed turn (kept as context)."""
     turns = [
         t.model_copy(
-            update={"advantage": None if t.format_error is not None or t.replayed else 1.0}
+            update={"advantage": None if t.format_error is not None or t.context_only else 1.0}
         )
         for t in episode.turns
     ]

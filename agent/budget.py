@@ -20,6 +20,11 @@ class Budget(BaseModel):
     max_new_tokens: int = Field(256, ge=1)
     """Tokens sampled per turn."""
     max_cost: dict[str, float] = Field(default_factory=dict)
-    """Upper bound per cost kind (e.g. `{"time_s": 60}`); reaching one ends the episode."""
+    """Upper bound per cost kind (e.g. `{"time_s": 60}`). A tool call that brings a kind it
+    charges to its bound ends the episode; under routing, a model's turn that could take a
+    kind past its bound is refused before it runs (`turnrl.agent.routing`)."""
     wall_clock_s: float = Field(600.0, gt=0)
     """Wall-clock seconds per episode, policy queueing included."""
+    shown: bool = True
+    """Under routing among priced models (`turnrl.agent.routing`): state `max_cost` in the
+    system prompt and what is left of it after every turn, so the agent can spend with it."""

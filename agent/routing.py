@@ -20,7 +20,7 @@ How the runner (`turnrl.agent.runner`) uses a `Routing`:
   bounded in advance (a per-second price) is charged afterwards; a turn that crossed a limit
   that way ends the episode with `budget_exhausted`, and its answer does not count.
 - The agent sees what it has left: the system prompt states the budget, and every
-  observation ends with a line of what is left (`Routing.show_budget`).
+  observation ends with a line of what is left (unless `Budget.shown` is off).
 
 Two routers live here, the ones that need no learning: `FixedRouter` (one model for every
 turn: the boundary policies always-cheap and always-expensive) and `DelegateRouter` (the
@@ -152,8 +152,6 @@ class Routing:
     """The models by name; exactly one is the trained policy."""
     router: StepRouter
     """The run's router (an episode may bring its own: `EpisodeSpec.router`)."""
-    show_budget: bool = True
-    """Show the budget in the system prompt and what is left after every turn."""
 
     def __post_init__(self) -> None:
         trained = [m.name for m in self.models.values() if m.trained]
@@ -194,18 +192,20 @@ class Routing:
         usd = model.price.charge(input_tokens, output_tokens, seconds) + billed_usd
         return {MODEL_USD: usd, turns_kind(model.name): 1.0}
 
-    def budget_intro(self, limits: Mapping[str, float]) -> str | None:
-        """The budget, for the system prompt (None when none is shown)."""
-        if not self.show_budget or not limits:
-            return None
-        return "Budget for this task: " + _amounts(limits) + "."
 
-    def budget_note(self, cost: Mapping[str, float], limits: Mapping[str, float]) -> str | None:
-        """What is left of the budget, for the observation (None when none is shown)."""
-        if not self.show_budget or not limits:
-            return None
-        left = {k: max(0.0, v - cost.get(k, 0.0)) for k, v in limits.items()}
-        return "Budget left: " + _amounts(left) + "."
+def budget_intro(limits: Mapping[str, float]) -> str | None:
+    """The budget, for the system prompt (None without limits)."""
+    if not limits:
+        return None
+    return "Budget for this task: " + _amounts(limits) + "."
+
+
+def budget_note(cost: Mapping[str, float], limits: Mapping[str, float]) -> str | None:
+    """What is left of the budget, for an observation (None without limits)."""
+    if not limits:
+        return None
+    left = {k: max(0.0, v - cost.get(k, 0.0)) for k, v in limits.items()}
+    return "Budget left: " + _amounts(left) + "."
 
 
 def over_budget(cost: Mapping[str, float], limits: Mapping[str, float]) -> list[str]:

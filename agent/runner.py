@@ -59,6 +59,8 @@ from turnrl.agent.routing import (
     RouteView,
     Routing,
     StepRouter,
+    budget_intro,
+    budget_note,
     merged_cost,
     over_budget,
 )
@@ -201,7 +203,8 @@ class EpisodeRunner:
             pending_prompt: list[int] = []
         else:
             instructions = s.spec.instructions
-            intro = None if self.routing is None else self.routing.budget_intro(b.max_cost)
+            shown = self.routing is not None and b.shown
+            intro = budget_intro(b.max_cost) if shown else None
             if intro is not None:
                 instructions = f"{instructions}\n\n{intro}"
             dialogue = self.renderer.start(
@@ -287,8 +290,8 @@ class EpisodeRunner:
                 s.answer = parsed.answer
             elif s.stop_reason is None:
                 note = None if parsed.tool_calls else f"Error: {parsed.format_error}"
-                if self.routing is not None:
-                    left = self.routing.budget_note(s.cost, b.max_cost)
+                if self.routing is not None and b.shown:
+                    left = budget_note(s.cost, b.max_cost)
                     note = "\n".join(x for x in (note, left) if x) or None
                 responses = ToolResponses(parsed.tool_calls, [r.text for r in results], note)
                 observation = dialogue.append(ids, text, closed, responses)
@@ -434,7 +437,10 @@ class EpisodeRunner:
             for kind, amount in result.cost.items():
                 s.cost[kind] = s.cost.get(kind, 0.0) + amount
             results.append(result)
-            over = [k for k, lim in self.budget.max_cost.items() if s.cost.get(k, 0.0) >= lim]
+            # Reaching a limit of a kind this call charged ends the episode (a model's kinds
+            # are checked before its turns instead: `turnrl.agent.routing`).
+            limits = self.budget.max_cost
+            over = [k for k in result.cost if k in limits and s.cost[k] >= limits[k]]
             if over:
                 s.stop(StopReason.BUDGET_EXHAUSTED, f"cost budget reached: {', '.join(over)}")
         return results

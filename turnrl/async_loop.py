@@ -195,6 +195,7 @@ def _batch(r: Rollouts, config: RunConfig, step: int, items: Sequence[TaskItem])
         f"s{step}",
         r.extra_tools,
         r.policy_for,
+        r.route_spec,
     )
     return Batch(step, tuple(items), tuple(specs))
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from turnrl.agent.policy import Policy, WeightSync
 from turnrl.agent.records import Episode
-from turnrl.agent.runner import EpisodeRunner
+from turnrl.agent.runner import EpisodeRunner, EpisodeSpec
 from turnrl.agent.store import RunStore
 from turnrl.config import RunConfig
 from turnrl.report import summarize
@@ -73,6 +73,8 @@ class Rollouts:
     """The run's own tools, offered besides the suite's (`RunConfig.tools`)."""
     policy_for: Callable[[TaskItem], Policy] | None = None
     """Each item's own policy (the oracle's script), instead of the runner's."""
+    route_spec: Callable[[TaskItem, EpisodeSpec], EpisodeSpec] | None = None
+    """A routed run's spec for an item (its routed models, a task-level router's pick)."""
     metrics: Sequence[str] = ()
     """The metrics the suite's grader emits: an episode whose grader raised scores 0 on each
     (with `grader_error`), so rewards that read them still find them."""
@@ -148,7 +150,9 @@ async def rollout(
 ) -> list[Episode]:
     """`group_size` episodes per item, ungraded, in item order; the specs whose episode id is
     in `done` (a resumed step's journal) are taken from it instead of run again."""
-    specs = episode_specs(r.suite, items, group_size, step, seed, tag, r.extra_tools, r.policy_for)
+    specs = episode_specs(
+        r.suite, items, group_size, step, seed, tag, r.extra_tools, r.policy_for, r.route_spec
+    )
     done = done or {}
     todo = [spec for spec in specs if spec.episode_id not in done]
     ran = await r.runner.run_many(todo, r.concurrency, on_episode)

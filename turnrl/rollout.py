@@ -35,13 +35,16 @@ def episode_specs(
     tag: str | None = None,
     extra_tools: Sequence[AnyTool] = (),
     policy_for: Callable[[TaskItem], Policy] | None = None,
+    route_spec: Callable[[TaskItem, EpisodeSpec], EpisodeSpec] | None = None,
 ) -> list[EpisodeSpec]:
     """One spec per rollout; the G rollouts of an item share a group id and differ in seed.
     Group ids are `{tag}/{item id}` with `tag` defaulting to `s{step}`. An item with tools of
     its own (`TaskSuite.tools_for`) gets the suite's shared tools, its own, then `extra_tools`
     (the run's) in each spec; the other items' specs name no tools, so the runner offers the
     set it holds (built once, not per item). `policy_for` gives an item's episodes their own
-    policy (the oracle's script for that item) instead of the runner's."""
+    policy (the oracle's script for that item) instead of the runner's; `route_spec` gives a
+    routed run's spec its item's routed models (an oracle's script) and, under a task-level
+    router, its pick (`turnrl.routing`)."""
     specs = []
     examples = tuple(suite.few_shot())
     for i, item in enumerate(items):
@@ -49,23 +52,22 @@ def episode_specs(
         own = suite.tools_for(item)
         tools = (*suite.tools(), *own, *extra_tools) if own else None
         for g in range(group_size):
-            specs.append(
-                EpisodeSpec(
-                    episode_id=f"{group}/{g}",
-                    group_id=group,
-                    task_id=item.id,
-                    instructions=suite.system_prompt,
-                    question=item.question,
-                    # Seeds far apart so that per-turn offsets never collide across rollouts.
-                    seed=seed + 10_000 * (i * group_size + g),
-                    step=step,
-                    examples=examples,
-                    tools=tools,
-                    followups=item.followups,
-                    hidden_tools=frozenset(item.hidden_tools),
-                    policy=None if policy_for is None else policy_for(item),
-                )
+            spec = EpisodeSpec(
+                episode_id=f"{group}/{g}",
+                group_id=group,
+                task_id=item.id,
+                instructions=suite.system_prompt,
+                question=item.question,
+                # Seeds far apart so that per-turn offsets never collide across rollouts.
+                seed=seed + 10_000 * (i * group_size + g),
+                step=step,
+                examples=examples,
+                tools=tools,
+                followups=item.followups,
+                hidden_tools=frozenset(item.hidden_tools),
+                policy=None if policy_for is None else policy_for(item),
             )
+            specs.append(spec if route_spec is None else route_spec(item, spec))
     return specs
 
 

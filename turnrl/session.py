@@ -48,6 +48,7 @@ from turnrl.rl.learner import Learner
 from turnrl.rl.learner_config import LearnerConfig
 from turnrl.rl.placement import compute_dtype, place_model, resolve_device
 from turnrl.rl.ranks import Ranks, new_learner
+from turnrl.routing import RunRouting, open_routing
 from turnrl.sandboxes.base import Sandbox
 from turnrl.sandboxes.config import open_sandbox
 from turnrl.suites import build_suite, open_expert, oracle_policies
@@ -118,6 +119,8 @@ class Session:
     """How far the run got (`progress.json`): stages done, the last resume state."""
     stored: StoredRun = field(default_factory=StoredRun)
     """What a killed run left in the store, when this session resumes it (else empty)."""
+    routing: RunRouting | None = None
+    """The priced models and router of a routed run (`models:`); None for one policy."""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def open_tools(self) -> None:
@@ -164,7 +167,10 @@ class Session:
     def runner(self, temperature: float) -> EpisodeRunner:
         sampling = SamplingParams(temperature=temperature, top_p=self.config.sampling.top_p)
         tools = [*self.suite.tools(), *self.extra_tools]
-        return EpisodeRunner(self.policy, self.renderer, tools, self.config.budget, sampling)
+        routing = None if self.routing is None else self.routing.routing
+        return EpisodeRunner(
+            self.policy, self.renderer, tools, self.config.budget, sampling, routing=routing
+        )
 
     def rollouts(self, temperature: float) -> Rollouts:
         """The rollout stage's inputs at `temperature`."""
@@ -173,8 +179,9 @@ class Session:
             self.suite,
             self.config.concurrency,
             tuple(self.extra_tools),
-            self.policy_for,
-            self.config.task.metrics,
+            policy_for=self.policy_for,
+            route_spec=None if self.routing is None else self.routing.route_spec,
+            metrics=self.config.task.metrics,
         )
 
 
@@ -240,7 +247,7 @@ def open_session(
         policy = api.policy
         console.print(f"[bold]API[/] {api.describe()}")
     elif config.model.kind == "oracle":
-        eot = str(tokenizer.convert_ids_to_tokens(renderer.end_of_turn_id()))
+        eot = _eot(tokenizer, renderer)
         oracle = oracle_policies(suite, renderer, eot)
         # The runner's own policy never speaks: every episode gets its item's script.
         policy = ScriptedPolicy(lambda _: f"(no item){eot}", renderer.tokenizer)
@@ -271,6 +278,7 @@ def open_session(
     # Move the start-up heap (torch, transformers, the corpus) out of the collector's view:
     # per-turn allocations would otherwise trigger gen-2 scans of millions of old objects.
     gc.freeze()
+    routing: RunRouting | None = None
     try:
         session = Session(
             config,
@@ -290,6 +298,15 @@ def open_session(
         )
         if config.model.kind == "oracle":
             session.policy_for = oracle
+        session.routing = routing = open_routing(
+            config,
+            renderer,
+            tokenizer,
+            model_dir,
+            lambda: oracle_policies(suite, renderer, _eot(tokenizer, renderer)),
+        )
+        if routing is not None:
+            session.extra_tools.extend(routing.tools)
         if backend is not None:
             # The session's current weights: the RL learner's (with its adapters), or the
             # warm-started model before the learner exists.
@@ -302,7 +319,14 @@ def open_session(
             policy.close()
         if expert is not None:
             expert[0].close()
+        if routing is not None:
+            routing.close()
         store.close()
+
+
+def _eot(tokenizer: Any, renderer: Renderer) -> str:
+    """The end-of-turn marker's text (what a script ends its replies with)."""
+    return str(tokenizer.convert_ids_to_tokens(renderer.end_of_turn_id()))
 
 
 def _expert(config: RunConfig, console: Console) -> tuple[HFPolicy, Generate] | None:

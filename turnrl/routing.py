@@ -83,7 +83,8 @@ def open_routing(
     trained = config.trained_model_name()
     assert trained is not None
     models: dict[str, RoutedModel] = {}
-    out = RunRouting(Routing({}, FixedRouter(trained)))
+    oracles: dict[str, Callable[[TaskItem], Policy]] = {}
+    opened: list[HFPolicy | OpenAIPolicy] = []
     try:
         for name, priced in config.models.items():
             m = priced.model
@@ -91,12 +92,12 @@ def open_routing(
             if m.kind == "trained":
                 policy = None
             elif m.kind == "oracle":
-                out.oracles[name] = oracle_for()
+                oracles[name] = oracle_for()
                 # Never speaks: each episode gets its item's script (`route_spec`).
                 policy = ScriptedPolicy(lambda _: [renderer.end_of_turn_id()], renderer.tokenizer)
             elif m.kind == "openai":
                 api = OpenAIPolicy(m, renderer, api_key(m), seed=config.seed)
-                out.policies.append(api)
+                opened.append(api)
                 policy = api
             elif m.kind == "vllm":
                 raise RoutingError(
@@ -108,14 +109,15 @@ def open_routing(
                 folder = weights_dir(m)
                 _same_vocabulary(name, load_tokenizer(folder), tokenizer)
                 hf = HFPolicy(load_model(folder), tokenizer)
-                out.policies.append(hf)
+                opened.append(hf)
                 policy = hf
             models[name] = RoutedModel(name, priced.price, policy)
         router = _router(config, trained, models)
     except Exception:
-        out.close()
+        for policy in opened:
+            policy.close()
         raise
-    out.routing = Routing(models, router)
+    out = RunRouting(Routing(models, router), oracles=oracles, policies=opened)
     if isinstance(config.router, DelegateRouterConfig):
         r = config.router
         out.tools.append(DelegateTool(r.tool_name, r.to, models[r.to].price))

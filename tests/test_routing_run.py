@@ -1,0 +1,82 @@
+"""Routed runs end to end on the tiny model and the search QA suite: `turnrl eval` and
+`turnrl train` with priced models in `models:` and a router."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from turnrl.agent.store import RunStore
+from turnrl.config import load_config
+from turnrl.train import run_eval, run_train
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "small": {"model": {"kind": "trained"}, "price": {"output_per_mtok": 100.0}},
+    "big": {"model": {"kind": "oracle"}, "price": {"per_call": 0.01}},
+}
+
+
+def _config(run_dir: Path, router: dict[str, object], **extra: object) -> object:
+    return load_config(
+        ROOT / "examples" / "tiny.yaml",
+        # Room for the oracle's two searches and its answer on a two-hop question.
+        {
+            "run_dir": str(run_dir),
+            "models": MODELS,
+            "router": router,
+            "budget.max_turns": 3,
+            **extra,
+        },
+    )
+
+
+def test_always_expensive_is_the_oracle_priced_per_turn(tmp_path: Path) -> None:
+    config = _config(tmp_path / "big", {"kind": "fixed", "model": "big"}, **{"eval.n_items": 4})
+    summary = run_eval(config, Console(width=120, record=True), None)  # type: ignore[arg-type]
+    with RunStore.open_readonly(tmp_path / "big") as store:
+        episodes = list(store.episodes())
+    assert len(episodes) == 4
+    # The oracle solves every item (a search per hop, then the answer).
+    assert summary["success"] == 1.0
+    for e in episodes:
+        assert all(t.foreign and t.route is not None and t.route.model == "big" for t in e.turns)
+        assert e.cost["model_usd"] == pytest.approx(0.01 * len(e.turns))
+        assert e.cost["turns:big"] == len(e.turns)
+    assert summary["cost/model_usd"] == pytest.approx(
+        sum(e.cost["model_usd"] for e in episodes) / 4
+    )
+
+
+def test_a_budget_too_small_for_the_expensive_model_refuses_its_turns(tmp_path: Path) -> None:
+    config = _config(
+        tmp_path / "poor",
+        {"kind": "fixed", "model": "big"},
+        **{"eval.n_items": 2, "budget.max_cost": {"model_usd": 0.015}},
+    )
+    summary = run_eval(config, Console(width=120, record=True), None)  # type: ignore[arg-type]
+    with RunStore.open_readonly(tmp_path / "poor") as store:
+        episodes = list(store.episodes())
+    # One oracle turn fits ($0.01), the second ($0.02 in all) is refused: no answer.
+    assert summary["success"] == 0.0
+    assert all(e.stop_reason == "budget_exhausted" and len(e.turns) == 1 for e in episodes)
+
+
+def test_a_routed_training_run_trains_the_trained_policy(tmp_path: Path) -> None:
+    config = _config(tmp_path / "train", {"kind": "delegate", "to": "big"})
+    out = run_train(config, Console(width=120, record=True), with_eval=False)  # type: ignore[arg-type]
+    assert len(out["rows"]) == 1
+    with RunStore.open_readonly(tmp_path / "train") as store:
+        train = [e for e in store.episodes() if e.step >= 0]
+    assert train
+    for e in train:
+        for t in e.turns:
+            assert t.route is not None and t.route.router == "delegate"
+            # A turn after a delegate call is the oracle's, never trained.
+            assert (t.advantage is None) == t.foreign
+        # The tiny model's turns are priced per output token.
+        own = sum(len(t.completion_ids) for t in e.turns if not t.foreign)
+        big = sum(t.foreign for t in e.turns)
+        assert e.cost["model_usd"] == pytest.approx(own * 100 / 1e6 + 0.01 * big)

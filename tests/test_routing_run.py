@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,16 +39,25 @@ def test_always_expensive_is_the_oracle_priced_per_turn(tmp_path: Path) -> None:
     summary = run_eval(config, Console(width=120, record=True), None)  # type: ignore[arg-type]
     with RunStore.open_readonly(tmp_path / "big") as store:
         episodes = list(store.episodes())
-    assert len(episodes) == 4
     # The oracle solves every item (a search per hop, then the answer).
     assert summary["success"] == 1.0
-    for e in episodes:
+    routed = [e for e in episodes if e.episode_id.startswith("eval/")]
+    assert len(routed) == 4
+    for e in routed:
         assert all(t.foreign and t.route is not None and t.route.model == "big" for t in e.turns)
         assert e.cost["model_usd"] == pytest.approx(0.01 * len(e.turns))
         assert e.cost["turns:big"] == len(e.turns)
     assert summary["cost/model_usd"] == pytest.approx(
-        sum(e.cost["model_usd"] for e in episodes) / 4
+        sum(e.cost["model_usd"] for e in routed) / 4
     )
+    # Each model alone on the same items, and the plane they span.
+    alone = {e.group_id.split("/")[0] for e in episodes} - {"eval"}
+    assert alone == {"eval-always-small", "eval-always-big"}
+    plane = json.loads((tmp_path / "big" / "eval.frontier.json").read_text())
+    assert set(plane["summaries"]) == {"router (fixed)", "always small", "always big"}
+    big = plane["summaries"]["always big"]
+    assert big["success"] == 1.0
+    assert big["cost/model_usd"] == pytest.approx(summary["cost/model_usd"])
 
 
 def test_a_budget_too_small_for_the_expensive_model_refuses_its_turns(tmp_path: Path) -> None:
@@ -58,7 +68,7 @@ def test_a_budget_too_small_for_the_expensive_model_refuses_its_turns(tmp_path: 
     )
     summary = run_eval(config, Console(width=120, record=True), None)  # type: ignore[arg-type]
     with RunStore.open_readonly(tmp_path / "poor") as store:
-        episodes = list(store.episodes())
+        episodes = [e for e in store.episodes() if e.group_id.startswith("eval/")]
     # One oracle turn fits ($0.01), the second ($0.02 in all) is refused: no answer.
     assert summary["success"] == 0.0
     assert all(e.stop_reason == "budget_exhausted" and len(e.turns) == 1 for e in episodes)

@@ -10,6 +10,7 @@ whose weight-changing calls the other ranks follow (`turnrl.train.follow_run`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 from collections.abc import Awaitable, Callable, Iterator
@@ -36,6 +37,7 @@ from turnrl.agent.model_config import training_refusal
 from turnrl.agent.openai_policy import OpenAIPolicy
 from turnrl.agent.policy import Policy, SamplingParams, WeightSync
 from turnrl.agent.records import Episode
+from turnrl.agent.routing import StepRouter
 from turnrl.agent.runner import EpisodeRunner
 from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.agent.store import RunStore
@@ -164,18 +166,21 @@ class Session:
         self.learner = self.new_learner(self.config.learner, version)
         return self.learner
 
-    def runner(self, temperature: float) -> EpisodeRunner:
+    def runner(self, temperature: float, router: StepRouter | None = None) -> EpisodeRunner:
+        """The episode runner at `temperature`; `router` replaces a routed run's router."""
         sampling = SamplingParams(temperature=temperature, top_p=self.config.sampling.top_p)
         tools = [*self.suite.tools(), *self.extra_tools]
         routing = None if self.routing is None else self.routing.routing
+        if routing is not None and router is not None:
+            routing = dataclasses.replace(routing, router=router)
         return EpisodeRunner(
             self.policy, self.renderer, tools, self.config.budget, sampling, routing=routing
         )
 
-    def rollouts(self, temperature: float) -> Rollouts:
-        """The rollout stage's inputs at `temperature`."""
+    def rollouts(self, temperature: float, router: StepRouter | None = None) -> Rollouts:
+        """The rollout stage's inputs at `temperature` (`router`: as in `runner`)."""
         return Rollouts(
-            self.runner(temperature),
+            self.runner(temperature, router),
             self.suite,
             self.config.concurrency,
             tuple(self.extra_tools),

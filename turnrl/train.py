@@ -33,6 +33,7 @@ from rich.progress import (
 
 from turnrl.agent.model import load_model
 from turnrl.agent.records import Episode
+from turnrl.agent.routing import FixedRouter, StepRouter
 from turnrl.agent.store import RunStore
 from turnrl.config import RunConfig
 from turnrl.loop import (
@@ -68,6 +69,7 @@ from turnrl.resume import (
 )
 from turnrl.rl.distributed import torch_world_size
 from turnrl.rl.ranks import FollowReport, Ranks, finish, follow, join
+from turnrl.routing_eval import boundary_tag, report_frontier
 from turnrl.session import Session, model_dir, open_session
 from turnrl.sft import (
     WARM_START_DIR,
@@ -110,16 +112,17 @@ def _progress(console: Console) -> Progress:
     )
 
 
-async def evaluate(s: Session, tag: str) -> dict[str, float]:
+async def evaluate(s: Session, tag: str, router: StepRouter | None = None) -> dict[str, float]:
     """Evaluate on the first `eval.n_items` test items; episodes are stored with step -1 and
     journaled as they end. A resumed run keeps the journaled ones, and reads a finished
-    evaluation (a stage in `progress.json`) back from the store."""
+    evaluation (a stage in `progress.json`) back from the store. `router` replaces a routed
+    run's router (a boundary policy: one model for every turn)."""
     if tag in s.progress.stages:
         return _evaluated(s, tag, s.stored.evaluations.get(tag, []), "stored")
     cfg = s.config.eval
     items = list(s.suite.items("test"))[: cfg.n_items]
     t0 = time.monotonic()
-    r = s.rollouts(cfg.temperature)
+    r = s.rollouts(cfg.temperature, router)
     resumed = s.stored.resumed(tag)
     with _progress(s.console) as progress:
         bar = progress.add_task(f"{tag}: rollouts", total=len(items) * cfg.group_size)
@@ -501,11 +504,21 @@ def run_eval(config: RunConfig, console: Console, checkpoint: Path | None) -> di
         async def main() -> dict[str, float]:
             try:
                 await s.open_tools()
-                return await evaluate(s, "eval")
+                summary = await evaluate(s, "eval")
+                if config.models:
+                    # Each model alone on the same items: the boundaries of the plane.
+                    for name in config.models:
+                        await evaluate(s, boundary_tag(name), FixedRouter(name))
+                return summary
             finally:
                 await s.close_sandbox()
 
         summary = asyncio.run(main())
+        if config.models:
+            router = config.router.kind if config.router is not None else "router"
+            runs = {f"router ({router})": s.evaluations["eval"]}
+            runs |= {f"always {n}": s.evaluations[boundary_tag(n)] for n in config.models}
+            report_frontier(console, config.run_dir, runs)
     return summary
 
 

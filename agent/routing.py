@@ -78,6 +78,9 @@ class RouteView:
     """The context's length in tokens."""
     max_turns: int
     """The episode's turn budget."""
+    step: int = 0
+    """The training step of the episode (-1 in an evaluation: a learned router picks greedily
+    there)."""
 
 
 class StepRouter(Protocol):

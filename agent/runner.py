@@ -338,7 +338,14 @@ class EpisodeRunner:
         assert routing is not None
         b = self.budget
         view = RouteView(
-            s.spec.task_id, index, s.turns, s.cost, b.max_cost, context_tokens, b.max_turns
+            s.spec.task_id,
+            index,
+            s.turns,
+            s.cost,
+            b.max_cost,
+            context_tokens,
+            b.max_turns,
+            s.spec.step,
         )
         route = (s.spec.router or routing.router).choose(view)
         model = routing.models.get(route.model)

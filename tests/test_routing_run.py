@@ -11,6 +11,7 @@ from rich.console import Console
 
 from turnrl.agent.store import RunStore
 from turnrl.config import load_config
+from turnrl.rl.step_router import scored
 from turnrl.train import run_eval, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,9 +48,7 @@ def test_always_expensive_is_the_oracle_priced_per_turn(tmp_path: Path) -> None:
         assert all(t.foreign and t.route is not None and t.route.model == "big" for t in e.turns)
         assert e.cost["model_usd"] == pytest.approx(0.01 * len(e.turns))
         assert e.cost["turns:big"] == len(e.turns)
-    assert summary["cost/model_usd"] == pytest.approx(
-        sum(e.cost["model_usd"] for e in routed) / 4
-    )
+    assert summary["cost/model_usd"] == pytest.approx(sum(e.cost["model_usd"] for e in routed) / 4)
     # Each model alone on the same items, and the plane they span.
     alone = {e.group_id.split("/")[0] for e in episodes} - {"eval"}
     assert alone == {"eval-always-small", "eval-always-big"}
@@ -90,3 +89,43 @@ def test_a_routed_training_run_trains_the_trained_policy(tmp_path: Path) -> None
         own = sum(len(t.completion_ids) for t in e.turns if not t.foreign)
         big = sum(t.foreign for t in e.turns)
         assert e.cost["model_usd"] == pytest.approx(own * 100 / 1e6 + 0.01 * big)
+
+
+@pytest.mark.parametrize("kind", ["learned", "bandit"])
+def test_a_learned_router_logs_its_propensities_and_learns_each_step(
+    tmp_path: Path, kind: str
+) -> None:
+    run_dir = tmp_path / kind
+    config = _config(run_dir, {"kind": kind}, **{"train.steps": 2, "eval.n_items": 2})
+    out = run_train(config, Console(width=120, record=True), with_eval=True)  # type: ignore[arg-type]
+    with RunStore.open_readonly(run_dir) as store:
+        episodes = list(store.episodes())
+        rows = store.metrics()
+    train = [e for e in episodes if e.step >= 0]
+    evals = [e for e in episodes if e.group_id.startswith("eval-after/")]
+    assert len(train) == 2 * 2 * 2 and len(evals) == 2
+    # Every decision is logged with its propensity; exploration never gives a model 0.
+    decisions = (
+        [t.route for e in train for t in e.turns] if kind == "learned" else [e.route for e in train]
+    )
+    assert decisions and all(d is not None and d.router == kind for d in decisions)
+    for d in decisions:
+        assert d is not None and set(d.probabilities) == {"small", "big"}
+        assert 0 < d.propensity == d.probabilities[d.model] < 1
+        assert sum(d.probabilities.values()) == pytest.approx(1.0)
+    if kind == "bandit":
+        # One model runs the whole episode.
+        assert all(
+            {t.route.model for t in e.turns if t.route} <= {e.route.model} for e in train if e.route
+        )
+    # Each step's decisions (of episodes whose reward means something) reached the router.
+    for step, row in enumerate(rows):
+        mine = [e for e in train if e.step == step and scored(e)]
+        n = sum(len(e.turns) for e in mine) if kind == "learned" else len(mine)
+        assert row["router_decisions"] == n
+    # Evaluation picks greedily.
+    greedy = (
+        [t.route for e in evals for t in e.turns] if kind == "learned" else [e.route for e in evals]
+    )
+    assert all(g is not None and g.propensity == 1.0 for g in greedy)
+    assert len(out["rows"]) == 2

@@ -313,12 +313,14 @@ class _Loop:
         lap("score")
         store_episodes(self.store, scored.episodes, self.resumed.stored)
         lap("store")
+        learn_routes = self.r.learn_routes
+        routing = {} if learn_routes is None else learn_routes(scored.episodes)
         result = await self.learn(step, scored.episodes, lap)
         async with self.stepped:
             self.pending.learned += 1
             self.stepped.notify_all()
         self.event("learned", step)
-        report = StepReport(step, scored, result, seconds)
+        report = StepReport(step, scored, result, seconds, routing)
         row = report.row() | lag | {"learner_wait_s": wait_s}
         self.store.append_metrics(row)
         self.store.flush()

@@ -75,6 +75,9 @@ class Rollouts:
     """Each item's own policy (the oracle's script), instead of the runner's."""
     route_spec: Callable[[TaskItem, EpisodeSpec], EpisodeSpec] | None = None
     """A routed run's spec for an item (its routed models, a task-level router's pick)."""
+    learn_routes: Callable[[Sequence[Episode]], dict[str, float]] | None = None
+    """A routed run's learned router, trained on each step's scored episodes (their logged
+    decisions); the metrics it returns join the step's row."""
     metrics: Sequence[str] = ()
     """The metrics the suite's grader emits: an episode whose grader raised scores 0 on each
     (with `grader_error`), so rewards that read them still find them."""
@@ -111,6 +114,8 @@ class StepReport:
     learn: StepResult
     seconds: Mapping[str, float] = field(default_factory=dict)
     """Wall time of each stage by name (`rollout`, `grade`, `measure`, ...)."""
+    routing: Mapping[str, float] = field(default_factory=dict)
+    """The learned router's metrics for this step (`Rollouts.learn_routes`)."""
 
     @property
     def reward(self) -> float:
@@ -131,6 +136,7 @@ class StepReport:
             "policy_updated": float(self.learn.policy_updated),
         }
         row |= dict(self.learn.scalars)
+        row |= dict(self.routing)
         row |= {f"{stage}_s": s for stage, s in self.seconds.items()}
         # The curves' historical names: rollouts include grading, learning includes the sync.
         row["rollout_s"] = self.seconds.get("rollout", 0.0) + self.seconds.get("grade", 0.0)
@@ -337,6 +343,7 @@ async def train_step(
     hooks.stage("store")
     store_episodes(store, scored.episodes, resumed.stored)
     lap("store")
+    routing = {} if r.learn_routes is None else r.learn_routes(scored.episodes)
     hooks.stage("learn")
     result = await learn_and_sync(step, scored.episodes, config, learner, sync, lap)
-    return StepReport(step, scored, result, seconds)
+    return StepReport(step, scored, result, seconds, routing)

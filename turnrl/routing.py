@@ -12,10 +12,13 @@ server as a routed model is not built yet (refused with that message).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from turnrl.agent.chat import Renderer
 from turnrl.agent.hf_policy import HFPolicy
@@ -23,11 +26,13 @@ from turnrl.agent.model import load_model, load_tokenizer
 from turnrl.agent.model_config import AnyModel
 from turnrl.agent.openai_policy import OpenAIPolicy
 from turnrl.agent.policy import Policy
+from turnrl.agent.records import Episode, Route
 from turnrl.agent.routing import (
     DelegateRouter,
     DelegateTool,
     FixedRouter,
     RoutedModel,
+    RouteView,
     Routing,
     StepRouter,
 )
@@ -36,6 +41,11 @@ from turnrl.agent.runner import EpisodeSpec
 from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.config import RunConfig
 from turnrl.openai_backend import api_key
+from turnrl.rl.bandit import BanditRouter, oscillation
+from turnrl.rl.bandit_config import LearnedRouterConfig, TaskBanditConfig
+from turnrl.rl.ope import FloatArray, IntArray
+from turnrl.rl.step_router import LearnedStepRouter, step_decisions, usd_scale
+from turnrl.rl.task_router import TaskRouter, bandit_log
 from turnrl.tasks.base import TaskItem
 from turnrl.tools.base import AnyTool
 
@@ -56,12 +66,24 @@ class RunRouting:
     """Routed models that are a script per item (an oracle), by name."""
     policies: list[HFPolicy | OpenAIPolicy] = field(default_factory=list)
     """The policies it opened, closed with the session."""
+    learned: LearnedRouting | None = None
+    """The run's learned router (`router.kind` learned or bandit), trained on each step's
+    logged decisions; None for a fixed or delegate router."""
 
     def route_spec(self, item: TaskItem, spec: EpisodeSpec) -> EpisodeSpec:
-        """`spec` with its item's own routed policies (the oracle's script for `item`)."""
-        if not self.oracles:
-            return spec
-        return replace(spec, models={n: f(item) for n, f in self.oracles.items()})
+        """`spec` with its item's own routed policies (the oracle's script for `item`) and,
+        under a task-level router, its pick."""
+        if self.oracles:
+            spec = replace(spec, models={n: f(item) for n, f in self.oracles.items()})
+        if isinstance(self.learned, TaskRouting):
+            router, route = self.learned.pick(item.question, spec.step)
+            spec = replace(spec, router=router, route=route)
+        return spec
+
+    def learn(self, episodes: Sequence[Episode]) -> dict[str, float]:
+        """Train the learned router on a step's graded episodes; its metrics (empty without
+        one)."""
+        return {} if self.learned is None else self.learned.learn(episodes)
 
     def close(self) -> None:
         for policy in self.policies:
@@ -118,6 +140,8 @@ def open_routing(
             policy.close()
         raise
     out = RunRouting(Routing(models, router), oracles=oracles, policies=opened)
+    if isinstance(router, LearnedRouting):
+        out.learned = router
     if isinstance(config.router, DelegateRouterConfig):
         r = config.router
         out.tools.append(DelegateTool(r.tool_name, r.to, models[r.to].price))
@@ -131,7 +155,101 @@ def _router(config: RunConfig, trained: str, models: Mapping[str, RoutedModel]) 
         return FixedRouter(r.model)
     if isinstance(r, DelegateRouterConfig):
         return DelegateRouter(trained, r.to, r.tool_name)
-    raise RoutingError(f"router.kind {r.kind!r} is not wired into runs yet")
+    arms = tuple(models)
+    if isinstance(r, LearnedRouterConfig):
+        return StepRouting(r, arms, config.seed, config.budget.max_cost)
+    return TaskRouting(r, arms, config.seed, config.budget.max_cost)
+
+
+class LearnedRouting(ABC):
+    """A learned router's current generation: it explores during training, picks greedily in
+    evaluation (step -1), and is refitted on each step's logged decisions."""
+
+    def __init__(
+        self,
+        config: LearnedRouterConfig | TaskBanditConfig,
+        bandit: BanditRouter,
+        seed: int,
+        limits: Mapping[str, float],
+    ) -> None:
+        self.config = config
+        self.bandit = bandit
+        """The current generation (every logged decision so far)."""
+        self.generations: list[BanditRouter] = [bandit]
+        """Each generation, for the oscillation monitor."""
+        self.rng = np.random.default_rng(seed)
+        self.scale = usd_scale(limits)
+        self.decisions = 0
+
+    @abstractmethod
+    def _log(self, episodes: Sequence[Episode]) -> tuple[FloatArray, IntArray, FloatArray]:
+        """The logged decisions in `episodes`: features, arm indices, rewards."""
+
+    def learn(self, episodes: Sequence[Episode]) -> dict[str, float]:
+        """Add `episodes`' decisions to the fit; the step's routing metrics."""
+        features, arms, rewards = self._log(episodes)
+        if len(arms):
+            self.bandit = self.bandit.updated(features, arms, rewards)
+            self.generations.append(self.bandit)
+        self.decisions += len(arms)
+        out = {"router_decisions": float(len(arms))}
+        for i, arm in enumerate(self.bandit.arms):
+            chose = arms == i
+            out[f"router_share/{arm}"] = float(chose.mean()) if len(arms) else 0.0
+        if len(self.generations) >= 3 and len(arms):
+            # Retraining on its own logs: how often the greedy pick on this step's contexts
+            # flips between the last generations, and flips back (A-B-A).
+            greedy = np.stack([g.greedy_N(features) for g in self.generations[-3:]])
+            report = oscillation(greedy)
+            out["router_flip_rate"] = report.flip_rates[-1]
+            out["router_return_rate"] = report.return_rates[-1]
+        return out
+
+
+class StepRouting(LearnedRouting):
+    """The learned per-step router over turn features (`turnrl.rl.step_router`)."""
+
+    def __init__(
+        self,
+        config: LearnedRouterConfig,
+        arms: tuple[str, ...],
+        seed: int,
+        limits: Mapping[str, float],
+    ) -> None:
+        start = LearnedStepRouter.new(config, arms, np.random.default_rng(seed))
+        super().__init__(config, start.bandit, seed, limits)
+
+    def choose(self, view: RouteView) -> Route:
+        router = LearnedStepRouter(self.bandit, self.rng, greedy=view.step < 0)
+        return router.choose(view)
+
+    def _log(self, episodes: Sequence[Episode]) -> tuple[FloatArray, IntArray, FloatArray]:
+        log = step_decisions(episodes, self.bandit.arms, self.config.cost_weight, self.scale)
+        return log.features_N_D, log.arms_N, log.rewards_N
+
+
+class TaskRouting(LearnedRouting):
+    """The task-level bandit router (`turnrl.rl.task_router`): one model per episode."""
+
+    def __init__(
+        self,
+        config: TaskBanditConfig,
+        arms: tuple[str, ...],
+        seed: int,
+        limits: Mapping[str, float],
+    ) -> None:
+        start = TaskRouter.new(config, arms, np.random.default_rng(seed))
+        super().__init__(config, start.bandit, seed, limits)
+
+    def choose(self, view: RouteView) -> Route:
+        raise RoutingError("a task-level router picks per episode (EpisodeSpec.router)")
+
+    def pick(self, question: str, step: int) -> tuple[FixedRouter, Route]:
+        return TaskRouter(self.bandit, self.rng, greedy=step < 0).pick(question)
+
+    def _log(self, episodes: Sequence[Episode]) -> tuple[FloatArray, IntArray, FloatArray]:
+        log = bandit_log(episodes, self.bandit.arms, self.config.cost_weight, self.scale)
+        return log.features_N_D, log.arms_N, log.rewards_N
 
 
 def _same_vocabulary(name: str, theirs: Any, ours: Any) -> None:

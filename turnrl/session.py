@@ -186,6 +186,7 @@ class Session:
             tuple(self.extra_tools),
             policy_for=self.policy_for,
             route_spec=None if self.routing is None else self.routing.route_spec,
+            learn_routes=None if self.routing is None else self.routing.learn,
             metrics=self.config.task.metrics,
         )
 

@@ -371,6 +371,10 @@ def run_train(
                 if loaded or s.sync.version != s.learner.version:
                     await s.sync.begin_update()
                     await s.sync.end_update(s.learner.version)
+                if s.routing is not None:
+                    # A learned router is its logged decisions: refit from the stored steps.
+                    for step in range(len(s.stored.rows)):
+                        s.routing.learn(s.stored.steps.get(step, []))
                 await relearn_unsaved(s)
                 if config.train.mode == "async":
                     from turnrl.async_loop import train_async
@@ -504,6 +508,8 @@ def run_eval(config: RunConfig, console: Console, checkpoint: Path | None) -> di
         async def main() -> dict[str, float]:
             try:
                 await s.open_tools()
+                if s.routing is not None and s.routing.learned is not None:
+                    _refit_router(s)
                 summary = await evaluate(s, "eval")
                 if config.models:
                     # Each model alone on the same items: the boundaries of the plane.
@@ -520,6 +526,21 @@ def run_eval(config: RunConfig, console: Console, checkpoint: Path | None) -> di
             runs |= {f"always {n}": s.evaluations[boundary_tag(n)] for n in config.models}
             report_frontier(console, config.run_dir, runs)
     return summary
+
+
+def _refit_router(s: Session) -> None:
+    """A learned router is its logged decisions: refit it from the training steps stored in
+    the run folder (none: it evaluates untrained, and says so)."""
+    assert s.routing is not None and s.routing.learned is not None
+    steps = read_run(s.store).steps
+    for step in sorted(steps):
+        s.routing.learn(steps[step])
+    n = s.routing.learned.decisions
+    s.console.print(
+        f"[bold]router[/]: refitted on {n} logged decisions of {len(steps)} training steps"
+        if n
+        else "[bold]router[/]: no training steps in the run folder: it evaluates untrained"
+    )
 
 
 def follow_run(config: RunConfig, ranks: Ranks, console: Console) -> FollowReport:

@@ -309,7 +309,8 @@ class _Loop:
             measure, episodes, items, self.config, self.learner, self.encode
         )
         lap("measure")
-        scored = score_episodes(episodes, self.config)
+        score = self.r.score
+        scored = score_episodes(episodes, self.config) if score is None else score(episodes)
         lap("score")
         store_episodes(self.store, scored.episodes, self.resumed.stored)
         lap("store")

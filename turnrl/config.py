@@ -40,6 +40,7 @@ from turnrl.agent.routing_config import (
     FixedRouterConfig,
     PricedModel,
 )
+from turnrl.bopo_config import BoundaryTrainingConfig
 from turnrl.rl.bandit_config import LearnedRouterConfig, TaskBanditConfig
 from turnrl.rl.estimator_config import EstimatorConfig, GrpoConfig, needs_values
 from turnrl.rl.learner_config import LearnerConfig
@@ -186,6 +187,19 @@ class RunConfig(_Config):
     Exactly one is `{kind: trained}`: the run's `model`, the only one trained on."""
     router: RouterConfig | None = None
     """Which of `models` writes each turn; needed exactly when `models` is given."""
+    boundary: BoundaryTrainingConfig | None = None
+    """Boundary-guided training (BoPO, `turnrl.bopo`) of a `delegate`-routed run: boundary
+    runs, a routed warm start, then RL on boundary-relative rewards with the reference-guided
+    advantage (replacing `rewards` and `train.estimator`); None trains as configured there."""
+
+    @model_validator(mode="after")
+    def _boundary_needs_a_delegate_router(self) -> RunConfig:
+        if self.boundary is not None and not isinstance(self.router, DelegateRouterConfig):
+            raise ValueError(
+                "boundary: BoPO trains the policy's own routing decisions: set router "
+                "{kind: delegate, to: <the expensive model>}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _routing_is_whole(self) -> RunConfig:

@@ -78,6 +78,8 @@ class Rollouts:
     learn_routes: Callable[[Sequence[Episode]], dict[str, float]] | None = None
     """A routed run's learned router, trained on each step's scored episodes (their logged
     decisions); the metrics it returns join the step's row."""
+    score: Callable[[Sequence[Episode]], Scored] | None = None
+    """Scoring in place of `rewards` and `train.estimator` (BoPO's, `turnrl.bopo`)."""
     metrics: Sequence[str] = ()
     """The metrics the suite's grader emits: an episode whose grader raised scores 0 on each
     (with `grader_error`), so rewards that read them still find them."""
@@ -338,7 +340,7 @@ async def train_step(
     episodes = await asyncio.to_thread(measure, episodes, items, config, learner, encode)
     lap("measure")
     hooks.stage("score")
-    scored = score_episodes(episodes, config)
+    scored = score_episodes(episodes, config) if r.score is None else r.score(episodes)
     lap("score")
     hooks.stage("store")
     store_episodes(store, scored.episodes, resumed.stored)

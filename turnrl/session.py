@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import gc
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +43,7 @@ from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.agent.store import RunStore
 from turnrl.agent.vllm_policy import VLLMPolicy
 from turnrl.config import ModelConfig, RunConfig
-from turnrl.loop import Rollouts
+from turnrl.loop import Rollouts, Scored
 from turnrl.openai_backend import OpenAIBackend
 from turnrl.resume import RunProgress, StoredRun
 from turnrl.rl.learner import Learner
@@ -123,6 +123,9 @@ class Session:
     """What a killed run left in the store, when this session resumes it (else empty)."""
     routing: RunRouting | None = None
     """The priced models and router of a routed run (`models:`); None for one policy."""
+    score: Callable[[Sequence[Episode]], Scored] | None = None
+    """The RL steps' scoring in place of `rewards` and `train.estimator` (BoPO's, set by
+    its stage); None scores as configured."""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def open_tools(self) -> None:
@@ -166,27 +169,40 @@ class Session:
         self.learner = self.new_learner(self.config.learner, version)
         return self.learner
 
-    def runner(self, temperature: float, router: StepRouter | None = None) -> EpisodeRunner:
-        """The episode runner at `temperature`; `router` replaces a routed run's router."""
+    def runner(
+        self, temperature: float, router: StepRouter | None = None, routed: bool = True
+    ) -> EpisodeRunner:
+        """The episode runner at `temperature`; `router` replaces a routed run's router, and
+        `routed=False` runs the trained policy alone (a warm start's trajectories)."""
         sampling = SamplingParams(temperature=temperature, top_p=self.config.sampling.top_p)
         tools = [*self.suite.tools(), *self.extra_tools]
-        routing = None if self.routing is None else self.routing.routing
+        routing = None if self.routing is None or not routed else self.routing.routing
+        if not routed and self.routing is not None:
+            tools = [t for t in tools if t not in self.routing.tools]
         if routing is not None and router is not None:
             routing = dataclasses.replace(routing, router=router)
         return EpisodeRunner(
             self.policy, self.renderer, tools, self.config.budget, sampling, routing=routing
         )
 
-    def rollouts(self, temperature: float, router: StepRouter | None = None) -> Rollouts:
-        """The rollout stage's inputs at `temperature` (`router`: as in `runner`)."""
+    def rollouts(
+        self, temperature: float, router: StepRouter | None = None, routed: bool = True
+    ) -> Rollouts:
+        """The rollout stage's inputs at `temperature` (`router`, `routed`: as in `runner`)."""
+        routing = self.routing if routed else None
+        runner = self.runner(temperature, router, routed)
+        extra = list(self.extra_tools)
+        if self.routing is not None and not routed:  # the routing action goes with routing
+            extra = [t for t in extra if t not in self.routing.tools]
         return Rollouts(
-            self.runner(temperature, router),
+            runner,
             self.suite,
             self.config.concurrency,
-            tuple(self.extra_tools),
+            tuple(extra),
             policy_for=self.policy_for,
-            route_spec=None if self.routing is None else self.routing.route_spec,
-            learn_routes=None if self.routing is None else self.routing.learn,
+            route_spec=None if routing is None else routing.route_spec,
+            learn_routes=None if routing is None else routing.learn,
+            score=self.score,
             metrics=self.config.task.metrics,
         )
 
@@ -246,7 +262,7 @@ def open_session(
         policy = backend.policy
         if train:
             model = load_model(path)
-            if config.warm_start is None:
+            if config.warm_start is None and config.boundary is None:
                 learner = new_learner(model, config.learner, ranks)
     elif config.model.kind == "openai":
         api = OpenAIBackend(config.model, renderer, config.seed)
@@ -266,7 +282,7 @@ def open_session(
         # With a warm start, the RL learner is built after it (`Session.start_learner`): its
         # KL reference and LoRA adapters belong to the warm-started weights. The policy samples
         # with `model` itself; both learners train it in place (peft injects into it).
-        if train and config.warm_start is None:
+        if train and config.warm_start is None and config.boundary is None:
             learner = new_learner(model, config.learner, ranks)
         policy = HFPolicy(
             model,

@@ -81,6 +81,7 @@ from turnrl.sft import (
 )
 from turnrl.sft_config import WarmStartConfig
 from turnrl.suites import oracle_policies
+from turnrl.tasks.base import TaskItem
 
 RL_SEED_OFFSET = 7919
 """The RL phase reseeds torch's generator with `seed + RL_SEED_OFFSET` (a prime: no other stage
@@ -174,17 +175,23 @@ async def relearn_unsaved(s: Session) -> None:
         _save_state(s, step)
 
 
+def rl_plan(s: Session) -> list[list[TaskItem]]:
+    """Each RL step's train items: a seeded sequence, the same on every resume."""
+    cfg = s.config
+    train_items = list(s.suite.items("train"))
+    rng = random.Random(cfg.seed)
+    return [
+        rng.sample(train_items, min(cfg.train.tasks_per_step, len(train_items)))
+        for _ in range(cfg.train.steps)
+    ]
+
+
 async def train_steps(s: Session) -> list[dict[str, float]]:
     """The synchronous RL loop; returns the metrics rows of the steps it takes (also appended
     to the store). A resumed run continues from the first step without a metrics row."""
     assert s.learner is not None
     cfg = s.config
-    train_items = list(s.suite.items("train"))
-    rng = random.Random(cfg.seed)
-    plan = [
-        rng.sample(train_items, min(cfg.train.tasks_per_step, len(train_items)))
-        for _ in range(cfg.train.steps)
-    ]
+    plan = rl_plan(s)
     rollouts = s.rollouts(cfg.sampling.temperature)
     rows: list[dict[str, float]] = []
     for step in range(len(s.stored.rows), cfg.train.steps):
@@ -271,7 +278,8 @@ async def run_warm_start(s: Session) -> WarmStartReport:
     s.console.print("[bold]warm start[/]: collecting trajectories")
     data = await collect(
         ws,
-        rollouts_at=s.rollouts,
+        # The warm start clones the trained policy's own turns: its rollouts are not routed.
+        rollouts_at=lambda t: s.rollouts(t, routed=False),
         oracle=oracle_policies(s.suite, s.renderer, eot),
         suite=s.suite,
         temperature=cfg.sampling.temperature,
@@ -358,6 +366,9 @@ def run_train(
                     if with_eval:
                         out["warm"] = await _stage_eval(s, "eval-warm")
                         lap("eval-warm")
+                if config.boundary is not None:
+                    version = await _boundary_stage(s, version)
+                    lap("boundary")
                 # RL starts from a seed of its own, not from whatever the stages before it
                 # drew: a resumed run skips its finished stages (and their draws), and must
                 # still build the learner (a value head's init) and step it as the whole run.
@@ -434,6 +445,20 @@ async def _warm_start_stage(s: Session) -> int:
         shutil.rmtree(partial, ignore_errors=True)
     version = (await run_warm_start(s)).version
     s.progress = mark(run_dir, s.progress, "warm-start", warm_start_version=version)
+    return version
+
+
+async def _boundary_stage(s: Session, version: int) -> int:
+    """BoPO's stage (`turnrl.bopo`); its table scores the RL steps. Returns the version RL
+    continues from."""
+    from turnrl.bopo import bopo_scored, run_boundary_stage
+
+    cfg = s.config
+    assert cfg.boundary is not None
+    items = list({it.id: it for step in rl_plan(s) for it in step}.values())
+    table, version = await run_boundary_stage(s, items, version)
+    boundary, metric = cfg.boundary, cfg.rewards.success_metric
+    s.score = lambda episodes: bopo_scored(episodes, table, boundary, metric)
     return version
 
 

@@ -129,3 +129,31 @@ def test_a_learned_router_logs_its_propensities_and_learns_each_step(
     )
     assert all(g is not None and g.propensity == 1.0 for g in greedy)
     assert len(out["rows"]) == 2
+
+
+def test_eval_of_a_bandit_router_sets_its_off_policy_estimates_beside_its_value(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "bandit"
+    config = _config(
+        run_dir,
+        {"kind": "bandit", "exploration": {"kind": "epsilon_greedy", "epsilon": 0.5}},
+        **{"eval.n_items": 4},
+    )
+    run_train(config, Console(width=120, record=True), with_eval=False)  # type: ignore[arg-type]
+    console = Console(width=160, record=True)
+    run_eval(config, console, None)  # type: ignore[arg-type]
+    assert "refitted on" in console.export_text()
+    with RunStore.open_readonly(run_dir) as store:
+        episodes = list(store.episodes())
+    explored = [e for e in episodes if e.group_id.startswith("eval-explore/")]
+    greedy = [e for e in episodes if e.group_id.startswith("eval/")]
+    assert len(explored) == len(greedy) == 4
+    assert {e.task_id for e in explored} == {e.task_id for e in greedy}
+    assert all(e.route is not None and e.route.propensity == 1.0 for e in greedy)
+    assert all(e.route is not None and 0 < e.route.propensity < 1 for e in explored)
+    ope = json.loads((run_dir / "eval.ope.json").read_text())
+    assert set(ope) == {"on_policy", "ips", "snips", "dr"}
+    assert ope["on_policy"]["n"] == 4
+    for name in ("ips", "snips", "dr"):
+        assert ope[name]["low"] <= ope[name]["value"] <= ope[name]["high"]

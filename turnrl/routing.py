@@ -180,6 +180,13 @@ class LearnedRouting(ABC):
         self.rng = np.random.default_rng(seed)
         self.scale = usd_scale(limits)
         self.decisions = 0
+        self.explore_in_eval = False
+        """Explore in evaluation too (a logging pass for off-policy evaluation)."""
+
+    def greedy(self, step: int) -> bool:
+        """Whether a decision of an episode of `step` is greedy: in evaluation (step -1),
+        unless exploring there for a log."""
+        return step < 0 and not self.explore_in_eval
 
     @abstractmethod
     def _log(self, episodes: Sequence[Episode]) -> tuple[FloatArray, IntArray, FloatArray]:
@@ -220,7 +227,7 @@ class StepRouting(LearnedRouting):
         super().__init__(config, start.bandit, seed, limits)
 
     def choose(self, view: RouteView) -> Route:
-        router = LearnedStepRouter(self.bandit, self.rng, greedy=view.step < 0)
+        router = LearnedStepRouter(self.bandit, self.rng, greedy=self.greedy(view.step))
         return router.choose(view)
 
     def _log(self, episodes: Sequence[Episode]) -> tuple[FloatArray, IntArray, FloatArray]:
@@ -245,7 +252,7 @@ class TaskRouting(LearnedRouting):
         raise RoutingError("a task-level router picks per episode (EpisodeSpec.router)")
 
     def pick(self, question: str, step: int) -> tuple[FixedRouter, Route]:
-        return TaskRouter(self.bandit, self.rng, greedy=step < 0).pick(question)
+        return TaskRouter(self.bandit, self.rng, greedy=self.greedy(step)).pick(question)
 
     def _log(self, episodes: Sequence[Episode]) -> tuple[FloatArray, IntArray, FloatArray]:
         log = bandit_log(episodes, self.bandit.arms, self.config.cost_weight, self.scale)

@@ -27,6 +27,13 @@ from turnrl.frontier import (
     summarize,
     to_json,
 )
+from turnrl.rl.bandit import BanditRouter
+from turnrl.rl.step_router import episode_reward, scored
+from turnrl.rl.task_router import bandit_log, ope_estimates
+from turnrl.stats import mean_estimate
+
+EXPLORE_TAG = "eval-explore"
+"""The tag of a bandit router's exploring pass (the log off-policy evaluation reads)."""
 
 BUDGET_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5)
 """The budget sweep, as fractions of the most expensive policy's mean cost per episode."""
@@ -62,3 +69,45 @@ def report_frontier(
     if plot is not None:
         console.print(f"cost–success plane: {plot}")
     return summaries
+
+
+def report_ope(
+    console: Console,
+    run_dir: Path,
+    router: BanditRouter,
+    logged: Sequence[Episode],
+    greedy: Sequence[Episode],
+    cost_weight: float,
+    usd_scale: float,
+    success_metric: str,
+) -> dict[str, dict[str, float]]:
+    """Off-policy estimates (IPS, SNIPS, DR) of the greedy bandit router's mean reward from
+    the exploring pass `logged`, beside its on-policy mean reward on the same items
+    (`greedy`), each with its 95% interval; written as `eval.ope.json`."""
+    log = bandit_log(logged, router.arms, cost_weight, usd_scale, success_metric, router)
+    report = ope_estimates(log, router, greedy=True)
+    rewards = [
+        episode_reward(e, success_metric, cost_weight, usd_scale) for e in greedy if scored(e)
+    ]
+    on = mean_estimate(rewards)
+    table = Table(title="Bandit router: off-policy estimates vs on-policy (mean reward, 95%)")
+    for column in ("estimate", "value", "interval", "within on-policy interval"):
+        table.add_column(column, justify="left" if column == "estimate" else "right")
+    out = {"on_policy": {"value": on.value, "low": on.low, "high": on.high, "n": len(rewards)}}
+    table.add_row("on-policy (greedy)", f"{on.value:.3f}", f"[{on.low:.3f}, {on.high:.3f}]", "")
+    for name, est in (("IPS", report.ips), ("SNIPS", report.snips), ("DR", report.dr)):
+        if est is None:
+            continue
+        inside = on.low <= est.value <= on.high
+        table.add_row(
+            name, f"{est.value:.3f}", f"[{est.low:.3f}, {est.high:.3f}]", "yes" if inside else "no"
+        )
+        out[name.lower()] = {
+            "value": est.value,
+            "low": est.low,
+            "high": est.high,
+            "within_on_policy": float(inside),
+        }
+    console.print(table)
+    (run_dir / "eval.ope.json").write_text(json.dumps(out, indent=1, allow_nan=False))
+    return out

@@ -69,7 +69,8 @@ from turnrl.resume import (
 )
 from turnrl.rl.distributed import torch_world_size
 from turnrl.rl.ranks import FollowReport, Ranks, finish, follow, join
-from turnrl.routing_eval import boundary_tag, report_frontier
+from turnrl.routing import TaskRouting
+from turnrl.routing_eval import EXPLORE_TAG, boundary_tag, report_frontier, report_ope
 from turnrl.session import Session, model_dir, open_session
 from turnrl.sft import (
     WARM_START_DIR,
@@ -540,6 +541,7 @@ def run_eval(config: RunConfig, console: Console, checkpoint: Path | None) -> di
                     # Each model alone on the same items: the boundaries of the plane.
                     for name in config.models:
                         await evaluate(s, boundary_tag(name), FixedRouter(name))
+                    await _explore_for_ope(s)
                 return summary
             finally:
                 await s.close_sandbox()
@@ -551,6 +553,31 @@ def run_eval(config: RunConfig, console: Console, checkpoint: Path | None) -> di
             runs |= {f"always {n}": s.evaluations[boundary_tag(n)] for n in config.models}
             report_frontier(console, config.run_dir, runs)
     return summary
+
+
+async def _explore_for_ope(s: Session) -> None:
+    """A task-level bandit router's off-policy check: an exploring pass over the evaluation's
+    items logs its decisions with their propensities, and the greedy router's value estimated
+    from that log is set beside its on-policy value (`routing_eval.report_ope`)."""
+    learned = None if s.routing is None else s.routing.learned
+    if not isinstance(learned, TaskRouting):
+        return
+    learned.explore_in_eval = True
+    try:
+        await evaluate(s, EXPLORE_TAG)
+    finally:
+        learned.explore_in_eval = False
+    cfg = learned.config
+    report_ope(
+        s.console,
+        s.config.run_dir,
+        learned.bandit,
+        s.evaluations[EXPLORE_TAG],
+        s.evaluations["eval"],
+        cfg.cost_weight,
+        learned.scale,
+        s.config.rewards.success_metric,
+    )
 
 
 def _refit_router(s: Session) -> None:

@@ -301,6 +301,9 @@ class Episode(Record):
     route: Route | None = None
     """A task-level router's pick of the model that ran this whole episode (with its
     propensity); None when no task-level router chose."""
+    refused_route: Route | None = None
+    """The router's choice of a turn the budget refused (the episode ended there, with
+    `budget_exhausted`): logged so that a learned router learns what that choice cost."""
     schema_version: Literal[2] = SCHEMA_VERSION
     """Version of this record's layout. Records without one are version 1 (signals as a
     string-keyed dict on the turns); `upgrade_episode` reads them."""

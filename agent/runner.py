@@ -355,6 +355,7 @@ class EpisodeRunner:
         refusal = routing.refusal(model, s.cost, b.max_cost, context_tokens, max_tokens)
         if refusal is not None:
             s.stop(StopReason.BUDGET_EXHAUSTED, f"turn {index}: {refusal}")
+            s.refused_route = route
             return None
         return model, route
 
@@ -514,6 +515,8 @@ class _State:
         self.answer: str | None = None
         self.stop_reason: StopReason | None = None
         self.error: str | None = None
+        self.refused_route: Route | None = None
+        """The router's choice of the turn the budget refused."""
         self.notes: list[str] = []
         """Replay mismatches of a branched episode (they end up in `Episode.error`)."""
 
@@ -541,4 +544,5 @@ class _State:
             wall_s=now - self.start,
             step=self.spec.step,
             route=self.spec.route,
+            refused_route=self.refused_route,
         )

@@ -13,8 +13,8 @@ Credit. A decision's reward is its episode's: success minus `cost_weight` times 
 `model_usd` cost over `usd_scale` (`episode_reward`), given whole to every decision of the
 episode: a Monte-Carlo return without discount, so each decision is credited with what the
 episode it was part of earned, the other decisions' effects included (their noise averages out
-over episodes; per-decision credit is what a value model would add). Decisions whose turn was
-refused by the budget never became turns and are not in the logs.
+over episodes; per-decision credit is what a value model would add). A decision whose turn the
+budget refused is logged on its episode (`Episode.refused_route`) and counts like the others.
 
 Evaluation (`greedy`): the router takes the arm of highest predicted reward (lowest index on
 ties) and logs what it actually did: propensity 1 and one-hot probabilities, so a greedy log
@@ -232,9 +232,10 @@ def step_decisions(
     propensities: list[float] = []
     episode_rows: list[int] = []
     for e_i, episode in enumerate(episodes):
-        routes = [
-            t.route for t in episode.turns if t.route is not None and t.route.router == ROUTER
-        ]
+        # The turns' choices, and the choice of a turn the budget refused (it ended the
+        # episode: its reward is what that choice earned).
+        chosen = [t.route for t in episode.turns] + [episode.refused_route]
+        routes = [r for r in chosen if r is not None and r.router == ROUTER]
         if not routes or not scored(episode):
             continue
         reward = episode_reward(episode, success_metric, cost_weight, usd_scale)

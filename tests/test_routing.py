@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from turnrl.agent.budget import Budget
 from turnrl.agent.chat import ChatML
 from turnrl.agent.policy import SamplingParams
-from turnrl.agent.records import Episode, StopReason
+from turnrl.agent.records import Episode, Route, StopReason
 from turnrl.agent.routing import (
     DelegateRouter,
     DelegateTool,
@@ -30,6 +30,7 @@ from turnrl.agent.scripted import ScriptedPolicy
 from turnrl.config import RunConfig
 from turnrl.rl.advantages import turn_batch
 from turnrl.rl.batch import build_token_batch
+from turnrl.rl.step_router import step_decisions
 
 TOK = CharTokenizer()
 SEARCH = '<tool_call>{"name": "echo", "arguments": {"text": "hi"}}</tool_call><|im_end|>'
@@ -122,6 +123,19 @@ def test_a_turn_that_would_go_just_over_is_refused() -> None:
     assert len(ep.turns) == 1 and len(big.prompts) == 1  # turn 1 never reached the model
     assert ep.error is not None and "turn 1: turn refused" in ep.error
     assert ep.cost["model_usd"] == pytest.approx(0.25)
+    # The refused choice is logged: a learned router learns what it cost.
+    assert ep.refused_route is not None and ep.refused_route.model == "big"
+    learned = Route(model="big", router="learned", propensity=0.5, features=[0.0] * 10)
+    logged = ep.model_copy(
+        update={
+            "refused_route": learned,
+            "turns": [t.model_copy(update={"route": learned}) for t in ep.turns],
+            "outcome": {"correct": 0.0},
+        }
+    )
+    log = step_decisions([logged], ["small", "big"], cost_weight=1.0, usd_scale=1.0)
+    # Two decisions (the turn's, the refused one), each rewarded 0 - 1.0 * 0.25 / 1.0.
+    assert log.arms_N.tolist() == [1, 1] and log.rewards_N.tolist() == [-0.25, -0.25]
 
 
 def test_the_bound_counts_the_turns_token_limit() -> None:

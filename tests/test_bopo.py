@@ -15,6 +15,7 @@ from turnrl.bopo import CHEAP, EXPENSIVE, REWARD, SFT, TaskBoundary, bopo_scored
 from turnrl.bopo_config import BoundaryTrainingConfig
 from turnrl.config import load_config
 from turnrl.rl.boundary_config import Difficulty, NoReference
+from turnrl.replay import replay
 from turnrl.train import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,3 +152,8 @@ def test_a_bopo_run_places_tasks_warm_starts_on_routed_trajectories_and_trains(
     # RL scored with BoPO's reward on each episode's last turn.
     train = by_tag["s0"]
     assert train and all(set(e.turns[-1].rewards) == {REWARD} for e in train)
+    # Replay rebuilds the table from the stored boundary runs: the same advantages.
+    replayed = replay(run_dir)
+    assert replayed["turns_compared"] > 0 and replayed["advantages_differing"] == 0
+    # Scored as configured instead (GRPO), they differ: the comparison can fail.
+    assert replay(run_dir, estimator="grpo")["advantages_differing"] > 0

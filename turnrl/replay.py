@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,37 @@ async def _regrade(
             await sandbox.close()
 
 
+def _scorer(
+    config: RunConfig,
+    as_run: bool,
+    episodes: list[Episode],
+    outcomes: dict[str, dict[str, float]],
+) -> Callable[[list[Episode]], tuple[list[Episode], list[float]]]:
+    """How a step is scored again: as the run did (BoPO's boundary-relative scoring, its
+    table rebuilt from the stored boundary runs, regraded), or with the configured rewards
+    and estimator (any run, and a BoPO run re-scored with other settings)."""
+    boundary = config.boundary
+    if boundary is None or not as_run:
+        return lambda graded: score(graded, config.rewards, config.train.estimator)
+    from turnrl.bopo import CHEAP, EXPENSIVE, bopo_scored, boundary_table
+
+    def side(tag: str) -> list[Episode]:
+        return [
+            e.model_copy(update={"outcome": outcomes[e.episode_id]})
+            for e in episodes
+            if e.group_id.startswith(f"{tag}/")
+        ]
+
+    metric = config.rewards.success_metric
+    table = boundary_table(side(CHEAP), side(EXPENSIVE), metric, boundary.taxonomy.solve_threshold)
+
+    def rescore(graded: list[Episode]) -> tuple[list[Episode], list[float]]:
+        scored = bopo_scored(graded, table, boundary, metric)
+        return scored.episodes, scored.returns
+
+    return rescore
+
+
 def replay(
     run_dir: Path,
     estimator: str | dict[str, Any] | None = None,
@@ -138,6 +170,9 @@ def replay(
     by_step: dict[int, list[Episode]] = defaultdict(list)
     for e in episodes:
         by_step[e.step].append(e)
+    rescore = _scorer(
+        config, estimator is None and reward_weights is None, episodes, regraded_by_id
+    )
     steps: list[dict[str, float]] = []
     mismatched = compared = regraded = 0
     for step in sorted(by_step):
@@ -149,7 +184,7 @@ def replay(
             graded.append(e.model_copy(update={"outcome": outcome}))
         row = {"step": float(step), **summarize(graded)}
         if step >= 0:
-            rescored, returns = score(graded, config.rewards, config.train.estimator)
+            rescored, returns = rescore(graded)
             row["reward"] = sum(returns) / len(returns)
             for old, new in zip(stored, rescored, strict=True):
                 for t_old, t_new in zip(old.turns, new.turns, strict=True):

@@ -14,8 +14,8 @@ from turnrl.agent.store import RunStore
 from turnrl.bopo import CHEAP, EXPENSIVE, REWARD, SFT, TaskBoundary, bopo_scored, boundary_table
 from turnrl.bopo_config import BoundaryTrainingConfig
 from turnrl.config import load_config
-from turnrl.rl.boundary_config import Difficulty, NoReference
 from turnrl.replay import replay
+from turnrl.rl.boundary_config import Difficulty, NoReference
 from turnrl.train import run_train
 
 ROOT = Path(__file__).resolve().parents[1]

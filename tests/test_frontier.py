@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -216,9 +215,10 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_without_matplotlib_returns_none(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises
-    assert plot_frontier(tmp_path / "plane.png", [_flat("a", 2, 1, 1.0)], "model_usd") is None
-    assert not (tmp_path / "plane.png").exists()
+def test_plot_takes_a_perfect_success_rate(tmp_path: Path) -> None:
+    # Regression: the Wilson interval of 100/100 ends at 0.9999999999999999, a rounding error
+    # below its value, which made a negative error bar that matplotlib refused.
+    pytest.importorskip("matplotlib")
+    perfect = _flat("always big", 100, 100, 2.0)
+    assert perfect.success.high < perfect.success.value
+    assert plot_frontier(tmp_path / "plane.png", [perfect], "model_usd") is not None

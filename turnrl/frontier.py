@@ -313,10 +313,14 @@ def plot_frontier(path: Path, summaries: Sequence[CostSuccess], kind: str) -> Pa
         mean, rate = s.cost(kind).mean, s.success
         if math.isnan(mean.value):
             continue
+        # Clamped at 0: an interval's end can fall a rounding error inside its value (a
+        # Wilson interval's upper end at a success rate of 1), which matplotlib refuses.
         xerr = (
-            [[mean.value - mean.low], [mean.high - mean.value]] if math.isfinite(mean.low) else None
+            [[max(0.0, mean.value - mean.low)], [max(0.0, mean.high - mean.value)]]
+            if math.isfinite(mean.low)
+            else None
         )
-        yerr = [[rate.value - rate.low], [rate.high - rate.value]]
+        yerr = [[max(0.0, rate.value - rate.low)], [max(0.0, rate.high - rate.value)]]
         on = any(s is f for f in front)
         ax.errorbar(
             mean.value,

@@ -312,3 +312,15 @@ async def _train_routed(s: Session, episodes: Sequence[Episode], version: int) -
         + (f"steps, nll {nll[0]:.3f} -> {nll[-1]:.3f}" if nll else "steps")
     )
     return learner.version
+
+
+async def boundary_stage(s: Session, version: int) -> int:
+    """The stage on the RL steps' items (`Session.rl_plan`); its table then scores the RL
+    steps (`Session.score`). Returns the version RL continues from."""
+    cfg = s.config
+    assert cfg.boundary is not None
+    items = list({it.id: it for step in s.rl_plan() for it in step}.values())
+    table, version = await run_boundary_stage(s, items, version)
+    boundary, metric = cfg.boundary, cfg.rewards.success_metric
+    s.score = lambda episodes: bopo_scored(episodes, table, boundary, metric)
+    return version

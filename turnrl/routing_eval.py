@@ -27,9 +27,11 @@ from turnrl.frontier import (
     summarize,
     to_json,
 )
+from turnrl.resume import read_run
 from turnrl.rl.bandit import BanditRouter
 from turnrl.rl.step_router import episode_reward, scored
 from turnrl.rl.task_router import bandit_log, ope_estimates
+from turnrl.session import Session
 from turnrl.stats import mean_estimate
 
 EXPLORE_TAG = "eval-explore"
@@ -111,3 +113,18 @@ def report_ope(
     console.print(table)
     (run_dir / "eval.ope.json").write_text(json.dumps(out, indent=1, allow_nan=False))
     return out
+
+
+def refit_router(s: Session) -> None:
+    """A learned router is its logged decisions: refit it from the training steps stored in
+    the run folder (none: it evaluates untrained, and says so)."""
+    assert s.routing is not None and s.routing.learned is not None
+    steps = read_run(s.store).steps
+    for step in sorted(steps):
+        s.routing.learn(steps[step])
+    n = s.routing.learned.decisions
+    s.console.print(
+        f"[bold]router[/]: refitted on {n} logged decisions of {len(steps)} training steps"
+        if n
+        else "[bold]router[/]: no training steps in the run folder: it evaluates untrained"
+    )

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import random
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -168,6 +169,16 @@ class Session:
         warm start's steps), so policy versions only ever grow."""
         self.learner = self.new_learner(self.config.learner, version)
         return self.learner
+
+    def rl_plan(self) -> list[list[TaskItem]]:
+        """Each RL step's train items: a seeded sequence, the same on every resume."""
+        cfg = self.config
+        train_items = list(self.suite.items("train"))
+        rng = random.Random(cfg.seed)
+        return [
+            rng.sample(train_items, min(cfg.train.tasks_per_step, len(train_items)))
+            for _ in range(cfg.train.steps)
+        ]
 
     def runner(
         self, temperature: float, router: StepRouter | None = None, routed: bool = True

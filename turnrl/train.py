@@ -13,7 +13,6 @@ learner call (`turnrl.rl.ranks`).
 from __future__ import annotations
 
 import asyncio
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -70,7 +69,13 @@ from turnrl.resume import (
 from turnrl.rl.distributed import torch_world_size
 from turnrl.rl.ranks import FollowReport, Ranks, finish, follow, join
 from turnrl.routing import TaskRouting
-from turnrl.routing_eval import EXPLORE_TAG, boundary_tag, report_frontier, report_ope
+from turnrl.routing_eval import (
+    EXPLORE_TAG,
+    boundary_tag,
+    refit_router,
+    report_frontier,
+    report_ope,
+)
 from turnrl.session import Session, model_dir, open_session
 from turnrl.sft import (
     WARM_START_DIR,
@@ -82,7 +87,6 @@ from turnrl.sft import (
 )
 from turnrl.sft_config import WarmStartConfig
 from turnrl.suites import oracle_policies
-from turnrl.tasks.base import TaskItem
 
 RL_SEED_OFFSET = 7919
 """The RL phase reseeds torch's generator with `seed + RL_SEED_OFFSET` (a prime: no other stage
@@ -176,23 +180,12 @@ async def relearn_unsaved(s: Session) -> None:
         _save_state(s, step)
 
 
-def rl_plan(s: Session) -> list[list[TaskItem]]:
-    """Each RL step's train items: a seeded sequence, the same on every resume."""
-    cfg = s.config
-    train_items = list(s.suite.items("train"))
-    rng = random.Random(cfg.seed)
-    return [
-        rng.sample(train_items, min(cfg.train.tasks_per_step, len(train_items)))
-        for _ in range(cfg.train.steps)
-    ]
-
-
 async def train_steps(s: Session) -> list[dict[str, float]]:
     """The synchronous RL loop; returns the metrics rows of the steps it takes (also appended
     to the store). A resumed run continues from the first step without a metrics row."""
     assert s.learner is not None
     cfg = s.config
-    plan = rl_plan(s)
+    plan = s.rl_plan()
     rollouts = s.rollouts(cfg.sampling.temperature)
     rows: list[dict[str, float]] = []
     for step in range(len(s.stored.rows), cfg.train.steps):
@@ -368,7 +361,9 @@ def run_train(
                         out["warm"] = await _stage_eval(s, "eval-warm")
                         lap("eval-warm")
                 if config.boundary is not None:
-                    version = await _boundary_stage(s, version)
+                    from turnrl.bopo import boundary_stage
+
+                    version = await boundary_stage(s, version)
                     lap("boundary")
                 # RL starts from a seed of its own, not from whatever the stages before it
                 # drew: a resumed run skips its finished stages (and their draws), and must
@@ -449,20 +444,6 @@ async def _warm_start_stage(s: Session) -> int:
     return version
 
 
-async def _boundary_stage(s: Session, version: int) -> int:
-    """BoPO's stage (`turnrl.bopo`); its table scores the RL steps. Returns the version RL
-    continues from."""
-    from turnrl.bopo import bopo_scored, run_boundary_stage
-
-    cfg = s.config
-    assert cfg.boundary is not None
-    items = list({it.id: it for step in rl_plan(s) for it in step}.values())
-    table, version = await run_boundary_stage(s, items, version)
-    boundary, metric = cfg.boundary, cfg.rewards.success_metric
-    s.score = lambda episodes: bopo_scored(episodes, table, boundary, metric)
-    return version
-
-
 def _resuming(s: Session) -> str:
     run, p = s.stored, s.progress
     return (
@@ -535,7 +516,7 @@ def run_eval(config: RunConfig, console: Console, checkpoint: Path | None) -> di
             try:
                 await s.open_tools()
                 if s.routing is not None and s.routing.learned is not None:
-                    _refit_router(s)
+                    refit_router(s)
                 summary = await evaluate(s, "eval")
                 if config.models:
                     # Each model alone on the same items: the boundaries of the plane.
@@ -577,21 +558,6 @@ async def _explore_for_ope(s: Session) -> None:
         cfg.cost_weight,
         learned.scale,
         s.config.rewards.success_metric,
-    )
-
-
-def _refit_router(s: Session) -> None:
-    """A learned router is its logged decisions: refit it from the training steps stored in
-    the run folder (none: it evaluates untrained, and says so)."""
-    assert s.routing is not None and s.routing.learned is not None
-    steps = read_run(s.store).steps
-    for step in sorted(steps):
-        s.routing.learn(steps[step])
-    n = s.routing.learned.decisions
-    s.console.print(
-        f"[bold]router[/]: refitted on {n} logged decisions of {len(steps)} training steps"
-        if n
-        else "[bold]router[/]: no training steps in the run folder: it evaluates untrained"
     )
 
 

@@ -156,9 +156,10 @@ def _router(config: RunConfig, trained: str, models: Mapping[str, RoutedModel]) 
     if isinstance(r, DelegateRouterConfig):
         return DelegateRouter(trained, r.to, r.tool_name)
     arms = tuple(models)
+    limits, metric = config.budget.max_cost, config.rewards.success_metric
     if isinstance(r, LearnedRouterConfig):
-        return StepRouting(r, arms, config.seed, config.budget.max_cost)
-    return TaskRouting(r, arms, config.seed, config.budget.max_cost)
+        return StepRouting(r, arms, config.seed, limits, metric)
+    return TaskRouting(r, arms, config.seed, limits, metric)
 
 
 class LearnedRouting(ABC):
@@ -171,8 +172,11 @@ class LearnedRouting(ABC):
         bandit: BanditRouter,
         seed: int,
         limits: Mapping[str, float],
+        success_metric: str,
     ) -> None:
         self.config = config
+        self.success_metric = success_metric
+        """The grader's metric a decision's reward counts as success."""
         self.bandit = bandit
         """The current generation (every logged decision so far)."""
         self.generations: list[BanditRouter] = [bandit]
@@ -222,16 +226,19 @@ class StepRouting(LearnedRouting):
         arms: tuple[str, ...],
         seed: int,
         limits: Mapping[str, float],
+        success_metric: str,
     ) -> None:
         start = LearnedStepRouter.new(config, arms, np.random.default_rng(seed))
-        super().__init__(config, start.bandit, seed, limits)
+        super().__init__(config, start.bandit, seed, limits, success_metric)
 
     def choose(self, view: RouteView) -> Route:
         router = LearnedStepRouter(self.bandit, self.rng, greedy=self.greedy(view.step))
         return router.choose(view)
 
     def _log(self, episodes: Sequence[Episode]) -> tuple[FloatArray, IntArray, FloatArray]:
-        log = step_decisions(episodes, self.bandit.arms, self.config.cost_weight, self.scale)
+        log = step_decisions(
+            episodes, self.bandit.arms, self.config.cost_weight, self.scale, self.success_metric
+        )
         return log.features_N_D, log.arms_N, log.rewards_N
 
 
@@ -244,9 +251,10 @@ class TaskRouting(LearnedRouting):
         arms: tuple[str, ...],
         seed: int,
         limits: Mapping[str, float],
+        success_metric: str,
     ) -> None:
         start = TaskRouter.new(config, arms, np.random.default_rng(seed))
-        super().__init__(config, start.bandit, seed, limits)
+        super().__init__(config, start.bandit, seed, limits, success_metric)
 
     def choose(self, view: RouteView) -> Route:
         raise RoutingError("a task-level router picks per episode (EpisodeSpec.router)")
@@ -255,7 +263,9 @@ class TaskRouting(LearnedRouting):
         return TaskRouter(self.bandit, self.rng, greedy=self.greedy(step)).pick(question)
 
     def _log(self, episodes: Sequence[Episode]) -> tuple[FloatArray, IntArray, FloatArray]:
-        log = bandit_log(episodes, self.bandit.arms, self.config.cost_weight, self.scale)
+        log = bandit_log(
+            episodes, self.bandit.arms, self.config.cost_weight, self.scale, self.success_metric
+        )
         return log.features_N_D, log.arms_N, log.rewards_N
 
 

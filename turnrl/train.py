@@ -557,7 +557,7 @@ async def _explore_for_ope(s: Session) -> None:
         s.evaluations["eval"],
         cfg.cost_weight,
         learned.scale,
-        s.config.rewards.success_metric,
+        learned.success_metric,
     )
 
 

@@ -47,6 +47,14 @@ them when it exits."""
 
 
 @dataclass(frozen=True)
+class Reseed:
+    """Reseed torch's generator with `seed`: every rank draws the same value-head init and
+    minibatch order afterwards (rank 0 reseeds when the RL stage starts)."""
+
+    seed: int
+
+
+@dataclass(frozen=True)
 class NewLearner:
     """Build a learner over the model with `config`, continuing from `version`."""
 
@@ -88,7 +96,7 @@ class Finish:
     fingerprint: list[float]
 
 
-Order = NewLearner | Step | SftStep | MergeAdapters | Load | Finish
+Order = Reseed | NewLearner | Step | SftStep | MergeAdapters | Load | Finish
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,7 @@ class Ranks:
         box: list[object] = [None]
         dist.broadcast_object_list(box, src=0, group=self.channel)
         order = box[0]
-        if not isinstance(order, NewLearner | Step | SftStep | MergeAdapters | Load | Finish):
+        if not isinstance(order, Order):
             raise TypeError(f"rank {self.group.rank}: not an order: {order!r}")
         return order
 
@@ -169,6 +177,13 @@ def new_learner(
     return learner
 
 
+def reseed(ranks: Ranks | None, seed: int) -> None:
+    """Reseed torch's generator here and, under torchrun, on every follower."""
+    if ranks is not None:
+        ranks.send(Reseed(seed))
+    torch.manual_seed(seed)
+
+
 def finish(ranks: Ranks, model: torch.nn.Module) -> None:
     """Rank 0: end the followers' loop, sending its weights' fingerprint."""
     ranks.send(Finish(fingerprint(model)))
@@ -191,7 +206,9 @@ def follow(ranks: Ranks, model: PreTrainedModel) -> FollowReport:
     learners = steps = sft_steps = 0
     while True:
         order = ranks.receive()
-        if isinstance(order, NewLearner):
+        if isinstance(order, Reseed):
+            torch.manual_seed(order.seed)
+        elif isinstance(order, NewLearner):
             learner = None  # its optimizer state goes before the next one's is allocated
             learner = Learner(model, order.config, data_parallel=ranks.group)
             learner.version = order.version

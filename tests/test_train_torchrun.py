@@ -73,11 +73,37 @@ def weights(run_dir: Path, checkpoint: str = "final") -> dict[str, torch.Tensor]
     return out
 
 
-def sampled(run_dir: Path) -> list[tuple[str, int, list[list[int]]]]:
+Sampled = tuple[str, int, list[tuple[int, float]]]
+
+
+def sampled(run_dir: Path) -> list[Sampled]:
+    """Each stored episode's task, step, and (id, logprob) of every sampled token."""
     with RunStore.open_readonly(run_dir) as store:
         return [
-            (e.task_id, e.step, [list(t.completion_ids) for t in e.turns]) for e in store.episodes()
+            (
+                e.task_id,
+                e.step,
+                [
+                    (i, lp)
+                    for t in e.turns
+                    for i, lp in zip(t.completion_ids, t.completion_logprobs, strict=True)
+                ],
+            )
+            for e in store.episodes()
         ]
+
+
+def agree(one: list[tuple[int, float]], two: list[tuple[int, float]]) -> bool:
+    """Whether two runs sampled the same tokens; asserts that up to the first differing token
+    they scored alike (the same weights up to rounding) and that the difference, if any, is a
+    draw on the border of two neighbouring ids."""
+    n = next((k for k, (a, b) in enumerate(zip(one, two, strict=False)) if a[0] != b[0]), None)
+    common = min(len(one), len(two)) if n is None else n
+    for (_, a), (_, b) in zip(one[:common], two[:common], strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    if n is not None:
+        assert abs(one[n][0] - two[n][0]) == 1, (n, one[n], two[n])
+    return n is None and len(one) == len(two)
 
 
 @pytest.mark.slow
@@ -101,27 +127,34 @@ def test_torchrun_two_ranks_train_like_one_process(tmp_path: Path) -> None:
     # One LoRA learner for the warm start (2 SFT steps over 4 traces), one for RL.
     assert "rank 1: followed 2 learner(s), 2 RL and 2 SFT step(s) to version 4" in two.stdout
     assert "weights equal rank 0's" in two.stdout
-    # Rank 0 alone rolled out and stored: the same episodes, token for token, as one process.
-    episodes = sampled(tmp_path / "two")
-    assert episodes == sampled(tmp_path / "one")
-    assert len([e for e in episodes if e[1] >= 0]) == 8
-    w_one, w_two = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert w_one.keys() == w_two.keys()
-    for name, p in w_one.items():
-        # Two ranks' summed gradients round differently from one process's sum (measured:
-        # 3e-8 at most, on weights of ~1e-2).
-        torch.testing.assert_close(w_two[name], p, atol=1e-6, rtol=0)
-    warm = weights(tmp_path / "two", "warm_start")
-    assert any(not torch.equal(warm[k], w_two[k]) for k in warm), "RL moved the weights"
+    # Rank 0 alone rolled out and stored, sampling with the weights one process has: the same
+    # episodes, up to the rounding of two ranks' summed gradients (measured: 3e-8 at most, on
+    # weights of ~1e-2). The tiny model's near-uniform distribution over 49k ids can turn that
+    # rounding into another id: a draw on the border of two neighbouring ids in the sampler's
+    # cumulative distribution, after which the episode goes its own way (measured once in 2048
+    # tokens). A policy a step stale would differ in every logprob by far more than 1e-4.
+    one_eps, two_eps = sampled(tmp_path / "one"), sampled(tmp_path / "two")
+    assert [e[:2] for e in two_eps] == [e[:2] for e in one_eps]
+    assert len([e for e in two_eps if e[1] >= 0]) == 8
+    same = [agree(a[2], b[2]) for a, b in zip(one_eps, two_eps, strict=True)]
+    # A step whose episodes (and all before) agree trained on the same batch: same loss.
     with RunStore.open_readonly(tmp_path / "one") as store:
         m_one = store.metrics()
     with RunStore.open_readonly(tmp_path / "two") as store:
         m_two = store.metrics()
     assert [m["policy_version"] for m in m_two] == [3.0, 4.0]
-    for a, b in zip(m_one, m_two, strict=True):
+    for step, (a, b) in enumerate(zip(m_one, m_two, strict=True)):
         assert b["skipped"] == 0.0 and b["n_optimizer_steps"] == 4.0
-        for key in ("loss", "value_loss", "n_tokens", "n_value_targets"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        if all(ok for ok, e in zip(same, one_eps, strict=True) if e[1] <= step):
+            for key in ("loss", "value_loss", "n_tokens", "n_value_targets"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    w_one, w_two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert w_one.keys() == w_two.keys()
+    if all(same):
+        for name, p in w_one.items():
+            torch.testing.assert_close(w_two[name], p, atol=1e-6, rtol=0)
+    warm = weights(tmp_path / "two", "warm_start")
+    assert any(not torch.equal(warm[k], w_two[k]) for k in warm), "RL moved the weights"
 
 
 def _free_port() -> int:

@@ -50,7 +50,7 @@ from turnrl.resume import RunProgress, StoredRun
 from turnrl.rl.learner import Learner
 from turnrl.rl.learner_config import LearnerConfig
 from turnrl.rl.placement import compute_dtype, place_model, resolve_device
-from turnrl.rl.ranks import Ranks, new_learner
+from turnrl.rl.ranks import Ranks, new_learner, reseed
 from turnrl.routing import RunRouting, open_routing
 from turnrl.sandboxes.base import Sandbox
 from turnrl.sandboxes.config import open_sandbox
@@ -163,6 +163,10 @@ class Session:
         `version`; under torchrun it leads the other ranks' (`turnrl.rl.ranks`)."""
         assert self.model is not None
         return new_learner(self.model, config, self.ranks, version)
+
+    def reseed(self, seed: int) -> None:
+        """Reseed torch's generator on every rank (`turnrl.rl.ranks.reseed`)."""
+        reseed(self.ranks, seed)
 
     def start_learner(self, version: int = 0) -> Learner:
         """The RL learner over the session's model, its version continuing from `version` (the

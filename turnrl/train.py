@@ -368,7 +368,7 @@ def run_train(
                 # RL starts from a seed of its own, not from whatever the stages before it
                 # drew: a resumed run skips its finished stages (and their draws), and must
                 # still build the learner (a value head's init) and step it as the whole run.
-                torch.manual_seed(config.seed + RL_SEED_OFFSET)
+                s.reseed(config.seed + RL_SEED_OFFSET)
                 if s.learner is None:
                     s.start_learner(version)
                 assert s.learner is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_advantages import close, ep
@@ -174,7 +175,9 @@ _STEPS = ["search:a", "search:b", "answer:x", "answer:y"]
 def test_tempo_td_term_is_zero_where_the_tree_does_not_branch(
     rows: list[tuple[list[str], float]],
 ) -> None:
-    """At a node every episode leaves by the same edge, Q = V exactly: TEMPO is GRPO there."""
+    """At a node every episode leaves by the same edge, Q = V: TEMPO is GRPO there (up to the
+    rounding of two means over the same returns, summed in different orders: hypothesis found
+    three equal returns of 1.7597 whose Q - V came out -2.2e-10)."""
     episodes = [ep("g", steps, name=str(i)) for i, (steps, _) in enumerate(rows)]
     rewards = [[0.0] * (len(steps) - 1) + [r] for steps, r in rows]
     td = compute_advantages(episodes, rewards, TempoConfig())
@@ -188,7 +191,7 @@ def test_tempo_td_term_is_zero_where_the_tree_does_not_branch(
     for n, steps in enumerate(s for s, _ in rows):
         for t in range(len(steps)):
             if len(children[int(graph.state_N_T[n, t])]) == 1:
-                assert td[n][t] == base[n][t]
+                assert td[n][t] == pytest.approx(base[n][t], rel=1e-9, abs=1e-9)
 
 
 def test_identical_episodes_make_one_path_and_groups_stay_apart() -> None:
